@@ -1,0 +1,79 @@
+"""The ``evd`` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from evd.core.config import dump_config, load_config, with_overrides
+from evd.core.errors import ConfigError
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evd", description="evd event delivery server")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="YAML config file (defaults apply without one)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="listen port (default 8080)")
+    serve.add_argument("--data-dir", help="directory of the embedded log (default ./evd-data)")
+    serve.add_argument("--workers", help="worker processes (default 1)")
+    serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+
+    check = sub.add_parser("check-config", help="validate a config file")
+    check.add_argument("file")
+
+    read = sub.add_parser("log-read", help="print records of the embedded log as JSON lines")
+    read.add_argument("--data-dir", default="./evd-data")
+    read.add_argument("--stream", default="raw", help="raw or dead_letter (default raw)")
+
+    sub.add_parser("bench", help="load-test a server (see evd bench --help)", add_help=False)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ``evd`` command line; returns the exit status."""
+    args_list = sys.argv[1:] if argv is None else argv
+    if args_list and args_list[0] == "bench":
+        from bench.harness import main as bench_main
+
+        return bench_main(args_list[1:])
+    args = _parser().parse_args(args_list)
+    if args.command == "check-config":
+        try:
+            cfg = load_config(args.file)
+        except ConfigError as exc:
+            print(f"{args.file}: {exc}", file=sys.stderr)
+            return 1
+        sys.stdout.write(dump_config(cfg))
+        return 0
+    if args.command == "log-read":
+        from evd.logtool import print_stream
+
+        return print_stream(args.data_dir, args.stream)
+    if args.command == "serve":
+        logging.basicConfig(
+            level=args.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        try:
+            workers = args.workers
+            if workers is not None and workers != "auto":
+                workers = int(workers)
+            cfg = with_overrides(
+                load_config(args.config),
+                host=args.host,
+                port=args.port,
+                data_dir=args.data_dir,
+                workers=workers,
+            )
+        except (ConfigError, ValueError) as exc:
+            print(f"evd: {exc}", file=sys.stderr)
+            return 2
+        from evd.supervisor import run
+
+        return run(cfg)
+    raise AssertionError(args.command)
+

@@ -1,0 +1,180 @@
+"""Configuration: one YAML file decoded into msgspec Structs.
+
+Every field has a default, so ``evd serve`` runs with no file at all. Unknown keys
+and wrong types are errors that name the key path. Environment variables
+``EVD_SECTION__KEY=value`` override the file (values are parsed as YAML scalars,
+so ``EVD_SERVER__PORT=9000`` is an int and ``EVD_AUTH__KEYS=[a, b]`` a list).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import msgspec
+import msgspec.yaml
+
+from evd.core.errors import ConfigError, explain_validation
+
+MiB = 1024 * 1024
+ENV_PREFIX = "EVD_"
+
+
+class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Base of every config section: unknown keys are errors."""
+
+
+class ServerConfig(Base):
+    """Where and how the HTTP edge listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: Worker processes; ``auto`` means one per core.
+    workers: int | Literal["auto"] = 1
+    data_dir: str = "./evd-data"
+    #: Seconds between SIGTERM (readyz failing) and closing the listeners, so a
+    #: load balancer notices before connections are refused.
+    drain_grace_s: float = 0.0
+    #: Seconds in-flight requests get to finish after the listeners close.
+    drain_timeout_s: float = 10.0
+
+
+class LimitsConfig(Base):
+    """Bounds on what one client can make the edge hold; each maps to a status code."""
+
+    max_body_bytes: int = 5 * MiB  # 413
+    max_decompressed_bytes: int = 20 * MiB  # 413, checked while inflating
+    max_events_per_batch: int = 10_000  # 413
+    max_header_bytes: int = 16 * 1024  # 431
+    header_timeout_s: float = 10.0  # connection closed (408) when headers are this slow
+    body_timeout_s: float = 30.0  # connection closed (408) when the body is this slow
+    keepalive_timeout_s: float = 75.0  # idle keep-alive connections are closed
+    #: Per API key token bucket, events per second; 0 disables (429 + Retry-After).
+    rate_limit_events_per_s: float = 0.0
+    #: Bucket size in events; 0 means one second's worth.
+    rate_limit_burst: int = 0
+
+
+class AuthConfig(Base):
+    """API keys: plain strings or ``sha256:<hex>`` digests of the key."""
+
+    enabled: bool = True
+    keys: list[str] = msgspec.field(default_factory=lambda: ["evd-dev-key"])
+
+
+class LogConfig(Base):
+    """The raw log and output streams."""
+
+    backend: Literal["embedded", "kafka"] = "embedded"
+    partitions: int = 8
+    fsync: Literal["always", "interval", "never"] = "always"
+    fsync_interval_ms: int = 100
+    segment_bytes: int = 64 * MiB
+    #: Bytes accepted but not yet flushed; above it POSTs are shed with 503.
+    max_pending_bytes: int = 64 * MiB
+
+
+class IngestConfig(Base):
+    """Edge enrichment."""
+
+    #: When |received_at - sent_at| exceeds this, event time is corrected by it.
+    clock_skew_threshold_ms: int = 60_000
+    #: Event ids remembered per worker to answer ``duplicates`` at the edge.
+    edge_dedup_ids: int = 100_000
+
+
+class Config(Base):
+    """The whole evd configuration."""
+
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, raw in environ.items():
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        if len(parts) != 2 or not all(parts):
+            raise ConfigError(f"{name}: expected EVD_SECTION__KEY")
+        try:
+            value = msgspec.yaml.decode(raw.encode()) if raw else ""
+        except msgspec.DecodeError:
+            value = raw
+        out.setdefault(parts[0], {})[parts[1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def _validate(cfg: Config) -> None:
+    if cfg.log.partitions < 1:
+        raise ConfigError("log.partitions: must be >= 1")
+    if isinstance(cfg.server.workers, int) and cfg.server.workers < 1:
+        raise ConfigError("server.workers: must be >= 1 or 'auto'")
+    if not 0 < cfg.server.port < 65536 and cfg.server.port != 0:
+        raise ConfigError("server.port: must be 0..65535")
+    for key in cfg.auth.keys:
+        if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
+            raise ConfigError("auth.keys: sha256 digests must be 'sha256:' + 64 hex digits")
+    if cfg.log.segment_bytes < 4096:
+        raise ConfigError("log.segment_bytes: must be >= 4096")
+
+
+def load_config(
+    path: str | Path | None = None, environ: Mapping[str, str] | None = None
+) -> Config:
+    """Read ``path`` (or defaults), apply ``EVD_*`` overrides, and validate.
+
+    Raises ConfigError naming the key path and the reason.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            text = Path(path).read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"{path}: {exc.strerror}") from None
+        try:
+            loaded = msgspec.yaml.decode(text) if text.strip() else {}
+        except msgspec.DecodeError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data = loaded
+    _merge(data, _env_overrides(os.environ if environ is None else environ))
+    try:
+        cfg = msgspec.convert(data, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(explain_validation(exc)) from None
+    _validate(cfg)
+    return cfg
+
+
+def with_overrides(cfg: Config, **server: Any) -> Config:
+    """Return ``cfg`` with the non-None ``server`` fields replaced (command-line flags)."""
+    changes = {k: v for k, v in server.items() if v is not None}
+    if not changes:
+        return cfg
+    new = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **changes))
+    _validate(new)
+    return new
+
+
+def dump_config(cfg: Config) -> str:
+    """The effective configuration as YAML."""
+    return msgspec.yaml.encode(cfg).decode()

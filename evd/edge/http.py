@@ -1,0 +1,321 @@
+"""The HTTP/1.1 edge: a raw ``asyncio.Protocol`` over httptools.
+
+``data_received`` only feeds the parser; the parser's callbacks collect the
+request and ``on_message_complete`` dispatches it. Keep-alive and pipelining are
+supported: responses are queued per connection in request order and written as
+soon as the head of the queue is ready (a POST is ready once its group commit
+is durable). Limits map to the contract's status codes; timeouts are enforced by
+one sweep per server (``Server.sweep``) rather than a timer per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Callable
+
+import httptools
+
+from evd.core import metrics
+from evd.edge.flow_control import FlowControl
+from evd.edge.ingest import Pending, Reply, error_reply
+
+if TYPE_CHECKING:
+    from evd.edge.server import Server
+
+log = logging.getLogger(__name__)
+
+EVENTS_PATH = b"/v1/events"
+
+
+def _status_line(status: int) -> bytes:
+    return b"HTTP/1.1 %d %s\r\n" % (status, HTTPStatus(status).phrase.encode())
+
+
+STATUS_LINES = {
+    s: _status_line(s)
+    for s in (200, 400, 401, 404, 405, 408, 411, 413, 415, 429, 431, 500, 503)
+}
+JSON_HEADERS = b"Content-Type: application/json\r\nContent-Length: "
+CLOSE = b"Connection: close\r\n"
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+#: Connection phases, each with its own timeout.
+IDLE, HEADERS, BODY, WAITING = 0, 1, 2, 3
+
+
+def render(reply: Reply, close: bool, content_type: bytes | None = None) -> bytes:
+    """The bytes of one HTTP response."""
+    head = STATUS_LINES.get(reply.status) or _status_line(reply.status)
+    extra = b""
+    if reply.retry_after:
+        extra += b"Retry-After: %d\r\n" % reply.retry_after
+    if close:
+        extra += CLOSE
+    if content_type is None:
+        return b"%s%s%d\r\n%s\r\n%s" % (head, JSON_HEADERS, len(reply.body), extra, reply.body)
+    return b"%sContent-Type: %s\r\nContent-Length: %d\r\n%s\r\n%s" % (
+        head, content_type, len(reply.body), extra, reply.body,
+    )
+
+
+class _Slot:
+    """One pipelined request's place in the response queue."""
+
+    __slots__ = ("data", "close", "started")
+
+    def __init__(self, started: float) -> None:
+        self.data: bytes | None = None
+        self.close = False
+        self.started = started
+
+
+class HttpProtocol(asyncio.Protocol):
+    """One client connection."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.limits = server.cfg.limits
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpRequestParser(self)
+        self.flow: FlowControl | None = None
+        self.queue: deque[_Slot] = deque()
+        self.phase = IDLE
+        self.deadline = 0.0
+        self.closing = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.url = b""
+        self.header_bytes = 0
+        self.content_length = -1
+        self.content_type: bytes | None = None
+        self.content_encoding: bytes | None = None
+        self.authorization: bytes | None = None
+        self.expect_continue = False
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.key: bytes | None = None
+        self.discard = False
+
+    # -- asyncio.Protocol ----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
+        self.flow = FlowControl(self.transport)  # type: ignore[arg-type]
+        self.server.connections.add(self)
+        metrics.CONNECTIONS.inc()
+        self._set_phase(IDLE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        self.server.connections.discard(self)
+        metrics.CONNECTIONS.dec()
+        self.queue.clear()
+
+    def pause_writing(self) -> None:
+        assert self.flow is not None
+        self.flow.pause_writing()
+
+    def resume_writing(self) -> None:
+        assert self.flow is not None
+        self.flow.resume_writing()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError:
+            # A callback already queued the error response and began closing.
+            if not self.closing:
+                raise
+        except httptools.HttpParserUpgrade:
+            self._fail(400, "protocol upgrades are not supported")
+        except httptools.HttpParserError as exc:
+            self._fail(400, f"malformed HTTP request: {exc}")
+
+    # -- parser callbacks ----------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._reset()
+        self._set_phase(HEADERS)
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+        self.header_bytes += len(url)
+        if self.header_bytes > self.limits.max_header_bytes:
+            self._fail(431, "request line and headers exceed limits.max_header_bytes")
+            raise _Stop
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.header_bytes += len(name) + len(value) + 4
+        if self.header_bytes > self.limits.max_header_bytes:
+            self._fail(431, "request line and headers exceed limits.max_header_bytes")
+            raise _Stop
+        name = name.lower()
+        if name == b"authorization":
+            self.authorization = value
+        elif name == b"content-type":
+            self.content_type = value
+        elif name == b"content-encoding":
+            self.content_encoding = value
+        elif name == b"content-length":
+            self.content_length = int(value) if value.isdigit() else -1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_continue = True
+
+    def on_headers_complete(self) -> None:
+        self._set_phase(BODY)
+        if self.server.draining:
+            self.discard = True  # answered 503 once the body is in, connection closed
+        path = self.url.split(b"?", 1)[0]
+        if path != EVENTS_PATH:
+            self.discard = True
+            return
+        method = self.parser.get_method()
+        if method != b"POST":
+            self.discard = True
+            return
+        key = self.server.keys.check(self.authorization)
+        if key is None:
+            self._fail(401, "missing or invalid API key (Authorization: Bearer <key>)")
+            raise _Stop
+        self.key = key
+        ctype = (self.content_type or b"").split(b";", 1)[0].strip().lower()
+        if ctype != b"application/json":
+            self._fail(415, "Content-Type must be application/json")
+            raise _Stop
+        if self.content_length > self.limits.max_body_bytes:
+            self._fail(413, f"body exceeds limits.max_body_bytes={self.limits.max_body_bytes}")
+            raise _Stop
+        if self.expect_continue and self.transport is not None:
+            self.transport.write(CONTINUE)
+
+    def on_body(self, body: bytes) -> None:
+        if self.discard:
+            return
+        self.body_size += len(body)
+        if self.body_size > self.limits.max_body_bytes:
+            self._fail(413, f"body exceeds limits.max_body_bytes={self.limits.max_body_bytes}")
+            raise _Stop
+        self.body.append(body)
+
+    def on_message_complete(self) -> None:
+        slot = _Slot(time.perf_counter())
+        self.queue.append(slot)
+        assert self.flow is not None
+        self.flow.request_started()
+        keep_alive = self.parser.should_keep_alive() and not self.server.draining
+        slot.close = not keep_alive
+        self._set_phase(WAITING)
+        if self.key is not None and not self.discard:
+            body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
+            result = self.server.ingest.handle(body, self.content_encoding, self.key)
+            if isinstance(result, Pending):
+                result.durable.add_done_callback(
+                    lambda fut, slot=slot, result=result: self._committed(slot, result, fut)
+                )
+                return
+            self._finish(slot, result, b"/v1/events")
+            return
+        path = self.url.split(b"?", 1)[0]
+        reply, ctype = self.server.route(self.parser.get_method(), path)
+        self._finish(slot, reply, path, ctype)
+
+    # -- responses -----------------------------------------------------------
+
+    def _committed(self, slot: _Slot, pending: Pending, fut: asyncio.Future[object]) -> None:
+        if fut.cancelled():
+            reply = error_reply(503, "shutting down", 1)
+        elif fut.exception() is not None:
+            reply = error_reply(503, f"log unavailable: {fut.exception()}", 5)
+        else:
+            self.server.ingest.committed(pending)
+            reply = pending.reply
+            metrics.REQUEST_SECONDS.observe(time.perf_counter() - slot.started)
+        self._finish(slot, reply, b"/v1/events")
+
+    def _finish(
+        self, slot: _Slot, reply: Reply, path: bytes, content_type: bytes | None = None
+    ) -> None:
+        metrics.REQUESTS.labels(self.server.path_label(path), reply.status).inc()
+        slot.data = render(reply, slot.close, content_type)
+        self._write_ready()
+
+    def _write_ready(self) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        queue = self.queue
+        flow = self.flow
+        assert flow is not None
+        while queue and queue[0].data is not None:
+            slot = queue.popleft()
+            transport.write(slot.data)  # type: ignore[arg-type]
+            flow.request_done()
+            if slot.close:
+                self.closing = True
+                queue.clear()
+                transport.close()
+                return
+        if not queue and self.phase == WAITING:
+            self._set_phase(IDLE)
+
+    def _fail(self, status: int, message: str) -> None:
+        """Answer ``status`` after the responses already queued, then close."""
+        if self.closing:
+            return
+        slot = _Slot(time.perf_counter())
+        slot.close = True
+        self.queue.append(slot)
+        assert self.flow is not None
+        self.flow.request_started()
+        self.closing = True  # stop parsing; _write_ready still drains the queue
+        self._finish(slot, error_reply(status, message), b"")
+
+    # -- timeouts --------------------------------------------------------------
+
+    def _set_phase(self, phase: int) -> None:
+        self.phase = phase
+        limits = self.limits
+        if phase == IDLE:
+            self.deadline = self.server.now + limits.keepalive_timeout_s
+        elif phase == HEADERS:
+            self.deadline = self.server.now + limits.header_timeout_s
+        elif phase == BODY:
+            self.deadline = self.server.now + limits.body_timeout_s
+        else:
+            self.deadline = float("inf")
+
+    def expire(self) -> None:
+        """Called by the server's sweep once ``deadline`` has passed."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.phase == IDLE:
+            self.closing = True
+            self.transport.close()
+        elif self.phase in (HEADERS, BODY):
+            what = "headers" if self.phase == HEADERS else "body"
+            self._fail(408, f"timed out reading the request {what}")
+            if self.transport is not None and not self.transport.is_closing():
+                # The client may not be reading either: do not wait for it.
+                self.transport.abort()
+
+    def shutdown(self) -> None:
+        """Close at once if idle; otherwise close after the queued responses."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.phase == IDLE and not self.queue:
+            self.closing = True
+            self.transport.close()
+
+
+class _Stop(Exception):
+    """Raised from a parser callback to stop parsing after an error response."""
+
+
+ProtocolFactory = Callable[[], HttpProtocol]

@@ -1,0 +1,239 @@
+"""POST /v1/events: decode, validate, enrich, authorize, rate-limit, append.
+
+The common case (every event valid) is one msgspec decode of the whole body into
+typed Structs. Only a batch that fails validation is decoded again event by
+event, so that each bad event is reported with its index and field path and
+written to the ``dead_letter`` stream; the valid events of that batch are
+accepted as usual.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import zlib
+from typing import NamedTuple
+
+import msgspec
+
+from evd.core import metrics
+from evd.core.config import Config
+from evd.core.errors import LogOverloaded, LogUnavailable, explain_validation
+from evd.core.log import DEAD_LETTER, RAW, Log, partition_for
+from evd.core.schema import (
+    DeadLetter,
+    Event,
+    IngestResult,
+    RawBatch,
+    Rejection,
+    envelope_decoder,
+    epoch_ms,
+    event_decoder,
+    event_id_of,
+    json_encoder,
+    msgpack_encoder,
+    raw_envelope_decoder,
+)
+from evd.edge.auth import RateLimiter
+
+
+class Reply(NamedTuple):
+    """A response ready to send."""
+
+    status: int
+    body: bytes
+    retry_after: int = 0
+
+
+class Pending(NamedTuple):
+    """A 200 response to send once ``durable`` completes (503 if it fails)."""
+
+    durable: asyncio.Future[None]
+    reply: Reply
+    event_ids: list[str]
+
+
+class ErrorBody(msgspec.Struct):
+    error: str
+
+
+def error_reply(status: int, message: str, retry_after: int = 0) -> Reply:
+    """A JSON ``{"error": message}`` reply."""
+    return Reply(status, json_encoder.encode(ErrorBody(message)), retry_after)
+
+
+class TooLarge(Exception):
+    """The decompressed body exceeds limits.max_decompressed_bytes."""
+
+
+def gunzip(body: bytes, limit: int) -> bytes:
+    """Inflate a gzip body, failing as soon as the output passes ``limit`` bytes."""
+    inflater = zlib.decompressobj(wbits=31)
+    out = inflater.decompress(body, limit + 1)
+    if len(out) > limit:
+        raise TooLarge
+    if inflater.unconsumed_tail:
+        # max_length stopped inflation exactly at the limit with input left over.
+        more = inflater.decompress(inflater.unconsumed_tail, 1)
+        if more:
+            raise TooLarge
+    if not inflater.eof:
+        raise zlib.error("truncated gzip stream")
+    return out
+
+
+class RecentIds:
+    """Event ids accepted recently by this worker, bounded by two generations.
+
+    Remembers at least ``capacity // 2`` and at most ``capacity`` ids; the
+    processor's dedup window is the authoritative one, this only lets the edge
+    answer ``duplicates`` for client retries without a log round trip.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._half = max(1, capacity // 2)
+        self._current: set[str] = set()
+        self._previous: set[str] = set()
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._current or event_id in self._previous
+
+    def add_all(self, event_ids: list[str]) -> None:
+        self._current.update(event_ids)
+        if len(self._current) >= self._half:
+            self._previous, self._current = self._current, set()
+
+
+class Ingest:
+    """Turns one request body into log appends and the contract's response."""
+
+    def __init__(self, cfg: Config, log: Log) -> None:
+        self.log = log
+        self.partitions = log.partitions
+        self.max_decompressed = cfg.limits.max_decompressed_bytes
+        self.max_events = cfg.limits.max_events_per_batch
+        self.skew_threshold_ms = cfg.ingest.clock_skew_threshold_ms
+        self.recent = RecentIds(cfg.ingest.edge_dedup_ids)
+        self.limiter = RateLimiter(cfg.limits)
+
+    def handle(self, body: bytes, encoding: bytes | None, key: bytes) -> Reply | Pending:
+        """Process one request body; never raises for bad input."""
+        if encoding is not None:
+            enc = encoding.strip().lower()
+            if enc == b"gzip":
+                try:
+                    body = gunzip(body, self.max_decompressed)
+                except TooLarge:
+                    return error_reply(
+                        413, f"decompressed body exceeds {self.max_decompressed} bytes"
+                    )
+                except zlib.error as exc:
+                    return error_reply(400, f"body is not valid gzip: {exc}")
+            elif enc != b"identity":
+                return error_reply(415, "Content-Encoding must be gzip or identity")
+
+        rejected: list[Rejection] = []
+        dead: list[DeadLetter] = []
+        received_at = time.time_ns() // 1_000_000
+        try:
+            envelope = envelope_decoder.decode(body)
+            events = envelope.events
+            sent_at = envelope.sent_at
+        except msgspec.ValidationError:
+            try:
+                raw = raw_envelope_decoder.decode(body)
+            except msgspec.ValidationError as exc:
+                return error_reply(400, f"body is not an event batch: {explain_validation(exc)}")
+            except msgspec.DecodeError as exc:
+                return error_reply(400, f"body is not valid JSON: {exc}")
+            if len(raw.events) > self.max_events:
+                return self._too_many(len(raw.events))
+            sent_at = raw.sent_at
+            events = []
+            for index, item in enumerate(raw.events):
+                try:
+                    events.append(event_decoder.decode(item))
+                except msgspec.ValidationError as exc:
+                    error = explain_validation(exc)
+                    rejected.append(Rejection(index, event_id_of(item), error))
+                    dead.append(DeadLetter(received_at, index, error, bytes(item)))
+        except msgspec.DecodeError as exc:
+            return error_reply(400, f"body is not valid JSON: {exc}")
+
+        n_events = len(events) + len(rejected)
+        if n_events > self.max_events:
+            return self._too_many(n_events)
+        metrics.EVENTS_RECEIVED.inc(n_events)
+        wait = self.limiter.take(key, n_events) if self.limiter.rate > 0 else 0.0
+        if wait:
+            metrics.EVENTS_REJECTED.labels("rate_limited").inc(n_events)
+            return error_reply(429, "rate limit exceeded for this API key", int(wait))
+
+        skew = 0
+        if sent_at is not None:
+            skew = received_at - epoch_ms(sent_at)
+            if -self.skew_threshold_ms <= skew <= self.skew_threshold_ms:
+                skew = 0
+
+        by_partition: dict[int, list[Event]] = {}
+        accepted_ids: list[str] = []
+        recent = self.recent
+        seen: set[str] = set()
+        partitions = self.partitions
+        duplicates = 0
+        for event in events:
+            eid = event.event_id
+            if eid in seen or eid in recent:
+                duplicates += 1
+                continue
+            seen.add(eid)
+            accepted_ids.append(eid)
+            p = partition_for(event.user_id, partitions) if partitions > 1 else 0
+            bucket = by_partition.get(p)
+            if bucket is None:
+                by_partition[p] = [event]
+            else:
+                bucket.append(event)
+
+        log = self.log
+        futures: set[asyncio.Future[None]] = set()
+        try:
+            for p, batch in by_partition.items():
+                futures.add(
+                    log.append(RAW, p, msgpack_encoder.encode(RawBatch(received_at, batch, skew)))
+                )
+            for letter in dead:
+                futures.add(log.append(
+                    DEAD_LETTER,
+                    zlib.crc32(letter.event) % partitions,
+                    msgpack_encoder.encode(letter),
+                ))
+        except LogOverloaded as exc:
+            metrics.EVENTS_REJECTED.labels("overloaded").inc(n_events)
+            return error_reply(503, f"overloaded: {exc}", 1)
+        except LogUnavailable as exc:
+            metrics.EVENTS_REJECTED.labels("log_unavailable").inc(n_events)
+            return error_reply(503, f"log unavailable: {exc}", 5)
+
+        if rejected:
+            metrics.EVENTS_REJECTED.labels("invalid").inc(len(rejected))
+        if duplicates:
+            metrics.EVENTS_DUPLICATES.inc(duplicates)
+        reply = Reply(
+            200, json_encoder.encode(IngestResult(len(accepted_ids), duplicates, rejected))
+        )
+        if not futures:
+            return reply
+        # The embedded log gives every append of one synchronous call the same
+        # group-commit future, so this is usually a single future.
+        durable = futures.pop() if len(futures) == 1 else asyncio.gather(*futures)
+        return Pending(durable, reply, accepted_ids)
+
+    def committed(self, pending: Pending) -> None:
+        """Called once a Pending's appends are durable."""
+        self.recent.add_all(pending.event_ids)
+        metrics.EVENTS_ACCEPTED.inc(len(pending.event_ids))
+
+    def _too_many(self, n: int) -> Reply:
+        metrics.EVENTS_REJECTED.labels("too_many_events").inc(n)
+        return error_reply(413, f"{n} events exceed limits.max_events_per_batch={self.max_events}")

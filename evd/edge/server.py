@@ -1,0 +1,141 @@
+"""The HTTP server of one worker: routing, health, timeouts sweep, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+
+import msgspec
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+from evd.core import metrics
+from evd.core.config import Config
+from evd.core.log import Log
+from evd.edge.auth import KeyRing
+from evd.edge.http import HttpProtocol
+from evd.edge.ingest import Ingest, Reply, error_reply
+
+log = logging.getLogger(__name__)
+
+#: How often idle, slow-header and slow-body deadlines are checked (seconds).
+SWEEP_INTERVAL_S = 0.25
+#: Pending connections the kernel queues before accept.
+BACKLOG = 2048
+
+_PATH_LABELS = {
+    b"/v1/events": "/v1/events",
+    b"/healthz": "/healthz",
+    b"/readyz": "/readyz",
+    b"/metrics": "/metrics",
+}
+_OK = Reply(200, b'{"status":"ok"}')
+
+
+class Readiness(msgspec.Struct):
+    ready: bool
+    reason: str | None = None
+
+
+class Server:
+    """Owns the listening socket and every connection of one worker."""
+
+    def __init__(self, cfg: Config, log_: Log, ingest: Ingest) -> None:
+        self.cfg = cfg
+        self.log = log_
+        self.ingest = ingest
+        self.keys = KeyRing(cfg.auth)
+        self.connections: set[HttpProtocol] = set()
+        self.draining = False
+        self.recovered = False
+        self.now = 0.0
+        self._server: asyncio.base_events.Server | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    def unready_reason(self) -> str | None:
+        """Why /readyz fails, or None when ready."""
+        if not self.recovered:
+            return "recovering"
+        if self.draining:
+            return "draining"
+        if not self.log.writable:
+            return "log is not writable"
+        return None
+
+    def route(self, method: bytes, path: bytes) -> tuple[Reply, bytes | None]:
+        """Every request except an authorized POST /v1/events."""
+        if path == b"/v1/events":
+            if method != b"POST":
+                return error_reply(405, "use POST"), None
+            return error_reply(503, "draining", 1), None
+        if method != b"GET" and method != b"HEAD":
+            if path in _PATH_LABELS:
+                return error_reply(405, "use GET"), None
+            return error_reply(404, "not found"), None
+        if path == b"/healthz":
+            return _OK, None
+        if path == b"/readyz":
+            reason = self.unready_reason()
+            metrics.READY.set(reason is None)
+            body = msgspec.json.encode(Readiness(reason is None, reason))
+            return Reply(200 if reason is None else 503, body), None
+        if path == b"/metrics":
+            return Reply(200, generate_latest(REGISTRY)), CONTENT_TYPE_LATEST.encode()
+        return error_reply(404, "not found"), None
+
+    def path_label(self, path: bytes) -> str:
+        """A bounded set of label values for the requests metric."""
+        return _PATH_LABELS.get(path, "other")
+
+    async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
+        """Listen (SO_REUSEPORT, so sibling workers can share the port)."""
+        loop = asyncio.get_running_loop()
+        self.now = loop.time()
+        if sock is not None:
+            self._server = await loop.create_server(
+                lambda: HttpProtocol(self), sock=sock, backlog=BACKLOG
+            )
+        else:
+            self._server = await loop.create_server(
+                lambda: HttpProtocol(self), host, port, reuse_port=True, backlog=BACKLOG
+            )
+        self._sweeper = loop.create_task(self._sweep())
+
+    async def _sweep(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.now = now = loop.time()
+            for conn in [c for c in self.connections if c.deadline < now]:
+                conn.expire()
+
+    async def drain(self, grace_s: float, timeout_s: float) -> None:
+        """Fail /readyz, keep serving ``grace_s``, stop accepting, finish in-flight."""
+        self.draining = True
+        if grace_s > 0:
+            await asyncio.sleep(grace_s)
+        if self._server is not None:
+            self._server.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.connections and loop.time() < deadline:
+            for conn in list(self.connections):
+                conn.shutdown()
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            try:
+                await self._sweeper
+            except asyncio.CancelledError:
+                if asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                    raise
+        if self._server is not None:
+            await self._server.wait_closed()
