@@ -86,6 +86,7 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = IDLE
         self.deadline = 0.0
         self.closing = False
+        self.write_scheduled = False
         self._reset()
 
     def _reset(self) -> None:
@@ -242,26 +243,38 @@ class HttpProtocol(asyncio.Protocol):
     def _finish(
         self, slot: _Slot, reply: Reply, path: bytes, content_type: bytes | None = None
     ) -> None:
-        metrics.REQUESTS.labels(self.server.path_label(path), reply.status).inc()
+        self.server.count_request(path, reply.status)
         slot.data = render(reply, slot.close, content_type)
-        self._write_ready()
+        if not self.write_scheduled:
+            # Responses completed by one group commit are written together, in
+            # one send, after every callback of this loop iteration has run.
+            self.write_scheduled = True
+            self.server.loop.call_soon(self._write_ready)
 
     def _write_ready(self) -> None:
+        self.write_scheduled = False
         transport = self.transport
         if transport is None or transport.is_closing():
             return
         queue = self.queue
         flow = self.flow
         assert flow is not None
+        out = []
+        close = False
         while queue and queue[0].data is not None:
             slot = queue.popleft()
-            transport.write(slot.data)  # type: ignore[arg-type]
+            out.append(slot.data)
             flow.request_done()
             if slot.close:
-                self.closing = True
-                queue.clear()
-                transport.close()
-                return
+                close = True
+                break
+        if out:
+            transport.write(out[0] if len(out) == 1 else b"".join(out))  # type: ignore[arg-type]
+        if close:
+            self.closing = True
+            queue.clear()
+            transport.close()
+            return
         if not queue and self.phase == WAITING:
             self._set_phase(IDLE)
 

@@ -19,13 +19,15 @@ import msgspec
 from evd.core import metrics
 from evd.core.config import Config
 from evd.core.errors import LogOverloaded, LogUnavailable, explain_validation
-from evd.core.log import DEAD_LETTER, RAW, Log, partition_for
+from evd.core.log import DEAD_LETTER, RAW, Log
 from evd.core.schema import (
     DeadLetter,
     Event,
     IngestResult,
     RawBatch,
     Rejection,
+    batch_is_valid,
+    check_event,
     envelope_decoder,
     epoch_ms,
     event_decoder,
@@ -60,6 +62,10 @@ class ErrorBody(msgspec.Struct):
 def error_reply(status: int, message: str, retry_after: int = 0) -> Reply:
     """A JSON ``{"error": message}`` reply."""
     return Reply(status, json_encoder.encode(ErrorBody(message)), retry_after)
+
+
+class _Invalid(Exception):
+    """Some event of a typed batch fails check_event."""
 
 
 class TooLarge(Exception):
@@ -97,6 +103,10 @@ class RecentIds:
 
     def __contains__(self, event_id: str) -> bool:
         return event_id in self._current or event_id in self._previous
+
+    def isdisjoint(self, event_ids: set[str]) -> bool:
+        """True when none of ``event_ids`` was seen."""
+        return self._current.isdisjoint(event_ids) and self._previous.isdisjoint(event_ids)
 
     def add_all(self, event_ids: list[str]) -> None:
         self._current.update(event_ids)
@@ -139,7 +149,9 @@ class Ingest:
             envelope = envelope_decoder.decode(body)
             events = envelope.events
             sent_at = envelope.sent_at
-        except msgspec.ValidationError:
+            if not batch_is_valid(events):
+                raise _Invalid
+        except (msgspec.ValidationError, _Invalid):
             try:
                 raw = raw_envelope_decoder.decode(body)
             except msgspec.ValidationError as exc:
@@ -152,9 +164,13 @@ class Ingest:
             events = []
             for index, item in enumerate(raw.events):
                 try:
-                    events.append(event_decoder.decode(item))
+                    event = event_decoder.decode(item)
+                    error = check_event(event)
                 except msgspec.ValidationError as exc:
                     error = explain_validation(exc)
+                if error is None:
+                    events.append(event)
+                else:
                     rejected.append(Rejection(index, event_id_of(item), error))
                     dead.append(DeadLetter(received_at, index, error, bytes(item)))
         except msgspec.DecodeError as exc:
@@ -175,26 +191,7 @@ class Ingest:
             if -self.skew_threshold_ms <= skew <= self.skew_threshold_ms:
                 skew = 0
 
-        by_partition: dict[int, list[Event]] = {}
-        accepted_ids: list[str] = []
-        recent = self.recent
-        seen: set[str] = set()
-        partitions = self.partitions
-        duplicates = 0
-        for event in events:
-            eid = event.event_id
-            if eid in seen or eid in recent:
-                duplicates += 1
-                continue
-            seen.add(eid)
-            accepted_ids.append(eid)
-            p = partition_for(event.user_id, partitions) if partitions > 1 else 0
-            bucket = by_partition.get(p)
-            if bucket is None:
-                by_partition[p] = [event]
-            else:
-                bucket.append(event)
-
+        by_partition, accepted_ids, duplicates = self._split(events)
         log = self.log
         futures: set[asyncio.Future[None]] = set()
         try:
@@ -228,6 +225,39 @@ class Ingest:
         # group-commit future, so this is usually a single future.
         durable = futures.pop() if len(futures) == 1 else asyncio.gather(*futures)
         return Pending(durable, reply, accepted_ids)
+
+    def _split(self, events: list[Event]) -> tuple[dict[int, list[Event]], list[str], int]:
+        """Drop duplicate ids and group the rest by partition: (groups, ids, duplicates)."""
+        ids = [event.event_id for event in events]
+        unique = set(ids)
+        recent = self.recent
+        if len(unique) == len(ids) and recent.isdisjoint(unique):
+            keep, duplicates = events, 0
+        else:
+            keep, ids, duplicates = [], [], 0
+            seen: set[str] = set()
+            for event in events:
+                eid = event.event_id
+                if eid in seen or eid in recent:
+                    duplicates += 1
+                else:
+                    seen.add(eid)
+                    ids.append(eid)
+                    keep.append(event)
+        partitions = self.partitions
+        if partitions == 1:
+            return ({0: keep} if keep else {}), ids, duplicates
+        groups: dict[int, list[Event]] = {}
+        crc32 = zlib.crc32
+        for event in keep:
+            # partition_for(), inlined: this loop runs once per accepted event.
+            p = crc32(event.user_id.encode()) % partitions
+            group = groups.get(p)
+            if group is None:
+                groups[p] = [event]
+            else:
+                group.append(event)
+        return groups, ids, duplicates
 
     def committed(self, pending: Pending) -> None:
         """Called once a Pending's appends are durable."""

@@ -7,7 +7,7 @@ import logging
 import socket
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
 
 from evd.core import metrics
 from evd.core.config import Config
@@ -48,9 +48,12 @@ class Server:
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         self.recovered = False
-        self.now = 0.0
+        #: Created inside the worker's running loop.
+        self.loop = asyncio.get_running_loop()
+        self.now = self.loop.time()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._request_counters: dict[tuple[bytes, int], Counter] = {}
 
     @property
     def port(self) -> int:
@@ -88,14 +91,18 @@ class Server:
             return Reply(200, generate_latest(REGISTRY)), CONTENT_TYPE_LATEST.encode()
         return error_reply(404, "not found"), None
 
-    def path_label(self, path: bytes) -> str:
-        """A bounded set of label values for the requests metric."""
-        return _PATH_LABELS.get(path, "other")
+    def count_request(self, path: bytes, status: int) -> None:
+        """Count an answered request (label children cached: labels() takes a lock)."""
+        key = (path if path in _PATH_LABELS else b"", status)
+        child = self._request_counters.get(key)
+        if child is None:
+            label = _PATH_LABELS.get(path, "other")
+            child = self._request_counters[key] = metrics.REQUESTS.labels(label, str(status))
+        child.inc()
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Listen (SO_REUSEPORT, so sibling workers can share the port)."""
-        loop = asyncio.get_running_loop()
-        self.now = loop.time()
+        loop = self.loop
         if sock is not None:
             self._server = await loop.create_server(
                 lambda: HttpProtocol(self), sock=sock, backlog=BACKLOG
