@@ -202,7 +202,7 @@ class Ingest:
             for letter in dead:
                 futures.add(log.append(
                     DEAD_LETTER,
-                    zlib.crc32(letter.event) % partitions,
+                    zlib.crc32(letter.event) % self.partitions,
                     msgpack_encoder.encode(letter),
                 ))
         except LogOverloaded as exc:
