@@ -21,7 +21,7 @@ WRITE_HIGH_WATER = 256 * 1024
 class FlowControl:
     """Pauses and resumes reading on one transport."""
 
-    __slots__ = ("_transport", "_reading_paused", "_writing_paused", "_in_flight")
+    __slots__ = ("_in_flight", "_reading_paused", "_transport", "_writing_paused")
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport

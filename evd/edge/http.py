@@ -14,8 +14,10 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
+from functools import partial
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any
 
 import httptools
 
@@ -65,7 +67,7 @@ def render(reply: Reply, close: bool, content_type: bytes | None = None) -> byte
 class _Slot:
     """One pipelined request's place in the response queue."""
 
-    __slots__ = ("data", "close", "started")
+    __slots__ = ("close", "data", "started")
 
     def __init__(self, started: float) -> None:
         self.data: bytes | None = None
@@ -217,9 +219,7 @@ class HttpProtocol(asyncio.Protocol):
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
             result = self.server.ingest.handle(body, self.content_encoding, self.key)
             if isinstance(result, Pending):
-                result.durable.add_done_callback(
-                    lambda fut, slot=slot, result=result: self._committed(slot, result, fut)
-                )
+                result.durable.add_done_callback(partial(self._committed, slot, result))
                 return
             self._finish(slot, result, b"/v1/events")
             return
@@ -229,7 +229,7 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- responses -----------------------------------------------------------
 
-    def _committed(self, slot: _Slot, pending: Pending, fut: asyncio.Future[object]) -> None:
+    def _committed(self, slot: _Slot, pending: Pending, fut: asyncio.Future[Any]) -> None:
         if fut.cancelled():
             reply = error_reply(503, "shutting down", 1)
         elif fut.exception() is not None:

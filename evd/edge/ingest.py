@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 
@@ -50,7 +50,7 @@ class Reply(NamedTuple):
 class Pending(NamedTuple):
     """A 200 response to send once ``durable`` completes (503 if it fails)."""
 
-    durable: asyncio.Future[None]
+    durable: asyncio.Future[Any]
     reply: Reply
     event_ids: list[str]
 
@@ -223,7 +223,9 @@ class Ingest:
             return reply
         # The embedded log gives every append of one synchronous call the same
         # group-commit future, so this is usually a single future.
-        durable = futures.pop() if len(futures) == 1 else asyncio.gather(*futures)
+        durable: asyncio.Future[Any] = (
+            futures.pop() if len(futures) == 1 else asyncio.gather(*futures)
+        )
         return Pending(durable, reply, accepted_ids)
 
     def _split(self, events: list[Event]) -> tuple[dict[int, list[Event]], list[str], int]:
