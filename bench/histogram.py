@@ -19,7 +19,7 @@ _HALF = _SUB_COUNT >> 1
 def bucket_index(value: int) -> int:
     """Return the bucket holding ``value`` (negative values count as 0)."""
     if value < _SUB_COUNT:
-        return value if value > 0 else 0
+        return max(0, value)
     shift = value.bit_length() - SUB_BITS
     return shift * _HALF + (value >> shift)
 
@@ -43,7 +43,7 @@ class Histogram:
     the bucket width.
     """
 
-    __slots__ = ("counts", "total", "min", "max", "sum")
+    __slots__ = ("counts", "max", "min", "sum", "total")
 
     def __init__(self) -> None:
         self.counts: dict[int, int] = {}
@@ -54,8 +54,7 @@ class Histogram:
 
     def record(self, value: int, count: int = 1) -> None:
         """Add ``count`` observations of ``value``."""
-        if value < 0:
-            value = 0
+        value = max(value, 0)
         idx = bucket_index(value)
         counts = self.counts
         counts[idx] = counts.get(idx, 0) + count

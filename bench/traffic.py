@@ -6,8 +6,10 @@ each play ending in a skip, a natural end, or interrupted by pause/resume and
 seeks, with realistic gaps. Active users sit in a heap keyed by the time of their
 next event; a batch for wall time ``t`` takes every user due by ``t`` and starts
 new sessions only when nobody is due, so the number of concurrent listeners grows
-to whatever the requested event rate needs (bounded by the population; past that,
-gaps are compressed and counted in ``stats["compressed"]``).
+to whatever the requested event rate needs. Past the population's capacity the
+model plays faster (``stats["pace"]`` < 1) and, as a last resort, compresses gaps
+(``stats["compressed"]``); if the sender is slower than the model expected,
+overdue events are re-timed to at most 2 s behind (``stats["stretched"]``).
 
 On top of the live stream it mixes in client faults at configured rates: retries
 (an event already sent, sent again byte for byte), invalid events (one defect
@@ -32,7 +34,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 import msgspec
 import orjson
@@ -212,6 +214,10 @@ def parse_ts(text: str) -> int | None:
 # listeners are hard to find by random draw and gaps get compressed.
 _MAX_ACTIVE_SHARE = 0.6
 
+# A listener's event may trail the batch time by at most this much (ms); more
+# means the model's pace is ahead of the real send rate.
+_MAX_LAG_MS = 2000
+
 # Length-bias cap for warm-start stretches: most plays are shorter than this.
 _WARM_STRETCH_MS = 240_000
 
@@ -220,9 +226,22 @@ class _User:
     """A listener in a session: what they play now and what they do next."""
 
     __slots__ = (
-        "idx", "uid", "device", "geo", "legacy", "playlist",
-        "plays_left", "track", "duration", "pos", "context", "initiator",
-        "action", "action_pos", "seek_to", "due",
+        "action",
+        "action_pos",
+        "context",
+        "device",
+        "due",
+        "duration",
+        "geo",
+        "idx",
+        "initiator",
+        "legacy",
+        "playlist",
+        "plays_left",
+        "pos",
+        "seek_to",
+        "track",
+        "uid",
     )
 
     def __init__(self, idx: int, uid: str, device: dict[str, str], geo: dict[str, str],
@@ -288,6 +307,7 @@ class TrafficModel:
         self.now_ms = start_ms
         self.stats: dict[str, Any] = {
             "events": 0, "duplicates": 0, "invalid": 0, "late": 0, "compressed": 0,
+            "stretched": 0,
             "sessions": 0, "by_type": {t: 0 for t in EVENT_TYPES},
             "invalid_kinds": {k: 0 for k in INVALID_KINDS},
         }
@@ -576,6 +596,11 @@ class TrafficModel:
             if heap and heap[0][0] <= t:
                 due, _, idx = heapq.heappop(heap)
                 u = self._active[idx]
+                if due < t - _MAX_LAG_MS:
+                    # More listeners than the sender's real rate needs: stretch the
+                    # gap rather than let timestamps fall ever further behind.
+                    due = t - self.rng.randrange(_MAX_LAG_MS)
+                    self.stats["stretched"] += 1
                 break
             for _ in range(4):
                 idx = self._random_user_index()
@@ -604,8 +629,7 @@ class TrafficModel:
 
     def batch(self, n: int, t_ms: int) -> list[Event]:
         """Return the next ``n`` events, as a client sending at epoch ms ``t_ms`` would."""
-        if t_ms > self.now_ms:
-            self.now_ms = t_ms
+        self.now_ms = max(self.now_ms, t_ms)
         t = self.now_ms
         cfg = self.config
         rng = self.rng
@@ -673,12 +697,12 @@ def _open_write(path: Path) -> Iterator[IO[bytes]]:
         # mtime=0 and no file name in the header: the same stream gives the same bytes.
         with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0,
                            compresslevel=6) as packed:
-            yield packed
+            yield cast(IO[bytes], packed)
 
 
 def _open_read(path: Path) -> IO[bytes]:
     if path.suffix == ".gz":
-        return gzip.open(path, "rb")
+        return cast(IO[bytes], gzip.open(path, "rb"))
     return open(path, "rb")
 
 

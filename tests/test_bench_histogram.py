@@ -26,7 +26,7 @@ def test_bucket_holds_value_and_is_narrow(value: int) -> None:
 
 def test_bucket_indexes_are_contiguous_and_monotonic() -> None:
     prev_high = -1
-    for idx in range(0, 5000):
+    for idx in range(5000):
         low, high = bucket_bounds(idx)
         assert low == prev_high + 1
         assert bucket_index(low) == idx and bucket_index(high) == idx
