@@ -289,6 +289,9 @@ class HttpProtocol(asyncio.Protocol):
         self.flow.request_started()
         self.closing = True  # stop parsing; _write_ready still drains the queue
         self._finish(slot, error_reply(status, message), b"")
+        # Write now rather than on the next loop turn: a timed-out or rejected
+        # client gets its answer before the close, whatever runs in between.
+        self._write_ready()
 
     # -- timeouts --------------------------------------------------------------
 
@@ -314,9 +317,6 @@ class HttpProtocol(asyncio.Protocol):
         elif self.phase in (HEADERS, BODY):
             what = "headers" if self.phase == HEADERS else "body"
             self._fail(408, f"timed out reading the request {what}")
-            if self.transport is not None and not self.transport.is_closing():
-                # The client may not be reading either: do not wait for it.
-                self.transport.abort()
 
     def shutdown(self) -> None:
         """Close at once if idle; otherwise close after the queued responses."""
