@@ -89,11 +89,16 @@ class HttpProtocol(asyncio.Protocol):
         self.deadline = 0.0
         self.closing = False
         self.write_scheduled = False
+        #: Requests begun on this connection (tells data_received whether a chunk
+        #: belongs wholly to the head being read).
+        self.messages = 0
         self._reset()
 
     def _reset(self) -> None:
         self.url = b""
         self.header_bytes = 0
+        #: Bytes of chunks that ended inside this request's head.
+        self.head_received = 0
         self.content_length = -1
         self.content_type: bytes | None = None
         self.content_encoding: bytes | None = None
@@ -130,6 +135,7 @@ class HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closing:
             return
+        messages = self.messages
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError:
@@ -140,10 +146,17 @@ class HttpProtocol(asyncio.Protocol):
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
             self._fail(400, f"malformed HTTP request: {exc}")
+        if self.phase == HEADERS and self.messages == messages and not self.closing:
+            # httptools holds an unfinished header line until it ends, so
+            # on_header cannot bound it: bound every chunk that ends in the head.
+            self.head_received += len(data)
+            if self.head_received > self.limits.max_header_bytes:
+                self._fail(431, "request line and headers exceed limits.max_header_bytes")
 
     # -- parser callbacks ----------------------------------------------------
 
     def on_message_begin(self) -> None:
+        self.messages += 1
         self._reset()
         self._set_phase(HEADERS)
 
