@@ -300,7 +300,7 @@ async def orchestrate(plan: RunPlan, progress: Progress
     go = ctx.Event()
     per_proc_events = (plan.events_until(plan.duration_s) / plan.procs
                        if plan.rate is not None else 0.0)
-    estimate = 2.0 + (per_proc_events * GEN_COST_S if plan.pregenerate else 0.0)
+    estimate = 1.0 + (per_proc_events * GEN_COST_S if plan.pregenerate else 0.0)
     start = ctx.Value("d", time.time() + estimate)
     plan_bytes = msgspec.msgpack.encode(plan)
     procs = [ctx.Process(target=child_main, args=(plan_bytes, i, queue, go, start),
