@@ -14,12 +14,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from evdtest import EvdServer, ServerFactory, clean_env
 
 from bench.harness import main
 from bench.report import Report, decode
 from bench.screenshot import NoChromium, color_counts, hex_rgb, near, read_png, screenshot
 from bench.traffic import TrafficConfig, write_stream
-from evdtest import EvdServer, ServerFactory, clean_env
 
 # Bounds a whole CLI run (spawn + setup + run + drain); a healthy one takes ~5 s.
 RUN_TIMEOUT_S = 90
