@@ -1,0 +1,419 @@
+"""The embedded log on real files: append/read, fsync policies, segment rolls,
+consumer offsets, bounds and I/O failure, and recovery of a torn tail, including
+a hypothesis round-trip property of the framing."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, seed, settings
+from hypothesis import strategies as st
+
+from evd.core.embedded import HEADER, EmbeddedLog, frame, read_partition, scan_frames
+from evd.core.errors import LogOverloaded, LogUnavailable
+from evd.core.log import RAW, partition_for
+
+#: Hypothesis runs with a fixed seed, printed below; override with EVD_TEST_SEED.
+HYPOTHESIS_SEED = int(os.environ.get("EVD_TEST_SEED") or 20240501)
+
+
+def segments(root: Path, stream: str, partition: int) -> list[Path]:
+    return sorted((root / "log" / stream / f"{partition:04d}").glob("*.seg"))
+
+
+async def read_all(lg: EmbeddedLog, stream: str, partition: int, max_bytes: int = 1 << 20) -> list[bytes]:
+    out: list[bytes] = []
+    offset = 0
+    for _ in range(100_000):  # bounded: each read returns at least one record or []
+        records = await lg.read(stream, partition, offset, max_bytes)
+        if not records:
+            return out
+        out.extend(r.payload for r in records)
+        offset = records[-1].next_offset
+    raise AssertionError("read did not reach the end")
+
+
+def open_log(root: Path, **kw: object) -> EmbeddedLog:
+    lg = EmbeddedLog(root, kw.pop("partitions", 4), **kw)  # type: ignore[arg-type]
+    lg.open()
+    return lg
+
+
+# -- basics -------------------------------------------------------------------------------
+
+
+def test_frame_is_length_crc_payload() -> None:
+    data = frame(b"hello")
+    assert len(data) == HEADER.size + 5
+    spans, end = scan_frames(data + frame(b"") + frame(b"x" * 300))
+    assert end == len(data) + HEADER.size * 2 + 300
+    assert [(s, e) for s, e in spans][0] == (HEADER.size, HEADER.size + 5)
+    assert len(spans) == 3
+
+
+def test_partition_for_is_stable() -> None:
+    assert partition_for("hashed_user_abc123", 8) == partition_for("hashed_user_abc123", 8)
+    assert {partition_for(f"user-{i}", 8) for i in range(200)} == set(range(8))
+
+
+async def test_append_read_offsets_and_end_offset(tmp_path: Path) -> None:
+    lg = open_log(tmp_path)
+    try:
+        payloads = [b"a", b"bb" * 100, b"", b"ccc"]
+        await asyncio.gather(*(lg.append(RAW, 1, p) for p in payloads))
+        records = await lg.read(RAW, 1, 0)
+        assert [r.payload for r in records] == payloads
+        # Offsets are byte positions: contiguous, each record's next is the following's start.
+        assert records[0].offset == 0
+        for a, b in zip(records, records[1:]):
+            assert a.next_offset == b.offset
+        assert lg.end_offset(RAW, 1) == records[-1].next_offset
+        assert lg.end_offset(RAW, 2) == 0 and await lg.read(RAW, 2, 0) == []
+        # Reading from the middle starts at that record.
+        assert [r.payload for r in await lg.read(RAW, 1, records[2].offset)] == payloads[2:]
+        # A small max_bytes still returns at least one whole record.
+        assert [r.payload for r in await lg.read(RAW, 1, records[1].offset, 10)][0] == payloads[1]
+    finally:
+        await lg.close()
+
+
+@pytest.mark.parametrize("policy", ["always", "interval", "never"])
+async def test_fsync_policies_keep_records_after_close(tmp_path: Path, policy: str) -> None:
+    lg = open_log(tmp_path, fsync=policy, fsync_interval_ms=20)
+    payloads = {p: [f"{policy}-{p}-{i}".encode() for i in range(50)] for p in range(4)}
+    futures = [lg.append(RAW, p, x) for p, xs in payloads.items() for x in xs]
+    await asyncio.gather(*futures)
+    await lg.close()
+    with pytest.raises(LogUnavailable):
+        lg.append(RAW, 0, b"after close")
+
+    reopened = open_log(tmp_path, fsync=policy)
+    try:
+        for p, xs in payloads.items():
+            assert await read_all(reopened, RAW, p) == xs
+            # A reader in another process sees the same records.
+            assert [r.payload for r in read_partition(tmp_path, RAW, p)] == xs
+    finally:
+        await reopened.close()
+
+
+class CountingFsync:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, fd: int) -> None:
+        self.calls += 1
+        os.fsync(fd)
+
+
+async def test_fsync_always_syncs_before_the_append_completes(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, fsync="always")
+    counter = lg.fsync_fn = CountingFsync()
+    try:
+        await lg.append(RAW, 0, b"x")
+        assert counter.calls >= 1
+    finally:
+        await lg.close()
+
+
+async def test_fsync_interval_syncs_in_the_background(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, fsync="interval", fsync_interval_ms=20)
+    counter = lg.fsync_fn = CountingFsync()
+    try:
+        await lg.append(RAW, 0, b"x")
+        for _ in range(500):  # up to 5 s on a loaded machine; usually 20 ms
+            if counter.calls:
+                break
+            await asyncio.sleep(0.01)
+        assert counter.calls >= 1
+    finally:
+        await lg.close()
+
+
+async def test_fsync_never_does_not_sync_appends(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, fsync="never")
+    counter = lg.fsync_fn = CountingFsync()
+    try:
+        for i in range(5):
+            await lg.append(RAW, 0, b"x%d" % i)
+        await asyncio.sleep(0.05)
+        assert counter.calls == 0
+    finally:
+        await lg.close()
+
+
+async def test_segments_roll_by_size_and_read_across_them(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, segment_bytes=4096)
+    payloads = [bytes([i % 256]) * 500 for i in range(40)]  # about 20 KB
+    try:
+        for p in payloads:
+            await lg.append(RAW, 0, p)
+        assert await read_all(lg, RAW, 0) == payloads
+        assert await read_all(lg, RAW, 0, max_bytes=700) == payloads
+    finally:
+        await lg.close()
+    segs = segments(tmp_path, RAW, 0)
+    assert len(segs) >= 5
+    # Each segment is named by its first byte's offset: the names are contiguous.
+    base = 0
+    for seg in segs:
+        assert int(seg.stem) == base
+        assert seg.stat().st_size <= 4096 + 508  # one frame may cross the size, not more
+        base += seg.stat().st_size
+    reopened = open_log(tmp_path, segment_bytes=4096)
+    try:
+        assert await read_all(reopened, RAW, 0) == payloads
+        await reopened.append(RAW, 0, b"after reopen")
+        assert (await read_all(reopened, RAW, 0))[-1] == b"after reopen"
+    finally:
+        await reopened.close()
+
+
+async def test_record_larger_than_a_segment_gets_its_own(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, segment_bytes=4096)
+    try:
+        big = os.urandom(10_000)
+        await lg.append(RAW, 0, b"small")
+        await lg.append(RAW, 0, big)
+        await lg.append(RAW, 0, b"after")
+        assert await read_all(lg, RAW, 0, max_bytes=100) == [b"small", big, b"after"]
+    finally:
+        await lg.close()
+
+
+async def test_consumer_offsets_commit_and_survive_reopen(tmp_path: Path) -> None:
+    lg = open_log(tmp_path)
+    try:
+        assert lg.committed("sink-a", RAW) == {}
+        await lg.commit("sink-a", RAW, {0: 10, 1: 20})
+        await lg.commit("sink-a", RAW, {1: 25, 3: 5})
+        await lg.commit("sink_b", RAW, {0: 1})
+        assert lg.committed("sink-a", RAW) == {0: 10, 1: 25, 3: 5}
+        with pytest.raises(ValueError):
+            await lg.commit("../escape", RAW, {0: 1})
+    finally:
+        await lg.close()
+    reopened = open_log(tmp_path)
+    try:
+        assert reopened.committed("sink-a", RAW) == {0: 10, 1: 25, 3: 5}
+        assert reopened.committed("sink_b", RAW) == {0: 1}
+        assert reopened.committed("sink-a", "dead_letter") == {}
+    finally:
+        await reopened.close()
+
+
+async def test_partition_out_of_range_is_refused(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, partitions=2)
+    try:
+        with pytest.raises(ValueError):
+            lg.append(RAW, 2, b"x")
+    finally:
+        await lg.close()
+
+
+async def test_pending_bytes_bound_sheds_appends(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, max_pending_bytes=1000)
+    try:
+        futures = []
+        with pytest.raises(LogOverloaded):
+            for _ in range(100):  # no await: the group commit cannot run in between
+                futures.append(lg.append(RAW, 0, b"x" * 300))
+        assert 1 <= len(futures) <= 5
+        await asyncio.gather(*futures)
+        # Taken again once the pending appends are flushed.
+        await lg.append(RAW, 0, b"later")
+        assert len(await read_all(lg, RAW, 0)) == len(futures) + 1
+    finally:
+        await lg.close()
+
+
+def failing_fsync(fd: int) -> None:
+    raise OSError(errno.EIO, "injected EIO")
+
+
+@pytest.mark.parametrize("policy", ["always", "interval"])
+async def test_io_error_turns_the_log_read_only(tmp_path: Path, policy: str) -> None:
+    lg = open_log(tmp_path, fsync=policy, fsync_interval_ms=10)
+    failures: list[BaseException] = []
+    lg.on_failure = failures.append
+    try:
+        await lg.append(RAW, 0, b"durable")
+        lg.fsync_fn = failing_fsync
+        if policy == "always":
+            with pytest.raises(LogUnavailable):
+                await lg.append(RAW, 0, b"lost")
+        else:
+            await lg.append(RAW, 0, b"written")
+            for _ in range(500):
+                if failures:
+                    break
+                await asyncio.sleep(0.01)
+        assert len(failures) == 1 and failures[0].errno == errno.EIO
+        assert not lg.writable
+        with pytest.raises(LogUnavailable):
+            lg.append(RAW, 1, b"refused")
+        assert (await lg.read(RAW, 0, 0))[0].payload == b"durable"
+    finally:
+        await lg.close()
+
+
+# -- recovery of a torn tail ---------------------------------------------------------------
+
+
+async def write_records(root: Path, payloads: list[bytes], **kw: object) -> None:
+    lg = open_log(root, **kw)
+    try:
+        for p in payloads:
+            await lg.append(RAW, 0, p)
+    finally:
+        await lg.close()
+
+
+@pytest.mark.parametrize(
+    "cut",
+    [
+        pytest.param(lambda last: last, id="at-a-record-boundary"),
+        pytest.param(lambda last: last + 3, id="inside-length"),
+        pytest.param(lambda last: last + 6, id="inside-crc"),
+        pytest.param(lambda last: last + HEADER.size, id="header-only"),
+        pytest.param(lambda last: last + HEADER.size + 17, id="inside-payload"),
+        pytest.param(lambda last: last + HEADER.size + 99, id="one-byte-short"),
+    ],
+)
+async def test_truncated_last_record_is_dropped_on_recovery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, cut: object
+) -> None:
+    payloads = [b"r%02d-" % i + b"p" * 96 for i in range(10)]
+    assert {len(p) for p in payloads} == {100}
+    await write_records(tmp_path, payloads)
+    seg = segments(tmp_path, RAW, 0)[-1]
+    last_start = seg.stat().st_size - (HEADER.size + 100)
+    size = cut(last_start)  # type: ignore[operator]
+    os.truncate(seg, size)
+    dropped = size - last_start
+
+    with caplog.at_level(logging.WARNING, logger="evd.core.embedded"):
+        lg = open_log(tmp_path)
+    try:
+        warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
+        if dropped:
+            assert warnings == [
+                f"log raw/0: truncated {dropped} bytes of torn or corrupt tail at offset {last_start}"
+            ]
+        else:
+            assert warnings == []
+        assert seg.stat().st_size == last_start
+        assert lg.end_offset(RAW, 0) == last_start
+        assert await read_all(lg, RAW, 0) == payloads[:-1]
+        await lg.append(RAW, 0, b"new")
+        assert await read_all(lg, RAW, 0) == payloads[:-1] + [b"new"]
+    finally:
+        await lg.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage-tail", "flipped-payload-byte", "huge-length"])
+async def test_corrupt_last_record_is_dropped_on_recovery(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    payloads = [b"rec-%d" % i for i in range(5)]
+    await write_records(tmp_path, payloads)
+    seg = segments(tmp_path, RAW, 0)[-1]
+    data = bytearray(seg.read_bytes())
+    keep = payloads
+    if damage == "garbage-tail":
+        data += b"\x07\x00\x00\x00garbage"
+    elif damage == "flipped-payload-byte":
+        data[-1] ^= 0x01
+        keep = payloads[:-1]
+    else:
+        data += (2**31).to_bytes(4, "little") + b"\x00" * 12
+    seg.write_bytes(bytes(data))
+
+    with caplog.at_level(logging.WARNING, logger="evd.core.embedded"):
+        lg = open_log(tmp_path)
+    try:
+        assert any("truncated" in r.getMessage() for r in caplog.records)
+        assert await read_all(lg, RAW, 0) == keep
+        await lg.append(RAW, 0, b"new")
+        assert await read_all(lg, RAW, 0) == keep + [b"new"]
+    finally:
+        await lg.close()
+
+
+# -- property: framing round trip and recovery of any truncation -------------------------
+
+
+async def _round_trip(root: Path, appends: list[tuple[int, bytes]], cut: float) -> None:
+    kw = dict(partitions=3, segment_bytes=512, fsync="never")
+    lg = open_log(root, **kw)
+    try:
+        # Appends in groups, so some share a group commit and some do not.
+        for i in range(0, len(appends), 3):
+            await asyncio.gather(*(lg.append(RAW, p, x) for p, x in appends[i : i + 3]))
+    finally:
+        await lg.close()
+    expected = {p: [x for q, x in appends if q == p] for p in range(3)}
+
+    lg = open_log(root, **kw)
+    try:
+        for p in range(3):
+            assert await read_all(lg, RAW, p) == expected[p]
+            assert await read_all(lg, RAW, p, max_bytes=64) == expected[p]
+    finally:
+        await lg.close()
+
+    # Truncate the last segment of the first partition with records anywhere.
+    p = appends[0][0]
+    seg = segments(root, RAW, p)[-1]
+    base, size = int(seg.stem), seg.stat().st_size
+    new_size = int(size * cut)
+    os.truncate(seg, new_size)
+    # Records before the segment survive, and whole frames of it up to the cut.
+    survivors, pos = [], 0
+    for x in expected[p]:
+        end = pos + HEADER.size + len(x)
+        if end > base + new_size:
+            break
+        survivors.append(x)
+        pos = end
+    lg = open_log(root, **kw)
+    try:
+        assert await read_all(lg, RAW, p) == survivors
+        assert lg.end_offset(RAW, p) == pos
+        assert seg.stat().st_size == pos - base
+        await lg.append(RAW, p, b"after-recovery")
+        assert await read_all(lg, RAW, p) == survivors + [b"after-recovery"]
+        for q in range(3):
+            if q != p:
+                assert await read_all(lg, RAW, q) == expected[q]
+    finally:
+        await lg.close()
+
+
+def test_hypothesis_seed_is_printed() -> None:
+    print(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@given(
+    appends=st.lists(
+        st.tuples(st.integers(0, 2), st.binary(min_size=0, max_size=300)), min_size=1, max_size=40
+    ),
+    cut=st.floats(0.0, 1.0),
+)
+def test_log_round_trip_and_truncation_property(appends: list[tuple[int, bytes]], cut: float) -> None:
+    print(f"hypothesis seed: {HYPOTHESIS_SEED}")
+    with tempfile.TemporaryDirectory() as tmp:
+        asyncio.run(_round_trip(Path(tmp), appends, cut))
