@@ -1,0 +1,145 @@
+"""Configuration: YAML into Structs, errors that name the key path, EVD_* overrides,
+command-line flags over the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evd.core.config import Config, dump_config, load_config, with_overrides
+from evd.core.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "evd.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_means_defaults() -> None:
+    cfg = load_config(None, environ={})
+    assert cfg == Config()
+    assert (cfg.server.port, cfg.log.fsync, cfg.auth.keys) == (8080, "always", ["evd-dev-key"])
+
+
+def test_file_values_are_decoded_into_structs(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+server: {port: 9001, drain_grace_s: 1.5}
+limits:
+  max_body_bytes: 1024
+  rate_limit_events_per_s: 10
+log: {fsync: interval, partitions: 2}
+auth:
+  keys: [k1, "sha256:%s"]
+""" % ("ab" * 32))
+    cfg = load_config(path, environ={})
+    assert cfg.server.port == 9001 and cfg.server.drain_grace_s == 1.5
+    assert cfg.limits.max_body_bytes == 1024 and cfg.limits.rate_limit_events_per_s == 10
+    assert (cfg.log.fsync, cfg.log.partitions) == ("interval", 2)
+    assert cfg.auth.keys == ["k1", "sha256:" + "ab" * 32]
+    assert cfg.limits.header_timeout_s == 10.0  # untouched fields keep their defaults
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "null\n"])
+def test_empty_file_means_defaults(tmp_path: Path, text: str) -> None:
+    assert load_config(write(tmp_path, text), environ={}) == Config()
+
+
+@pytest.mark.parametrize(
+    "text, path, reason",
+    [
+        ("limits: {max_body_byte: 5}", "limits.max_body_byte", "unknown key"),
+        ("nope: {a: 1}", "nope", "unknown key"),
+        ("log: {partitions: 2, extra: true}", "log.extra", "unknown key"),
+        ("server: {port: abc}", "server.port", "Expected `int`"),
+        ("limits: {header_timeout_s: soon}", "limits.header_timeout_s", "Expected `float`"),
+        ("log: {fsync: sometimes}", "log.fsync", "sometimes"),
+        ("auth: {keys: a-key}", "auth.keys", "Expected `array`"),
+        ("auth: {enabled: maybe}", "auth.enabled", "Expected `bool`"),
+        ("log: 5", "log", "Expected `object`"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_name_the_key_path(
+    tmp_path: Path, text: str, path: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text), environ={})
+    message = str(err.value)
+    assert message.startswith(f"{path}: "), message
+    assert reason in message
+
+
+@pytest.mark.parametrize(
+    "text, path",
+    [
+        ("log: {partitions: 0}", "log.partitions"),
+        ("server: {workers: 0}", "server.workers"),
+        ("server: {port: 70000}", "server.port"),
+        ("auth: {keys: ['sha256:nothex']}", "auth.keys"),
+        ("log: {segment_bytes: 100}", "log.segment_bytes"),
+    ],
+)
+def test_out_of_range_values_name_the_key_path(tmp_path: Path, text: str, path: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{path}: "):
+        load_config(write(tmp_path, text), environ={})
+
+
+@pytest.mark.parametrize("text", ["[1, 2]\n", "just a string\n", "a: [unclosed\n"])
+def test_file_that_is_not_a_mapping_is_an_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="evd.yaml"):
+        load_config(write(tmp_path, text), environ={})
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no-such.yaml"):
+        load_config(tmp_path / "no-such.yaml", environ={})
+
+
+def test_env_overrides_file_and_defaults(tmp_path: Path) -> None:
+    path = write(tmp_path, "server: {port: 9001, host: 0.0.0.0}\nlog: {fsync: always}\n")
+    cfg = load_config(path, environ={
+        "EVD_SERVER__PORT": "9000",
+        "EVD_LOG__FSYNC": "never",
+        "EVD_AUTH__KEYS": "[a, b]",
+        "EVD_LIMITS__BODY_TIMEOUT_S": "2.5",
+        "EVD_SLOW": "1",  # no section: not an override
+        "PATH": "/bin",
+    })
+    assert cfg.server.port == 9000  # parsed as a YAML int
+    assert cfg.server.host == "0.0.0.0"  # from the file, not overridden
+    assert cfg.log.fsync == "never"
+    assert cfg.auth.keys == ["a", "b"]
+    assert cfg.limits.body_timeout_s == 2.5
+
+
+@pytest.mark.parametrize(
+    "name, value, path",
+    [
+        ("EVD_SERVER__PORT", "abc", "server.port"),
+        ("EVD_NOPE__KEY", "1", "nope"),
+        ("EVD_LOG__NOPE", "1", "log.nope"),
+    ],
+)
+def test_bad_env_override_names_the_key_path(name: str, value: str, path: str) -> None:
+    with pytest.raises(ConfigError, match=f"^{path}: "):
+        load_config(None, environ={name: value})
+
+
+def test_env_override_with_too_many_parts_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="EVD_SERVER__PORT__X"):
+        load_config(None, environ={"EVD_SERVER__PORT__X": "1"})
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "server: {port: 9001, data_dir: /from/file}\n"), environ={})
+    out = with_overrides(cfg, port=9002, host=None, data_dir="/from/flag", workers=None)
+    assert (out.server.port, out.server.data_dir, out.server.host) == (9002, "/from/flag", "127.0.0.1")
+    assert with_overrides(cfg, port=None) is cfg
+    with pytest.raises(ConfigError, match="^server.port: "):
+        with_overrides(cfg, port=-1)
+
+
+def test_dump_config_round_trips(tmp_path: Path) -> None:
+    cfg = load_config(None, environ={"EVD_LOG__PARTITIONS": "3", "EVD_SERVER__PORT": "0"})
+    assert load_config(write(tmp_path, dump_config(cfg)), environ={}) == cfg
