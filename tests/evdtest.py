@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
-from typing import IO, Any, Iterable, NamedTuple
+from typing import IO, Any, NamedTuple, Self
 
 DEV_KEY = "evd-dev-key"
 HOST = "127.0.0.1"
@@ -153,7 +154,7 @@ class RawConn:
         self.sock = socket.create_connection((HOST, port), timeout=timeout)
         self.buf = b""
 
-    def __enter__(self) -> RawConn:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -198,7 +199,7 @@ class RawConn:
             self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 return None
             except ConnectionResetError:
                 return self.buf
@@ -331,7 +332,7 @@ class ServerFactory:
             argv += ["--config", str(cfg_path)]
         argv += list(args)
         log_path = work / "evd.log"
-        log_file = open(log_path, "wb")
+        log_file = open(log_path, "wb")  # noqa: SIM115 - closed by EvdServer.cleanup
         try:
             proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
@@ -352,9 +353,11 @@ class ServerFactory:
             server.cleanup()
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     """Run ``python -m evd ARGS`` to completion."""
     return subprocess.run(
-        [sys.executable, "-m", "evd", *args], capture_output=True, text=True,
+        [sys.executable, "-m", "evd", *args], check=False, capture_output=True, text=True,
         env=clean_env(**(env or {})), timeout=timeout, stdin=subprocess.DEVNULL,
     )

@@ -13,11 +13,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from evd.core.config import load_config, with_overrides
-from evd.edge.ingest import Ingest
-from evd.edge.server import Server
-from evd.logtool import iter_stream
-from evd.worker import open_log
 from evdtest import (
     HOST,
     RawConn,
@@ -30,6 +25,12 @@ from evdtest import (
     raw_post,
     request,
 )
+
+from evd.core.config import load_config, with_overrides
+from evd.edge.ingest import Ingest
+from evd.edge.server import Server
+from evd.logtool import iter_stream
+from evd.worker import open_log
 
 
 def logged_ids(data_dir: Path, stream: str = "raw") -> set[str]:
@@ -104,7 +105,9 @@ async def fire_and_kill(port: int, pid: int) -> tuple[list[str], set[str]]:
                 writer.write(raw_post(body))
                 head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
                 status = int(head.split(b" ", 2)[1])
-                length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+                match = re.search(rb"Content-Length: (\d+)", head)
+                assert match is not None
+                length = int(match.group(1))
                 payload = await asyncio.wait_for(reader.readexactly(length), 30)
                 outcomes.append(str(status))
                 if status != 200:
@@ -114,7 +117,7 @@ async def fire_and_kill(port: int, pid: int) -> tuple[list[str], set[str]]:
                 if not killed and len(acked) >= KILL_AFTER_ACKS * EVENTS_PER_POST:
                     killed = True
                     os.kill(pid, signal.SIGKILL)
-        except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             outcomes.append(type(exc).__name__)
         finally:
             writer.close()
@@ -162,7 +165,7 @@ def test_server_restart_truncates_a_torn_last_record(servers: ServerFactory) -> 
         assert post(server.port, body).status == 200
     assert server.stop() == 0
 
-    seg = sorted((server.data_dir / "log" / "raw" / "0000").glob("*.seg"))[-1]
+    seg = max((server.data_dir / "log" / "raw" / "0000").glob("*.seg"))
     size = seg.stat().st_size
     os.truncate(seg, size - 5)  # a crash mid-write of the third record
 

@@ -9,12 +9,10 @@ import hashlib
 import json
 import time
 import zlib
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-
-from evd.logtool import iter_stream
 from evdtest import (
     DEV_KEY,
     EvdServer,
@@ -29,6 +27,8 @@ from evdtest import (
     seed_bytes,
     track_id,
 )
+
+from evd.logtool import iter_stream
 
 HASHED_KEY = "a-key-stored-only-as-its-digest"
 MAX_BODY = 64 * 1024
@@ -59,7 +59,7 @@ def raw_events(server: EvdServer) -> dict[str, dict[str, Any]]:
 
 
 def parse_time(text: str) -> datetime:
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return datetime.fromisoformat(text)
 
 
 # -- 200 -----------------------------------------------------------------------------
@@ -75,7 +75,9 @@ def test_seed_event_is_accepted_verbatim_and_logged(server: EvdServer) -> None:
     assert r.json() == {"accepted": 1, "duplicates": 0, "rejected": []}
 
     original = json.loads(seed)
-    logged = [e for e in iter_stream(server.data_dir, "raw") if e["event_id"] == original["event_id"]]
+    logged = [
+        e for e in iter_stream(server.data_dir, "raw") if e["event_id"] == original["event_id"]
+    ]
     assert len(logged) == 1
     record = logged[0]
     for field in ("user_id", "track_id", "context", "playback", "device", "geo"):
@@ -370,7 +372,7 @@ def test_invalid_events_are_rejected_by_index_and_dead_lettered(server: EvdServe
         assert isinstance(error, str) and error
         if path is not None:
             assert error.startswith(f"{path}:"), (index, error)
-    assert "missing" in dict((i, e) for i, _, e in got)[8]
+    assert "missing" in {i: e for i, _, e in got}[8]
 
     logged = raw_events(server)
     assert {"rj-ok-0", "rj-ok-9"} <= logged.keys()
@@ -419,7 +421,7 @@ def test_sent_at_skew_correction(
     event_id = f"skew-{offset_s}"
     envelope = {}
     if offset_s is not None:
-        envelope["sent_at"] = _rfc3339(datetime.now(timezone.utc) + timedelta(seconds=offset_s))
+        envelope["sent_at"] = _rfc3339(datetime.now(UTC) + timedelta(seconds=offset_s))
     event = make_event(event_id)
     assert post(server.port, batch([event], **envelope)).status == 200
     record = raw_events(server)[event_id]

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import itertools
 import logging
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, seed, settings
@@ -27,7 +29,9 @@ def segments(root: Path, stream: str, partition: int) -> list[Path]:
     return sorted((root / "log" / stream / f"{partition:04d}").glob("*.seg"))
 
 
-async def read_all(lg: EmbeddedLog, stream: str, partition: int, max_bytes: int = 1 << 20) -> list[bytes]:
+async def read_all(
+    lg: EmbeddedLog, stream: str, partition: int, max_bytes: int = 1 << 20
+) -> list[bytes]:
     out: list[bytes] = []
     offset = 0
     for _ in range(100_000):  # bounded: each read returns at least one record or []
@@ -53,7 +57,7 @@ def test_frame_is_length_crc_payload() -> None:
     assert len(data) == HEADER.size + 5
     spans, end = scan_frames(data + frame(b"") + frame(b"x" * 300))
     assert end == len(data) + HEADER.size * 2 + 300
-    assert [(s, e) for s, e in spans][0] == (HEADER.size, HEADER.size + 5)
+    assert spans[0] == (HEADER.size, HEADER.size + 5)
     assert len(spans) == 3
 
 
@@ -71,14 +75,14 @@ async def test_append_read_offsets_and_end_offset(tmp_path: Path) -> None:
         assert [r.payload for r in records] == payloads
         # Offsets are byte positions: contiguous, each record's next is the following's start.
         assert records[0].offset == 0
-        for a, b in zip(records, records[1:]):
+        for a, b in itertools.pairwise(records):
             assert a.next_offset == b.offset
         assert lg.end_offset(RAW, 1) == records[-1].next_offset
         assert lg.end_offset(RAW, 2) == 0 and await lg.read(RAW, 2, 0) == []
         # Reading from the middle starts at that record.
         assert [r.payload for r in await lg.read(RAW, 1, records[2].offset)] == payloads[2:]
         # A small max_bytes still returns at least one whole record.
-        assert [r.payload for r in await lg.read(RAW, 1, records[1].offset, 10)][0] == payloads[1]
+        assert (await lg.read(RAW, 1, records[1].offset, 10))[0].payload == payloads[1]
     finally:
         await lg.close()
 
@@ -254,7 +258,8 @@ async def test_io_error_turns_the_log_read_only(tmp_path: Path, policy: str) -> 
                 if failures:
                     break
                 await asyncio.sleep(0.01)
-        assert len(failures) == 1 and failures[0].errno == errno.EIO
+        assert len(failures) == 1
+        assert isinstance(failures[0], OSError) and failures[0].errno == errno.EIO
         assert not lg.writable
         with pytest.raises(LogUnavailable):
             lg.append(RAW, 1, b"refused")
@@ -303,9 +308,8 @@ async def test_truncated_last_record_is_dropped_on_recovery(
     try:
         warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
         if dropped:
-            assert warnings == [
-                f"log raw/0: truncated {dropped} bytes of torn or corrupt tail at offset {last_start}"
-            ]
+            expected = f"log raw/0: truncated {dropped} bytes of torn or corrupt tail"
+            assert warnings == [f"{expected} at offset {last_start}"]
         else:
             assert warnings == []
         assert seg.stat().st_size == last_start
@@ -350,7 +354,7 @@ async def test_corrupt_last_record_is_dropped_on_recovery(
 
 
 async def _round_trip(root: Path, appends: list[tuple[int, bytes]], cut: float) -> None:
-    kw = dict(partitions=3, segment_bytes=512, fsync="never")
+    kw: dict[str, Any] = {"partitions": 3, "segment_bytes": 512, "fsync": "never"}
     lg = open_log(root, **kw)
     try:
         # Appends in groups, so some share a group commit and some do not.
@@ -413,7 +417,9 @@ def test_hypothesis_seed_is_printed() -> None:
     ),
     cut=st.floats(0.0, 1.0),
 )
-def test_log_round_trip_and_truncation_property(appends: list[tuple[int, bytes]], cut: float) -> None:
+def test_log_round_trip_and_truncation_property(
+    appends: list[tuple[int, bytes]], cut: float
+) -> None:
     print(f"hypothesis seed: {HYPOTHESIS_SEED}")
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_round_trip(Path(tmp), appends, cut))
