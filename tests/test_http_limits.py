@@ -8,8 +8,6 @@ import time
 from typing import Any
 
 import pytest
-
-from evd.logtool import iter_stream
 from evdtest import (
     EvdServer,
     RawConn,
@@ -20,6 +18,8 @@ from evdtest import (
     post,
     raw_post,
 )
+
+from evd.logtool import iter_stream
 
 TIMEOUT_S = 1.0
 #: How long a test waits for the server to act on a TIMEOUT_S deadline: the
