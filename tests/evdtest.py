@@ -7,6 +7,7 @@ Every helper talks to 127.0.0.1 only and bounds its waits in time.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.client
 import json
@@ -22,6 +23,9 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Self
+
+from evd.core.log import DEAD_LETTER, RAW
+from evd.core.schema import dead_letter_decoder, raw_batch_decoder
 
 DEV_KEY = "evd-dev-key"
 HOST = "127.0.0.1"
@@ -78,6 +82,35 @@ def seed_bytes() -> bytes:
 
 def gzip_bytes(data: bytes) -> bytes:
     return gzip.compress(data, compresslevel=6)
+
+
+# -- an in-memory log --------------------------------------------------------------
+
+
+class MemoryLog:
+    """The part of Log that Ingest uses; appends complete at once."""
+
+    def __init__(self, partitions: int = 4, fail: BaseException | None = None) -> None:
+        self.partitions = partitions
+        self.fail = fail
+        self.appends: list[tuple[str, int, bytes]] = []
+        self.writable = True
+
+    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
+        if self.fail is not None:
+            raise self.fail
+        self.appends.append((stream, partition, payload))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        fut.set_result(None)
+        return fut
+
+    def raw_ids(self) -> list[str]:
+        return [e.event_id for s, _, p in self.appends if s == RAW
+                for e in raw_batch_decoder.decode(p).events]
+
+    def dead_indices(self) -> list[int]:
+        return sorted(dead_letter_decoder.decode(p).index
+                      for s, _, p in self.appends if s == DEAD_LETTER)
 
 
 # -- HTTP -------------------------------------------------------------------------
@@ -206,6 +239,24 @@ class RawConn:
             if not chunk:
                 return self.buf
             self.buf += chunk
+
+
+def parse_responses(data: bytes) -> list[Response]:
+    """Every complete response in ``data`` (Content-Length framed, as evd always sends)."""
+    out: list[Response] = []
+    while b"\r\n\r\n" in data:
+        head, rest = data.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, value = line.split(":", 1)
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        if len(rest) < length:
+            break
+        out.append(Response(int(lines[0].split(" ", 2)[1]), headers, rest[:length]))
+        data = rest[length:]
+    return out
 
 
 def closed_or_408(sent: bytes | None) -> bool:

@@ -14,15 +14,15 @@ from typing import Any, cast
 
 import msgspec
 import pytest
-from evdtest import batch, make_event
+from evdtest import MemoryLog, batch, make_event
 from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from strategies import error_of, events
 
 from evd.core.config import AuthConfig, LimitsConfig, load_config
 from evd.core.errors import LogOverloaded, LogUnavailable
-from evd.core.log import DEAD_LETTER, RAW, Log
-from evd.core.schema import dead_letter_decoder, raw_batch_decoder
+from evd.core.log import RAW, Log
+from evd.core.schema import raw_batch_decoder
 from evd.edge.auth import KeyRing, RateLimiter
 from evd.edge.ingest import Ingest, Pending, RecentIds, Reply, TooLarge, gunzip
 
@@ -107,31 +107,6 @@ def test_recent_ids_keeps_at_least_half_its_capacity() -> None:
 
 
 # -- Ingest against an in-memory log --------------------------------------------------------
-
-
-class MemoryLog:
-    """The part of Log that Ingest uses; appends complete at once."""
-
-    def __init__(self, partitions: int = 4, fail: BaseException | None = None) -> None:
-        self.partitions = partitions
-        self.fail = fail
-        self.appends: list[tuple[str, int, bytes]] = []
-
-    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
-        if self.fail is not None:
-            raise self.fail
-        self.appends.append((stream, partition, payload))
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        fut.set_result(None)
-        return fut
-
-    def raw_ids(self) -> list[str]:
-        return [e.event_id for s, _, p in self.appends if s == RAW
-                for e in raw_batch_decoder.decode(p).events]
-
-    def dead_indices(self) -> list[int]:
-        return sorted(dead_letter_decoder.decode(p).index
-                      for s, _, p in self.appends if s == DEAD_LETTER)
 
 
 def make_ingest(log: MemoryLog, **limits: Any) -> Ingest:
