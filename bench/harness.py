@@ -126,10 +126,10 @@ def run_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=DEFAULT_KEY, help="bearer key for POST /v1/events")
     p.add_argument("--duration", type=_positive(float), default=30.0,
                    help="seconds of load")
-    p.add_argument("--rate", type=_rate, default=None, metavar="R|max",
+    p.add_argument("--rate", type=_rate, default="max", metavar="R|max",
                    help="offered events/s, open loop (latency measured from the scheduled "
                         "send time); 'max' = closed loop, each connection sends again as soon "
-                        "as answered [default: max]")
+                        "as answered")
     p.add_argument("--batch", type=_positive(int), default=100, help="events per request")
     p.add_argument("--out", default="./bench-out", help="directory for report.json/html")
     p.add_argument("--procs", type=_positive(int), default=min(2, _cpus()),
