@@ -237,8 +237,9 @@ class HttpProtocol(asyncio.Protocol):
             self._finish(slot, result, b"/v1/events")
             return
         path = self.url.split(b"?", 1)[0]
-        reply, ctype = self.server.route(self.parser.get_method(), path)
-        self._finish(slot, reply, path, ctype)
+        method = self.parser.get_method()
+        reply, ctype = self.server.route(method, path)
+        self._finish(slot, reply, path, ctype, head=method == b"HEAD")
 
     # -- responses -----------------------------------------------------------
 
@@ -254,10 +255,18 @@ class HttpProtocol(asyncio.Protocol):
         self._finish(slot, reply, b"/v1/events")
 
     def _finish(
-        self, slot: _Slot, reply: Reply, path: bytes, content_type: bytes | None = None
+        self,
+        slot: _Slot,
+        reply: Reply,
+        path: bytes,
+        content_type: bytes | None = None,
+        head: bool = False,
     ) -> None:
         self.server.count_request(path, reply.status)
-        slot.data = render(reply, slot.close, content_type)
+        data = render(reply, slot.close, content_type)
+        # A HEAD response has the GET's headers and no content (RFC 9110 9.3.2);
+        # content here would be read as the next response of the connection.
+        slot.data = data[: len(data) - len(reply.body)] if head else data
         if not self.write_scheduled:
             # Responses completed by one group commit are written together, in
             # one send, after every callback of this loop iteration has run.
