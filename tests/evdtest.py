@@ -205,8 +205,8 @@ class RawConn:
             raise EOFError("connection closed by the server")
         self.buf += chunk
 
-    def read_response(self) -> Response:
-        """The next response (Content-Length framed, as evd always sends)."""
+    def read_response(self, after_head: bool = False) -> Response:
+        """The next response (Content-Length framed, as evd always sends; none after HEAD)."""
         while b"\r\n\r\n" not in self.buf:
             self._fill()
         head, self.buf = self.buf.split(b"\r\n\r\n", 1)
@@ -216,7 +216,7 @@ class RawConn:
         for line in lines[1:]:
             name, value = line.split(":", 1)
             headers[name.strip().lower()] = value.strip()
-        length = int(headers.get("content-length", "0"))
+        length = 0 if after_head else int(headers.get("content-length", "0"))
         while len(self.buf) < length:
             self._fill()
         body, self.buf = self.buf[:length], self.buf[length:]

@@ -505,6 +505,19 @@ def test_deep_pipeline_past_the_flow_control_mark_keeps_order(server: EvdServer)
     assert [r.json()["accepted"] for r in resps] == sizes
 
 
+def test_head_responses_carry_no_content(server: EvdServer) -> None:
+    # Pipelined: any content after a HEAD response would be read as the next response.
+    with RawConn(server.port) as conn:
+        conn.send(b"HEAD /healthz HTTP/1.1\r\nHost: t\r\n\r\n" + raw_get("/healthz")
+                  + b"HEAD /nope HTTP/1.1\r\nHost: t\r\n\r\n" + raw_get("/readyz"))
+        head = conn.read_response(after_head=True)
+        get = conn.read_response()
+        assert (head.status, get.status, get.json()) == (200, 200, {"status": "ok"})
+        assert int(head.headers["content-length"]) == len(get.body)
+        assert conn.read_response(after_head=True).status == 404
+        assert conn.read_response().json()["ready"] is True
+
+
 def test_keep_alive_connection_is_reused(server: EvdServer) -> None:
     import http.client
 
