@@ -20,6 +20,7 @@ from evdtest import (
     ServerFactory,
     batch,
     make_event,
+    parse_responses,
     post,
     raw_get,
     raw_post,
@@ -43,16 +44,10 @@ def missing_ids(acknowledged: set[str], logged: set[str]) -> set[str]:
 
 
 def parse_response(data: bytes) -> Response:
-    head, _, rest = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, value = line.split(":", 1)
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers["content-length"])
-    if len(rest) < length:
-        raise asyncio.IncompleteReadError(rest, length)
-    return Response(int(lines[0].split(" ", 2)[1]), headers, rest[:length])
+    responses = parse_responses(data)
+    if len(responses) != 1:
+        raise asyncio.IncompleteReadError(data, None)
+    return responses[0]
 
 
 async def exchange(port: int, data: bytes, timeout: float = 10.0) -> Response:

@@ -9,6 +9,7 @@ import errno
 import itertools
 import logging
 import os
+import random
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -350,6 +351,28 @@ async def test_corrupt_last_record_is_dropped_on_recovery(
         await lg.close()
 
 
+async def test_any_flipped_byte_of_the_last_record_drops_only_it(
+    tmp_path: Path, rng: random.Random
+) -> None:
+    payloads = [rng.randbytes(rng.randrange(1, 200)) for _ in range(6)]
+    await write_records(tmp_path, payloads)
+    seg = segments(tmp_path, RAW, 0)[-1]
+    good = seg.read_bytes()
+    last_start = len(good) - (HEADER.size + len(payloads[-1]))
+    for _ in range(20):
+        damaged = bytearray(good)
+        pos = rng.randrange(last_start, len(good))
+        damaged[pos] ^= 1 << rng.randrange(8)
+        seg.write_bytes(bytes(damaged))
+        lg = open_log(tmp_path)
+        try:
+            assert await read_all(lg, RAW, 0) == payloads[:-1], pos
+            assert lg.end_offset(RAW, 0) == last_start
+        finally:
+            await lg.close()
+        assert seg.stat().st_size == last_start
+
+
 # -- property: framing round trip and recovery of any truncation -------------------------
 
 
@@ -400,10 +423,6 @@ async def _round_trip(root: Path, appends: list[tuple[int, bytes]], cut: float) 
         await lg.close()
 
 
-def test_hypothesis_seed_is_printed() -> None:
-    print(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
-
-
 @seed(HYPOTHESIS_SEED)
 @settings(
     max_examples=60,
@@ -420,6 +439,6 @@ def test_hypothesis_seed_is_printed() -> None:
 def test_log_round_trip_and_truncation_property(
     appends: list[tuple[int, bytes]], cut: float
 ) -> None:
-    print(f"hypothesis seed: {HYPOTHESIS_SEED}")
+    print(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_round_trip(Path(tmp), appends, cut))
