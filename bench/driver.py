@@ -387,7 +387,8 @@ class Driver:
             "p99_us": self.intervals[-1].lat.percentile(99) if self.intervals else 0,
         }
 
-    def result(self, source: BodySource, cpu_s: float, start_delta_s: float) -> dict[str, Any]:
+    def result(self, source: BodySource, cpu_s: float, start_delta_s: float,
+               pregen_s: float = 0.0) -> dict[str, Any]:
         """Everything measured, as plain data for the harness to merge."""
         return {
             "proc": self.proc,
@@ -410,6 +411,7 @@ class Driver:
             "phases": {name: ph.to_dict() for name, ph in self.phases.items()},
             "generator": dict(source.model.stats) if source.model is not None else None,
             "gen_s": source.gen_s,
+            "pregen_s": pregen_s,
             "cpu_s": cpu_s,
             "connects": self.pool.connects,
             "start_delta_s": start_delta_s,
@@ -434,6 +436,8 @@ async def _run(plan: RunPlan, proc: int, queue: Queue[Any], go: MpEvent,
     planned = start.value
     source = BodySource(plan, proc, int(planned * 1000))
     pregen = _pregenerate(plan, proc, source, planned) if plan.pregenerate else None
+    # Generating before the start does not compete with sending; report it apart.
+    pregen_s, source.gen_s = source.gen_s, 0.0
     queue.put(("ready", proc, None))
     # The harness waits for every process (bounded there); this bound only
     # protects an orphan whose harness died.
@@ -457,7 +461,7 @@ async def _run(plan: RunPlan, proc: int, queue: Queue[Any], go: MpEvent,
         reporter.cancel()
         await asyncio.gather(reporter, return_exceptions=True)
         driver.pool.close()
-    return driver.result(source, time.process_time() - cpu0, start.value - planned)
+    return driver.result(source, time.process_time() - cpu0, start.value - planned, pregen_s)
 
 
 def child_main(plan_bytes: bytes, proc: int, queue: Queue[Any], go: MpEvent,

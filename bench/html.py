@@ -335,8 +335,10 @@ def render(report: Report) -> str:
         ]))
     c = r.client
     sections.append("<h2>Load generator</h2>" + _table([
-        ("processes", (f"{c.procs}; CPU s {', '.join(f'{x:g}' for x in c.cpu_s)}; generating s "
-                      f"{', '.join(f'{x:g}' for x in c.generate_s)}")),
+        ("processes", (f"{c.procs}; CPU s during the run "
+                      f"{', '.join(f'{x:g}' for x in c.cpu_s)}")),
+        ("building bodies (s)", (f"during the run {', '.join(f'{x:g}' for x in c.generate_s)}; "
+                                f"before it {', '.join(f'{x:g}' for x in c.pregenerate_s)}")),
         ("connections opened", f"{c.connects:,}"),
         ("schedule lag", _lat(c.schedule_lag)),
         ("send lag (incl. waiting for a connection)", _lat(c.send_lag)),

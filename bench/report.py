@@ -196,6 +196,9 @@ class ClientReport(msgspec.Struct, forbid_unknown_fields=True):
     procs: int
     cpu_s: list[float]
     generate_s: list[float]
+    """Wall time each process spent building bodies during the run."""
+    pregenerate_s: list[float]
+    """Wall time each process spent building bodies before the start."""
     connects: int
     schedule_lag: Percentiles
     """How late the scheduler created each batch (CPU-starved generator)."""
@@ -521,6 +524,7 @@ def build_report(plan: RunPlan, results: Sequence[Mapping[str, Any]], scrapes: S
     client = ClientReport(
         procs=plan.procs, cpu_s=[round(r["cpu_s"], 3) for r in results],
         generate_s=[round(r["gen_s"], 3) for r in results],
+        pregenerate_s=[round(r.get("pregen_s", 0.0), 3) for r in results],
         connects=sum(r["connects"] for r in results),
         schedule_lag=percentiles_of(sched_lag), send_lag=percentiles_of(send_lag),
         start_skew_s=round(max((abs(r["start_delta_s"]) for r in results), default=0.0), 3))
@@ -567,6 +571,12 @@ def _notes(r: Report) -> list[str]:
     if r.meta.mode == "closed":
         notes.append("Closed loop (--rate max): latency is service time per request and "
                      "hides queueing; use a fixed --rate for latency under load.")
+    busy = max(r.client.generate_s, default=0.0) / max(r.meta.duration_s, 1e-9)
+    if busy > 0.3:
+        notes.append(
+            f"A generator process spent {busy:.0%} of the run building request bodies; on a "
+            "machine shared with the server the client limits throughput. An open-loop run "
+            "(--rate N) pre-generates bodies before the start.")
     g = r.generator
     if g is not None:
         if g.pace < 0.999:
