@@ -92,11 +92,18 @@ def test_request_split_across_sends_within_the_timeouts_is_served(tight: EvdServ
         assert conn.read_response().status == 200
 
 
-def test_slowloris_headers_are_cut_off(tight: EvdServer) -> None:
+SLOW_REQUEST_LINE = [bytes([c]) for c in b"POST /v1/events?" + b"q" * 200]
+SLOW_HEADERS = [b"POST /v1/events HTTP/1.1\r\nHost: test\r\n"] + [
+    b"X-Slow-%d: v\r\n" % i for i in range(200)
+]
+
+
+@pytest.mark.parametrize(
+    "pieces", [SLOW_REQUEST_LINE, SLOW_HEADERS], ids=["request-line", "header-lines"]
+)
+def test_slowloris_headers_are_cut_off(tight: EvdServer, pieces: list[bytes]) -> None:
     started = time.monotonic()
     with RawConn(tight.port) as conn:
-        first = b"POST /v1/events HTTP/1.1\r\nHost: test\r\n"
-        pieces = [first] + [b"X-Slow-%d: v\r\n" % i for i in range(200)]
         sent = trickle(conn, pieces, every_s=0.1, within_s=CLOSE_WITHIN_S)
     assert closed_or_408(sent), sent
     assert time.monotonic() - started < CLOSE_WITHIN_S
