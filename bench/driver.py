@@ -297,6 +297,7 @@ class Driver:
             schedule = iter(pregen)
         else:
             schedule = ((off, None, 0) for _, off in my_batches(plan, self.proc))
+        spike = plan.spike
         for off, body, n in schedule:
             intended = self.t0 + off
             if intended >= deadline:
@@ -304,6 +305,12 @@ class Driver:
             delay = intended - loop.time()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if spike is not None:
+                # A herd is more clients, not the same clients sending faster:
+                # the spike brings its share of extra connections and takes them away.
+                in_spike = spike.at_s <= off < spike.end_s
+                self.pool.set_limit(round(plan.connections * spike.factor) if in_spike
+                                    else plan.connections)
             while len(waiting) >= plan.max_backlog:
                 await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             if body is None:

@@ -8,6 +8,7 @@ real client's connection behaves and what lets latency be measured per request.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import NamedTuple, cast
 from urllib.parse import urlsplit
 
@@ -169,6 +170,8 @@ class ConnectionPool:
     ``limit`` bounds the requests this process has in flight; an open-loop driver
     that finds every connection busy waits in ``acquire``, and that wait is part of
     the measured latency because latency counts from the scheduled send time.
+    ``set_limit`` changes the bound at run time (a spike brings more clients);
+    connections above a lowered bound are closed as they come back.
     """
 
     def __init__(self, target: Target, limit: int, timeout: float) -> None:
@@ -176,12 +179,46 @@ class ConnectionPool:
         self.limit = max(1, limit)
         self.timeout = timeout
         self._idle: list[Connection] = []
-        self._slots = asyncio.Semaphore(self.limit)
+        self._used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
         self.connects = 0
+
+    def set_limit(self, limit: int) -> None:
+        """Allow ``limit`` connections in use from now on."""
+        self.limit = max(1, limit)
+        self._trim()
+        self._wake()
+
+    def _trim(self) -> None:
+        # Idle plus in-use connections never exceed the bound for long.
+        while self._idle and len(self._idle) + self._used > self.limit:
+            self._idle.pop().close()
+
+    def _wake(self) -> None:
+        while self._waiters and self._used < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self._used += 1
+                waiter.set_result(None)
+
+    async def _slot(self) -> None:
+        if self._used < self.limit and not self._waiters:
+            self._used += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                # Granted a slot in the same loop turn as the cancel: hand it on.
+                self._used -= 1
+                self._wake()
+            raise
 
     async def acquire(self) -> Connection:
         """Wait for a free slot and return an open connection (reused or new)."""
-        await self._slots.acquire()
+        await self._slot()
         try:
             while self._idle:
                 conn = self._idle.pop()
@@ -189,16 +226,19 @@ class ConnectionPool:
                     return conn
             conn = await open_connection(self.target, self.timeout)
         except BaseException:
-            self._slots.release()
+            self._used -= 1
+            self._wake()
             raise
         self.connects += 1
         return conn
 
     def release(self, conn: Connection) -> None:
-        """Give back a connection from ``acquire``; closed ones are dropped."""
+        """Give back a connection from ``acquire``; closed or surplus ones are dropped."""
         if not conn.closed:
             self._idle.append(conn)
-        self._slots.release()
+        self._used -= 1
+        self._trim()
+        self._wake()
 
     async def request(self, data: bytes) -> Response:
         """Send ``data`` on a pooled connection and return the response."""

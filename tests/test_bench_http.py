@@ -18,9 +18,12 @@ Handler = Callable[[bytes, asyncio.StreamWriter], bool]
 class FakeServer:
     """Answers each request head with whatever ``handler`` writes; counts connections."""
 
-    def __init__(self, handler: Handler) -> None:
+    def __init__(self, handler: Handler, delay: float = 0.0) -> None:
         self.handler = handler
+        self.delay = delay
         self.connections = 0
+        self.active = 0
+        self.max_active = 0
         self.server: asyncio.Server | None = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -34,6 +37,10 @@ class FakeServer:
                         length = int(line.split(b":")[1])
                 if length:
                     await reader.readexactly(length)
+                self.active += 1
+                self.max_active = max(self.max_active, self.active)
+                await asyncio.sleep(self.delay)
+                self.active -= 1
                 if not self.handler(head, writer):
                     break
                 await writer.drain()
@@ -49,7 +56,7 @@ class FakeServer:
         return Target("127.0.0.1", port, "")
 
 
-Starter = Callable[[Handler], Awaitable[FakeServer]]
+Starter = Callable[..., Awaitable[FakeServer]]
 
 
 @pytest.fixture
@@ -57,8 +64,8 @@ async def fake() -> AsyncIterator[Starter]:
     """Start fake servers on free loopback ports; all are closed after the test."""
     made: list[FakeServer] = []
 
-    async def start(handler: Handler) -> FakeServer:
-        srv = FakeServer(handler)
+    async def start(handler: Handler, delay: float = 0.0) -> FakeServer:
+        srv = FakeServer(handler, delay)
         srv.server = await asyncio.start_server(srv._serve, "127.0.0.1", 0)
         made.append(srv)
         return srv
@@ -97,6 +104,25 @@ async def test_keep_alive_reuses_one_connection(fake: Starter) -> None:
         resp = await pool.request(build_request("POST", srv.target, "/v1/events", b"", b"{}"))
         assert resp.status == 200 and resp.body == b"ok" and resp.retry_after is None
     assert srv.connections == 1 and pool.connects == 1
+    pool.close()
+
+
+async def test_pool_bound_can_grow_and_shrink(fake: Starter) -> None:
+    srv = await fake(_ok, delay=0.05)
+    pool = ConnectionPool(srv.target, limit=2, timeout=5)
+    req = build_request("GET", srv.target, "/")
+
+    async def burst() -> int:
+        srv.max_active = 0
+        await asyncio.gather(*(pool.request(req) for _ in range(6)))
+        return srv.max_active
+
+    assert await burst() == 2
+    pool.set_limit(6)
+    assert await burst() == 6
+    pool.set_limit(2)
+    assert await burst() == 2
+    assert len(pool._idle) <= 2, "connections above a lowered bound are closed"
     pool.close()
 
 
