@@ -173,6 +173,14 @@ def bar_chart(title: str, bars: Sequence[tuple[str, float, str]]) -> str:
     return "".join(out)
 
 
+def _steps(points: Sequence[tuple[float, float]], width: float) -> list[tuple[float, float]]:
+    """Per-interval rates as a step line: each value spans its whole interval."""
+    out: list[tuple[float, float]] = []
+    for x, y in points:
+        out += [(x, y), (x + width, y)]
+    return out
+
+
 def _table(rows: Sequence[tuple[str, str]]) -> str:
     body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(v)}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"
@@ -214,19 +222,27 @@ def render(report: Report) -> str:
     thr: list[Series] = []
     if any(pt.offered_events_per_s is not None for pt in r.series):
         thr.append(("offered ev/s", COLORS[0],
-                    [(x, pt.offered_events_per_s or 0.0) for x, pt in zip(mid, r.series)]))
-    thr.append(("sent ev/s", COLORS[4], [(x, pt.sent_events_per_s) for x, pt in zip(mid, r.series)]))
+                    _steps([(pt.t_s, pt.offered_events_per_s or 0.0) for pt in r.series], iv)))
+    thr.append(("sent ev/s", COLORS[4],
+                _steps([(pt.t_s, pt.sent_events_per_s) for pt in r.series], iv)))
     thr.append(("accepted ev/s", COLORS[1],
-                [(x, pt.accepted_events_per_s) for x, pt in zip(mid, r.series)]))
+                _steps([(pt.t_s, pt.accepted_events_per_s) for pt in r.series], iv)))
     if r.server.series and any(p.accepted_events_per_s is not None for p in r.server.series):
-        thr.append(("server accepted ev/s", COLORS[6],
-                    [(p.t_s, p.accepted_events_per_s or 0.0) for p in r.server.series]))
+        server_pts: list[tuple[float, float]] = []
+        prev = 0.0
+        for p in r.server.series:
+            # A scrape's rate covers the span since the previous scrape.
+            server_pts += [(prev, p.accepted_events_per_s or 0.0),
+                           (p.t_s, p.accepted_events_per_s or 0.0)]
+            prev = p.t_s
+        thr.append(("server accepted ev/s", COLORS[6], server_pts))
     reqs: list[Series] = [
-        ("responses/s", COLORS[1], [(x, pt.completed_requests_per_s)
-                                    for x, pt in zip(mid, r.series)]),
-        ("429+503/s", COLORS[3], [(x, pt.shed_requests_per_s) for x, pt in zip(mid, r.series)]),
-        ("no response/s", COLORS[2], [(x, pt.error_requests_per_s)
-                                      for x, pt in zip(mid, r.series)]),
+        ("responses/s", COLORS[1],
+         _steps([(pt.t_s, pt.completed_requests_per_s) for pt in r.series], iv)),
+        ("429+503/s", COLORS[3],
+         _steps([(pt.t_s, pt.shed_requests_per_s) for pt in r.series], iv)),
+        ("no response/s", COLORS[2],
+         _steps([(pt.t_s, pt.error_requests_per_s) for pt in r.series], iv)),
     ]
     lat: list[Series] = [
         ("p50", COLORS[0], [(x, pt.p50_ms) for x, pt in zip(mid, r.series) if pt.p50_ms > 0]),
