@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from evd.core.config import Config
+from evd.core.errors import EvdError
 from evd.worker import run_worker
 
 log = logging.getLogger(__name__)
@@ -18,5 +19,9 @@ def run(cfg: Config) -> int:
         # file) comes with the scale-out work; refusing beats silently running 1.
         log.error("server.workers=%s: only 1 worker is supported so far", workers)
         return 2
-    run_worker(cfg)
+    try:
+        run_worker(cfg)
+    except EvdError as exc:
+        log.error("evd cannot start: %s", exc)
+        return 2
     return 0

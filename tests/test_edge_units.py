@@ -186,3 +186,17 @@ async def _ingest_agrees(raws: list[Any]) -> None:
 def test_ingest_accepts_exactly_the_events_the_schema_accepts(raws: list[Any]) -> None:
     print(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
     asyncio.run(_ingest_agrees(raws))
+
+
+def test_gunzip_reads_every_member_of_a_multi_member_stream() -> None:
+    body = gzip.compress(b'{"events": [') + gzip.compress(b"]}")
+    assert gunzip(body, 1 << 20) == b'{"events": []}'
+    with pytest.raises(TooLarge):  # the limit counts all members together
+        gunzip(gzip.compress(b"a" * 10) + gzip.compress(b"b" * 10), 15)
+
+
+def test_retry_after_for_a_batch_bigger_than_the_bucket_waits_for_a_full_bucket() -> None:
+    limiter = RateLimiter(LimitsConfig(rate_limit_events_per_s=10, rate_limit_burst=20))
+    assert limiter.take(b"k", 20) == 0.0
+    # 1000 events pass once the bucket is full again: 20 tokens at 10/s is 2 s, not 100 s.
+    assert limiter.take(b"k", 1000) == 2.0

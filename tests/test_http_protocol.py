@@ -160,3 +160,21 @@ async def test_error_after_pipelined_requests_keeps_their_responses_first() -> N
         assert transport.closed
     finally:
         await close(proto)
+
+
+async def test_100_continue_never_overtakes_a_queued_response() -> None:
+    proto, transport, _ = await connect()
+    try:
+        expect = raw_post(batch([make_event("c-2")]), extra="Expect: 100-continue\r\n")
+        head, body = expect.split(b"\r\n\r\n", 1)
+        # First request still waits for its group commit when the second one's head
+        # arrives: no 100 Continue may be written before the first response.
+        proto.data_received(raw_post(batch([make_event("c-1")])) + head + b"\r\n\r\n")
+        assert b"100 Continue" not in transport.written
+        await feed(proto, body, [1 << 20])
+        assert [r.status for r in parse_responses(bytes(transport.written))] == [200, 200]
+        # Alone on the connection, the client is told to go on.
+        proto.data_received(head + b"\r\n\r\n")
+        assert transport.written.endswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+    finally:
+        await close(proto)

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
 from evd.core.embedded import HEADER, EmbeddedLog, frame, read_partition, scan_frames
-from evd.core.errors import LogOverloaded, LogUnavailable
+from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
 from evd.core.log import RAW, partition_for
 
 #: Hypothesis runs with a fixed seed, printed below; override with EVD_TEST_SEED.
@@ -442,3 +442,14 @@ def test_log_round_trip_and_truncation_property(
     print(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
     with tempfile.TemporaryDirectory() as tmp:
         asyncio.run(_round_trip(Path(tmp), appends, cut))
+
+
+async def test_fewer_partitions_than_on_disk_is_a_config_error(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, partitions=4)
+    await lg.append(RAW, 3, b"x")
+    await lg.close()
+    shrunk = EmbeddedLog(tmp_path, 2)
+    with pytest.raises(ConfigError, match="log.partitions"):
+        shrunk.open()
+    grown = open_log(tmp_path, partitions=8)  # growing is allowed
+    await grown.close()

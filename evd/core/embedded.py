@@ -38,7 +38,7 @@ from typing import Literal
 import orjson
 
 from evd.core import metrics
-from evd.core.errors import LogOverloaded, LogUnavailable
+from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
 from evd.core.log import Log, Record
 
 log = logging.getLogger(__name__)
@@ -257,10 +257,22 @@ class EmbeddedLog(Log):
     def open(self) -> None:
         """Recover every existing partition (truncating torn tails)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        for stream_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            for part_dir in sorted(stream_dir.iterdir()):
-                if part_dir.name.isdigit():
-                    self._partition(stream_dir.name, int(part_dir.name))
+        found = [
+            (stream_dir.name, int(part_dir.name))
+            for stream_dir in sorted(p for p in self.root.iterdir() if p.is_dir())
+            for part_dir in sorted(stream_dir.iterdir())
+            if part_dir.name.isdigit()
+        ]
+        most = max((partition + 1 for _, partition in found), default=0)
+        if most > self.partitions:
+            # Users are mapped by crc32(user_id) % partitions: a smaller count
+            # would move users away from their history.
+            raise ConfigError(
+                f"log.partitions: {self.partitions} is fewer than the {most} partitions"
+                f" already in {self.root}; the partition count of a data_dir cannot shrink"
+            )
+        for stream, partition in found:
+            self._partition(stream, partition)
         if self.fsync_policy == "interval":
             self._spawn(self._interval_fsync())
 

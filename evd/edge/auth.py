@@ -62,4 +62,5 @@ class RateLimiter:
             self._buckets[key] = (tokens - events, now)
             return 0.0
         self._buckets[key] = (tokens, now)
-        return max(1.0, math.ceil((events - tokens) / self.rate))
+        # A batch bigger than the bucket only needs a full bucket (see above).
+        return max(1.0, math.ceil((min(events, self.burst) - tokens) / self.rate))

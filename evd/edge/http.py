@@ -208,7 +208,9 @@ class HttpProtocol(asyncio.Protocol):
         if self.content_length > self.limits.max_body_bytes:
             self._fail(413, f"body exceeds limits.max_body_bytes={self.limits.max_body_bytes}")
             raise _Stop
-        if self.expect_continue and self.transport is not None:
+        # 100 Continue is optional (RFC 9110 10.1.1): skip it while earlier
+        # pipelined responses are queued, or it would overtake them.
+        if self.expect_continue and not self.queue and self.transport is not None:
             self.transport.write(CONTINUE)
 
     def on_body(self, body: bytes) -> None:

@@ -73,19 +73,23 @@ class TooLarge(Exception):
 
 
 def gunzip(body: bytes, limit: int) -> bytes:
-    """Inflate a gzip body, failing as soon as the output passes ``limit`` bytes."""
-    inflater = zlib.decompressobj(wbits=31)
-    out = inflater.decompress(body, limit + 1)
-    if len(out) > limit:
-        raise TooLarge
-    if inflater.unconsumed_tail:
-        # max_length stopped inflation exactly at the limit with input left over.
-        more = inflater.decompress(inflater.unconsumed_tail, 1)
-        if more:
+    """Inflate a gzip body (every member), failing as soon as the output passes ``limit``."""
+    out = bytearray()
+    data = body
+    while True:
+        inflater = zlib.decompressobj(wbits=31)
+        out += inflater.decompress(data, limit + 1 - len(out))
+        if len(out) > limit:
             raise TooLarge
-    if not inflater.eof:
-        raise zlib.error("truncated gzip stream")
-    return out
+        # max_length stopped inflation exactly at the limit with input left over.
+        if inflater.unconsumed_tail and inflater.decompress(inflater.unconsumed_tail, 1):
+            raise TooLarge
+        if not inflater.eof:
+            raise zlib.error("truncated gzip stream")
+        # Concatenated members are one gzip stream (RFC 1952 2.2).
+        data = inflater.unused_data
+        if not data:
+            return bytes(out)
 
 
 class RecentIds:
