@@ -64,10 +64,6 @@ def error_reply(status: int, message: str, retry_after: int = 0) -> Reply:
     return Reply(status, json_encoder.encode(ErrorBody(message)), retry_after)
 
 
-class _Invalid(Exception):
-    """Some event of a typed batch fails check_event."""
-
-
 class TooLarge(Exception):
     """The decompressed body exceeds limits.max_decompressed_bytes."""
 
@@ -108,9 +104,12 @@ class RecentIds:
     def __contains__(self, event_id: str) -> bool:
         return event_id in self._current or event_id in self._previous
 
-    def isdisjoint(self, event_ids: set[str]) -> bool:
-        """True when none of ``event_ids`` was seen."""
-        return self._current.isdisjoint(event_ids) and self._previous.isdisjoint(event_ids)
+    def seen_among(self, event_ids: set[str]) -> set[str]:
+        """The members of ``event_ids`` seen recently (usually none)."""
+        current, previous = self._current, self._previous
+        if current.isdisjoint(event_ids) and previous.isdisjoint(event_ids):
+            return set()
+        return (event_ids & current) | (event_ids & previous)
 
     def add_all(self, event_ids: list[str]) -> None:
         self._current.update(event_ids)
@@ -154,8 +153,10 @@ class Ingest:
             events = envelope.events
             sent_at = envelope.sent_at
             if not batch_is_valid(events):
-                raise _Invalid
-        except (msgspec.ValidationError, _Invalid):
+                # Typed, but some event breaks a rule its decoder cannot check:
+                # find those without decoding the batch again.
+                events = self._drop_invalid(body, events, received_at, rejected, dead)
+        except msgspec.ValidationError:
             try:
                 raw = raw_envelope_decoder.decode(body)
             except msgspec.ValidationError as exc:
@@ -232,13 +233,41 @@ class Ingest:
         )
         return Pending(durable, reply, accepted_ids)
 
+    @staticmethod
+    def _drop_invalid(
+        body: bytes,
+        events: list[Event],
+        received_at: int,
+        rejected: list[Rejection],
+        dead: list[DeadLetter],
+    ) -> list[Event]:
+        """The events passing check_event; the others are reported and dead-lettered."""
+        raws = raw_envelope_decoder.decode(body).events  # the events as sent
+        keep = []
+        for index, event in enumerate(events):
+            error = check_event(event)
+            if error is None:
+                keep.append(event)
+            else:
+                rejected.append(Rejection(index, event.event_id, error))
+                dead.append(DeadLetter(received_at, index, error, bytes(raws[index])))
+        return keep
+
     def _split(self, events: list[Event]) -> tuple[dict[int, list[Event]], list[str], int]:
         """Drop duplicate ids and group the rest by partition: (groups, ids, duplicates)."""
         ids = [event.event_id for event in events]
         unique = set(ids)
         recent = self.recent
-        if len(unique) == len(ids) and recent.isdisjoint(unique):
-            keep, duplicates = events, 0
+        if len(unique) == len(ids):
+            # No repeats inside the batch (the usual case): drop the ids seen in
+            # earlier requests with set operations rather than a Python loop.
+            seen_before = recent.seen_among(unique)
+            if not seen_before:
+                keep, duplicates = events, 0
+            else:
+                keep = [event for event in events if event.event_id not in seen_before]
+                ids = [event.event_id for event in keep]
+                duplicates = len(events) - len(keep)
         else:
             keep, ids, duplicates = [], [], 0
             seen: set[str] = set()
