@@ -95,6 +95,7 @@ class MemoryLog:
         self.fail = fail
         self.appends: list[tuple[str, int, bytes]] = []
         self.writable = True
+        self.overloaded = False
 
     def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
         if self.fail is not None:

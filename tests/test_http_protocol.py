@@ -178,3 +178,35 @@ async def test_100_continue_never_overtakes_a_queued_response() -> None:
         assert transport.written.endswith(b"HTTP/1.1 100 Continue\r\n\r\n")
     finally:
         await close(proto)
+
+
+async def test_a_key_over_its_rate_is_refused_from_headers_alone() -> None:
+    proto, transport, log = await connect(rate_limit_events_per_s=1, rate_limit_burst=2)
+    try:
+        first = raw_post(batch([make_event("r-1"), make_event("r-2")]))
+        # The bucket is empty now: the next body is not even decoded (it is not
+        # JSON, which would be a 400), and the connection stays usable.
+        await feed(proto, first + raw_post(b"not json at all") + raw_get("/healthz"), [1 << 20])
+        resps = parse_responses(bytes(transport.written))
+        assert [r.status for r in resps] == [200, 429, 200]
+        assert int(resps[1].headers["retry-after"]) >= 1
+        assert log.raw_ids() == ["r-1", "r-2"]
+        assert not transport.closed
+    finally:
+        await close(proto)
+
+
+async def test_an_overloaded_log_sheds_posts_before_their_bodies() -> None:
+    proto, transport, log = await connect()
+    try:
+        log.overloaded = True
+        await feed(proto, raw_post(b"not json") + raw_get("/healthz"), [1 << 20])
+        resps = parse_responses(bytes(transport.written))
+        assert [r.status for r in resps] == [503, 200]
+        assert resps[0].headers["retry-after"] == "1"
+        log.overloaded = False
+        await feed(proto, raw_post(batch([make_event("o-1")])), [1 << 20])
+        assert parse_responses(bytes(transport.written))[-1].status == 200
+        assert log.raw_ids() == ["o-1"]
+    finally:
+        await close(proto)

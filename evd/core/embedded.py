@@ -303,6 +303,10 @@ class EmbeddedLog(Log):
     def writable(self) -> bool:
         return self._failure is None and not self._closing
 
+    @property
+    def overloaded(self) -> bool:
+        return self._pending_bytes > self.max_pending_bytes
+
     # -- appends -----------------------------------------------------------------
 
     def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
@@ -310,7 +314,7 @@ class EmbeddedLog(Log):
             raise LogUnavailable(f"log is read-only after an I/O error: {self._failure}")
         if self._closing:
             raise LogUnavailable("log is closing")
-        if self._pending_bytes > self.max_pending_bytes:
+        if self.overloaded:
             raise LogOverloaded(
                 f"{self._pending_bytes} bytes wait for a flush (log.max_pending_bytes)"
             )

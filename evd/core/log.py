@@ -44,6 +44,11 @@ class Log(ABC):
     def writable(self) -> bool:
         """False once the log refuses appends (I/O failure, closing)."""
 
+    @property
+    @abstractmethod
+    def overloaded(self) -> bool:
+        """True while appends would be refused with LogOverloaded (shed before decoding)."""
+
     @abstractmethod
     def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
         """Queue ``payload`` for ``stream``/``partition``.

@@ -49,6 +49,21 @@ class RateLimiter:
         #: dict is bounded by the configured key count.
         self._buckets: dict[bytes, tuple[float, float]] = {}
 
+    def empty(self, key: bytes) -> float:
+        """Seconds until ``key`` has a token again; 0.0 when it has one now.
+
+        Checked before a body is read, so a client over its limit is refused for
+        the price of parsing headers, not of decoding its batch.
+        """
+        if self.rate <= 0:
+            return 0.0
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return 0.0
+        tokens, last = bucket
+        tokens += (time.monotonic() - last) * self.rate
+        return 0.0 if tokens >= 1 else max(1.0, math.ceil((1 - tokens) / self.rate))
+
     def take(self, key: bytes, events: int) -> float:
         """Take ``events`` tokens; 0.0 if allowed, else seconds to wait before retrying."""
         if self.rate <= 0:

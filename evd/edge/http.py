@@ -108,6 +108,8 @@ class HttpProtocol(asyncio.Protocol):
         self.body_size = 0
         self.key: bytes | None = None
         self.discard = False
+        #: The answer to a POST refused from its headers alone (its body is skipped).
+        self.early: Reply | None = None
 
     # -- asyncio.Protocol ----------------------------------------------------
 
@@ -208,6 +210,10 @@ class HttpProtocol(asyncio.Protocol):
         if self.content_length > self.limits.max_body_bytes:
             self._fail(413, f"body exceeds limits.max_body_bytes={self.limits.max_body_bytes}")
             raise _Stop
+        self.early = self.server.ingest.shed(key)
+        if self.early is not None:
+            self.discard = True  # keep the connection: skip the body, then answer
+            return
         # 100 Continue is optional (RFC 9110 10.1.1): skip it while earlier
         # pipelined responses are queued, or it would overtake them.
         if self.expect_continue and not self.queue and self.transport is not None:
@@ -230,6 +236,9 @@ class HttpProtocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive() and not self.server.draining
         slot.close = not keep_alive
         self._set_phase(WAITING)
+        if self.early is not None:
+            self._finish(slot, self.early, EVENTS_PATH)
+            return
         if self.key is not None and not self.discard:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
             result = self.server.ingest.handle(body, self.content_encoding, self.key)

@@ -129,6 +129,21 @@ class Ingest:
         self.recent = RecentIds(cfg.ingest.edge_dedup_ids)
         self.limiter = RateLimiter(cfg.limits)
 
+    def shed(self, key: bytes) -> Reply | None:
+        """A refusal decided from the headers alone (body unread, undecoded), or None.
+
+        Under a spike this keeps refusing cheap: 429 once the key's bucket is
+        empty, 503 while the log is unavailable or its flush queue is full.
+        """
+        wait = self.limiter.empty(key)
+        if wait:
+            return error_reply(429, "rate limit exceeded for this API key", int(wait))
+        if not self.log.writable:
+            return error_reply(503, "log unavailable", 5)
+        if self.log.overloaded:
+            return error_reply(503, "overloaded: the log's flush queue is full", 1)
+        return None
+
     def handle(self, body: bytes, encoding: bytes | None, key: bytes) -> Reply | Pending:
         """Process one request body; never raises for bad input."""
         if encoding is not None:
