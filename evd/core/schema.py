@@ -9,8 +9,6 @@ decoding each event on its own, to report every bad event by index and field pat
 from __future__ import annotations
 
 from datetime import datetime
-from itertools import repeat
-from operator import attrgetter, le
 from typing import Annotated, Literal
 
 import msgspec
@@ -21,10 +19,10 @@ EVENT_TYPES: tuple[str, ...] = ("play", "pause", "resume", "seek", "skip", "end"
 
 EventId = Annotated[str, Meta(min_length=1, max_length=64)]
 UserId = Annotated[str, Meta(min_length=1, max_length=128)]
-# Track ids, countries and position <= duration are checked by check_event /
-# batch_is_valid rather than Meta(pattern=...) or __post_init__: msgspec runs
-# patterns through Python's re and __post_init__ is a Python call per event,
-# together about 0.5 us of the ~2 us per-event budget (measured on the seed event).
+# Track ids, countries and position <= duration are checked by check_event
+# rather than Meta(pattern=...) or __post_init__: msgspec runs patterns through
+# Python's re (about 0.45 us per event for the two), and __post_init__ inside the
+# decoder measured 0.43 us; check_event after decoding costs about 0.27 us.
 # Event structs are gc=False: they hold only strings, ints and other such
 # structs, so they cannot form cycles, and untracked they cost the GC nothing.
 TRACK_PREFIX = "spotify:track:"
@@ -101,33 +99,11 @@ def check_event(event: Event) -> str | None:
     return None
 
 
-_track_ids = attrgetter("track_id")
-_playbacks = attrgetter("playback")
-_positions = attrgetter("position_ms")
-_durations = attrgetter("duration_ms")
-_geos = attrgetter("geo")
-_countries = attrgetter("country")
-
-
 def batch_is_valid(events: list[Event]) -> bool:
-    """True when ``check_event`` passes for every event.
-
-    Whole-batch checks in C-level loops (map, join, set); about 0.1 us per event
-    against 0.5 us for a Python check per event, which matters at 500k events/s.
-    """
-    tids = list(map(_track_ids, events))
-    if not all(map(str.startswith, tids, repeat(TRACK_PREFIX))):
-        return False
-    # Every id is 36 characters and starts with the prefix: 22 characters per id
-    # remain unless the prefix also occurs inside an id, which fails the length.
-    rest = "".join(tids).replace(TRACK_PREFIX, "")
-    if len(rest) != 22 * len(tids) or not (rest.isascii() and rest.isalnum()):
-        return False
-    pbs = list(map(_playbacks, events))
-    if not all(map(le, map(_positions, pbs), map(_durations, pbs))):
-        return False
-    geos = [g for g in map(_geos, events) if g is not None]
-    return COUNTRIES.issuperset(map(_countries, geos))
+    """True when ``check_event`` passes for every event (the usual case)."""
+    # A plain loop: whole-batch tricks (map/join/set over the batch) measured
+    # slower, 320 against 270 ns per event at 100 events.
+    return not any(map(check_event, events))
 
 
 class Envelope(msgspec.Struct):

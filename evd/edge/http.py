@@ -262,7 +262,7 @@ class HttpProtocol(asyncio.Protocol):
         else:
             self.server.ingest.committed(pending)
             reply = pending.reply
-            metrics.REQUEST_SECONDS.observe(time.perf_counter() - slot.started)
+            metrics.HOT.observe_request(time.perf_counter() - slot.started)
         self._finish(slot, reply, b"/v1/events")
 
     def _finish(

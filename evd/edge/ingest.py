@@ -199,10 +199,10 @@ class Ingest:
         n_events = len(events) + len(rejected)
         if n_events > self.max_events:
             return self._too_many(n_events)
-        metrics.EVENTS_RECEIVED.inc(n_events)
+        metrics.HOT.received += n_events
         wait = self.limiter.take(key, n_events) if self.limiter.rate > 0 else 0.0
         if wait:
-            metrics.EVENTS_REJECTED.labels("rate_limited").inc(n_events)
+            metrics.HOT.reject("rate_limited", n_events)
             return error_reply(429, "rate limit exceeded for this API key", int(wait))
 
         skew = 0
@@ -226,16 +226,16 @@ class Ingest:
                     msgpack_encoder.encode(letter),
                 ))
         except LogOverloaded as exc:
-            metrics.EVENTS_REJECTED.labels("overloaded").inc(n_events)
+            metrics.HOT.reject("overloaded", n_events)
             return error_reply(503, f"overloaded: {exc}", 1)
         except LogUnavailable as exc:
-            metrics.EVENTS_REJECTED.labels("log_unavailable").inc(n_events)
+            metrics.HOT.reject("log_unavailable", n_events)
             return error_reply(503, f"log unavailable: {exc}", 5)
 
         if rejected:
-            metrics.EVENTS_REJECTED.labels("invalid").inc(len(rejected))
+            metrics.HOT.reject("invalid", len(rejected))
         if duplicates:
-            metrics.EVENTS_DUPLICATES.inc(duplicates)
+            metrics.HOT.duplicates += duplicates
         reply = Reply(
             200, json_encoder.encode(IngestResult(len(accepted_ids), duplicates, rejected))
         )
@@ -312,8 +312,8 @@ class Ingest:
     def committed(self, pending: Pending) -> None:
         """Called once a Pending's appends are durable."""
         self.recent.add_all(pending.event_ids)
-        metrics.EVENTS_ACCEPTED.inc(len(pending.event_ids))
+        metrics.HOT.accepted += len(pending.event_ids)
 
     def _too_many(self, n: int) -> Reply:
-        metrics.EVENTS_REJECTED.labels("too_many_events").inc(n)
+        metrics.HOT.reject("too_many_events", n)
         return error_reply(413, f"{n} events exceed limits.max_events_per_batch={self.max_events}")

@@ -7,7 +7,7 @@ import logging
 import socket
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from evd.core import metrics
 from evd.core.config import Config
@@ -53,7 +53,6 @@ class Server:
         self.now = self.loop.time()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        self._request_counters: dict[tuple[bytes, int], Counter] = {}
 
     @property
     def port(self) -> int:
@@ -92,13 +91,8 @@ class Server:
         return error_reply(404, "not found"), None
 
     def count_request(self, path: bytes, status: int) -> None:
-        """Count an answered request (label children cached: labels() takes a lock)."""
-        key = (path if path in _PATH_LABELS else b"", status)
-        child = self._request_counters.get(key)
-        if child is None:
-            label = _PATH_LABELS.get(path, "other")
-            child = self._request_counters[key] = metrics.REQUESTS.labels(label, str(status))
-        child.inc()
+        """Count an answered request under a bounded set of path labels."""
+        metrics.HOT.request(_PATH_LABELS.get(path, "other"), status)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Listen (SO_REUSEPORT, so sibling workers can share the port)."""
