@@ -188,3 +188,37 @@ async def test_checkpoints_under_concurrent_flushes_lose_nothing(tmp_path: Path)
         assert sorted(got) == list(range(3000))
     finally:
         await lg.close()
+
+
+async def test_rolled_segments_are_synced_and_closed_by_the_next_checkpoint(
+    tmp_path: Path,
+) -> None:
+    # Rolls no longer fsync on the event loop: the checkpoint fsyncs the rolled
+    # files and closes them, so their fds do not pile up.
+    lg = open_log(tmp_path, fsync="always", segment_bytes=4096, checkpoint_bytes=8192)
+    synced: list[int] = []
+
+    def counting_fsync(fd: int) -> None:
+        synced.append(fd)
+        os.fsync(fd)
+
+    lg.fsync_fn = counting_fsync  # type: ignore[method-assign]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    try:
+        for i in range(400):
+            await lg.append(RAW, i % 2, b"s" * 200)
+        await lg.flush()
+        for _ in range(200):
+            if lg._checkpoint is None and not any(p.rolled for p in lg._parts.values()):
+                break
+            await asyncio.sleep(0.005)
+        assert len(segments(tmp_path, RAW, 0)) > 5
+        assert len(os.listdir("/proc/self/fd")) - fds_before < 10
+    finally:
+        await lg.close()
+    lg = open_log(tmp_path, fsync="always")
+    try:
+        assert len(await read_all(lg, RAW, 0)) == 200
+        assert len(await read_all(lg, RAW, 1)) == 200
+    finally:
+        await lg.close()

@@ -55,9 +55,9 @@ FsyncPolicy = Literal["always", "interval", "never"]
 
 
 class _Partition:
-    """One partition's segment files; written only from the flush thread."""
+    """One partition's segment files; written only from the event loop's thread."""
 
-    def __init__(self, directory: Path, segment_bytes: int) -> None:
+    def __init__(self, directory: Path, segment_bytes: int, keep_rolled: bool = True) -> None:
         self.dir = directory
         self.segment_bytes = segment_bytes
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -73,6 +73,13 @@ class _Partition:
         #: Offset after the last record covered by a completed flush.
         self.durable_end = 0
         self._read_fds: dict[int, int] = {}
+        #: Keep the fds of rolled segments open until the next sync fsyncs them
+        #: (False with fsync=never: nothing will sync them).
+        self.keep_rolled = keep_rolled
+        #: Rolled segments' fds awaiting their fsync; the sync closes them.
+        self.rolled: list[int] = []
+        #: A segment file was created since the directory was last fsynced.
+        self.dir_dirty = False
 
     def path(self, base: int) -> Path:
         return self.dir / f"{base:020d}{SEGMENT_SUFFIX}"
@@ -114,13 +121,40 @@ class _Partition:
             i = j
 
     def _roll(self) -> None:
-        os.fsync(self.fd)
-        os.close(self.fd)
+        # No fsync here, on the event loop (a full segment can take 100 ms): the
+        # next sync (checkpoint, interval, close) fsyncs the old file and the
+        # directory; until then the journal holds what they lack.
+        if self.keep_rolled:
+            self.rolled.append(self.fd)
+        else:
+            os.close(self.fd)
         base = self.bases[-1] + self.seg_size
         self.fd = os.open(self.path(base), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        fsync_dir(self.dir)
+        self.dir_dirty = True
         self.bases.append(base)
         self.seg_size = 0
+
+    def take_sync_work(self) -> tuple[list[int], list[Path]]:
+        """fds to fsync then close (a duplicate of the current one, the rolled ones)
+        and directories to fsync, for a sync that may run beside later writes."""
+        fds = [os.dup(self.fd)] if self.fd >= 0 else []
+        fds += self.rolled
+        self.rolled = []
+        dirs = [self.dir] if self.dir_dirty else []
+        self.dir_dirty = False
+        return fds, dirs
+
+    def sync_now(self) -> None:
+        """fsync everything written so far, blocking (recovery, not the event loop)."""
+        fds, dirs = self.take_sync_work()
+        try:
+            for fd in fds:
+                os.fsync(fd)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        for directory in dirs:
+            fsync_dir(directory)
 
     def read(self, offset: int, limit: int, max_bytes: int) -> list[Record]:
         """Frames starting at ``offset`` and ending at or before ``limit``."""
@@ -158,6 +192,9 @@ class _Partition:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+        for fd in self.rolled:
+            os.close(fd)
+        self.rolled = []
         for fd in self._read_fds.values():
             os.close(fd)
         self._read_fds.clear()
@@ -273,7 +310,7 @@ class EmbeddedLog(Log):
             part.queued_end = part.durable_end = end + len(tail)
             replayed.add(part)
         for part in replayed:
-            os.fsync(part.fd)
+            part.sync_now()
         if replayed:
             log.warning("replayed the journal into %d partitions", len(replayed))
 
@@ -286,7 +323,11 @@ class EmbeddedLog(Log):
             if stream == JOURNAL_DIR:
                 raise ValueError(f"{JOURNAL_DIR!r} is not a stream name")
             new_stream = not (self.root / stream).exists()
-            part = _Partition(self.root / stream / f"{partition:04d}", self.segment_bytes)
+            part = _Partition(
+                self.root / stream / f"{partition:04d}",
+                self.segment_bytes,
+                keep_rolled=self.fsync_policy != "never",
+            )
             dropped = part.recover()
             fsync_dir(part.dir.parent)
             if new_stream:
@@ -403,22 +444,32 @@ class EmbeddedLog(Log):
             self._checkpoint = None
 
     async def _sync_dirty(self) -> None:
-        """fsync every partition written since its last fsync, side by side."""
+        """fsync every partition file written since its last sync, side by side."""
         dirty, self._dirty = self._dirty, set()
-        # Duplicates: a segment roll on the loop may close a partition's fd meanwhile.
-        fds = [os.dup(part.fd) for part in dirty if part.fd >= 0]
-        if not fds:
+        fds: list[int] = []
+        dirs: list[Path] = []
+        for part in dirty:
+            part_fds, part_dirs = part.take_sync_work()
+            fds += part_fds
+            dirs += part_dirs
+        if not fds and not dirs:
             return
         loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
             # Not on the journal's thread: flushes go on while partitions sync.
-            await asyncio.gather(
-                *(loop.run_in_executor(self._fsync_pool, self.fsync_fn, fd) for fd in fds)
+            # Every fsync finishes before the fds close, failed or not.
+            results = await asyncio.gather(
+                *(loop.run_in_executor(self._fsync_pool, self.fsync_fn, fd) for fd in fds),
+                *(loop.run_in_executor(self._fsync_pool, fsync_dir, d) for d in dirs),
+                return_exceptions=True,
             )
         finally:
             for fd in fds:
                 os.close(fd)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         metrics.LOG_FSYNC_SECONDS.observe(time.perf_counter() - started)
 
     async def _interval_fsync(self) -> None:
