@@ -4,6 +4,7 @@ an fsync failure (503, not ready), SIGTERM draining and flushing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import os
@@ -50,6 +51,13 @@ def parse_response(data: bytes) -> Response:
     return responses[0]
 
 
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close a client stream; a peer that died (kill -9) may reset it first."""
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
 async def exchange(port: int, data: bytes, timeout: float = 10.0) -> Response:
     """Send one request with ``Connection: close`` and read the response to EOF."""
     reader, writer = await asyncio.open_connection(HOST, port)
@@ -58,11 +66,7 @@ async def exchange(port: int, data: bytes, timeout: float = 10.0) -> Response:
         await writer.drain()
         return parse_response(await asyncio.wait_for(reader.read(), timeout))
     finally:
-        writer.close()
-        try:
-            await writer.wait_closed()
-        except OSError:
-            pass
+        await close_writer(writer)
 
 
 # -- kill -9 under load ------------------------------------------------------------------
@@ -115,11 +119,7 @@ async def fire_and_kill(port: int, pid: int) -> tuple[list[str], set[str]]:
         except (TimeoutError, OSError, asyncio.IncompleteReadError) as exc:
             outcomes.append(type(exc).__name__)
         finally:
-            writer.close()
-            try:
-                await writer.wait_closed()
-            except OSError:
-                pass
+            await close_writer(writer)
 
     await asyncio.wait_for(asyncio.gather(*(connection(c) for c in range(CONNECTIONS))), 90)
     return outcomes, acked
