@@ -4,21 +4,27 @@ Layout under ``<data_dir>/log``::
 
     <stream>/<partition:04d>/<base offset:020d>.seg    segments
     <stream>/consumers/<name>.json                     committed offsets
+    _journal/<sequence:020d>.journal                   write-ahead journal (fsync=always)
 
 A segment is a sequence of frames ``[u32 length][u32 crc32][payload]`` (little
 endian; the crc covers the length bytes and the payload). Offsets are logical
 byte positions in the partition: a segment's file name is the offset of its
 first byte, so segments are contiguous and a reader seeks straight to an offset.
 
-Group commit: appends are queued in memory and share one flush, which is one
-``writev`` per partition file and one ``fsync`` per touched file, done in a
-dedicated thread so the event loop keeps serving. Every append waits on the
-future of the flush that covers it. A write or fsync error is never retried on
-the same file (after a failed fsync the page cache state is unknown): the log
-turns read-only and every pending and later append fails with LogUnavailable.
+Group commit: appends are queued in memory and share one flush; every append
+waits on the future of the flush that covers it. With ``fsync: always`` a flush
+is one write and one fsync of the journal (evd.core.journal) in a dedicated
+thread, so the event loop keeps serving; then the frames are copied into the
+partition files from the loop (page cache) and the future completes. Partition
+files are fsynced by checkpoints, beside later flushes. With ``interval`` and
+``never`` the flush writes the partition files directly. A write or fsync error
+is never retried on the same file (after a failed fsync the page cache state is
+unknown): the log turns read-only and every pending and later append fails with
+LogUnavailable.
 
-Recovery truncates a torn or corrupt tail of each partition's last segment and
-logs how many bytes it dropped; it is never fatal.
+Recovery truncates a torn or corrupt tail of each partition's last segment,
+logs how many bytes it dropped (never fatal), then replays journal entries the
+partition files lack.
 """
 
 from __future__ import annotations
