@@ -32,6 +32,7 @@ def open_log(cfg: Config) -> EmbeddedLog:
         fsync_interval_ms=cfg.log.fsync_interval_ms,
         segment_bytes=cfg.log.segment_bytes,
         max_pending_bytes=cfg.log.max_pending_bytes,
+        checkpoint_bytes=cfg.log.checkpoint_bytes,
     )
     lg.open()
     return lg

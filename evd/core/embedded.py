@@ -54,8 +54,8 @@ SEGMENT_SUFFIX = ".seg"
 #: Most files one sync fsyncs at the same time.
 FSYNC_THREADS = 8
 #: Journal bytes after which partition files are fsynced and the journal dropped;
-#: bounds the journal on disk and what recovery replays.
-CHECKPOINT_BYTES = 64 * 1024 * 1024
+#: bounds the journal on disk and what recovery replays (log.checkpoint_bytes).
+CHECKPOINT_BYTES = 8 * 1024 * 1024
 
 FsyncPolicy = Literal["always", "interval", "never"]
 
