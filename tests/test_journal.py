@@ -70,7 +70,7 @@ async def test_partition_files_missing_a_durable_tail_are_replayed(
     try:
         assert await read_all(lg, RAW, 0) == payloads[0]
         assert await read_all(lg, RAW, 3) == payloads[3]
-        assert "replayed the journal" in caplog.text
+        assert "journal entries into the partition files" in caplog.text
         # New appends continue at the replayed end.
         await lg.append(RAW, 0, b"after")
         assert (await read_all(lg, RAW, 0))[-1] == b"after"
@@ -222,3 +222,24 @@ async def test_rolled_segments_are_synced_and_closed_by_the_next_checkpoint(
         assert len(await read_all(lg, RAW, 1)) == 200
     finally:
         await lg.close()
+
+
+async def test_partitions_the_journal_covers_are_synced_before_it_is_dropped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A process crash (not a power cut) leaves the partition files complete but
+    # maybe unsynced: dropping the journal without fsyncing them would turn the
+    # next power cut into data loss.
+    crashed = await crash_copy(tmp_path, {0: [b"a"], 2: [b"b"]})
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.add(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    lg = open_log(crashed, fsync="always")
+    await lg.close()
+    for partition in (0, 2):
+        assert str(segments(crashed, RAW, partition)[-1]) in synced

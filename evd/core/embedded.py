@@ -296,10 +296,14 @@ class EmbeddedLog(Log):
             self._spawn(self._interval_fsync())
 
     def _replay(self, journal: Journal) -> None:
-        """Copy journaled records the partition files lack into them, then fsync them."""
-        replayed: set[_Partition] = set()
+        """Copy journaled records the partition files lack into them, then fsync every
+        partition the journal covers (a process crash leaves their last writes in
+        the page cache only), so that the journal can be dropped."""
+        covered: set[_Partition] = set()
+        replayed = 0
         for entry in journal.entries():
             part = self._partition(entry.stream, entry.partition)
+            covered.add(part)
             end = part.durable_end
             skip = end - entry.offset
             if skip >= len(entry.frames):
@@ -314,11 +318,11 @@ class EmbeddedLog(Log):
             tail = entry.frames[skip:]
             part.write([tail])
             part.queued_end = part.durable_end = end + len(tail)
-            replayed.add(part)
-        for part in replayed:
+            replayed += 1
+        for part in covered:
             part.sync_now()
         if replayed:
-            log.warning("replayed the journal into %d partitions", len(replayed))
+            log.warning("replayed %d journal entries into the partition files", replayed)
 
     def _partition(self, stream: str, partition: int) -> _Partition:
         key = (stream, partition)
