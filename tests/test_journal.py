@@ -243,3 +243,24 @@ async def test_partitions_the_journal_covers_are_synced_before_it_is_dropped(
     await lg.close()
     for partition in (0, 2):
         assert str(segments(crashed, RAW, partition)[-1]) in synced
+
+
+async def test_a_segment_that_lost_its_tail_after_a_roll_is_refilled_from_the_journal(
+    tmp_path: Path,
+) -> None:
+    # Rolls do not fsync: a power cut can keep a new segment (its creation went
+    # out with the journal's fsync) while the rolled one loses its unsynced tail.
+    # That gap must not hide acknowledged records the journal still holds.
+    payloads = {0: [b"r%03d" % i + b"." * 300 for i in range(40)]}
+    crashed = await crash_copy(tmp_path, payloads, segment_bytes=4096)
+    segs = segments(crashed, RAW, 0)
+    assert len(segs) >= 3
+    os.truncate(segs[1], segs[1].stat().st_size // 3)  # mid-record
+    os.truncate(segs[-1], 0)
+    lg = open_log(crashed, fsync="always", segment_bytes=4096)
+    try:
+        assert await read_all(lg, RAW, 0) == payloads[0]
+        await lg.append(RAW, 0, b"after")
+        assert (await read_all(lg, RAW, 0))[-1] == b"after"
+    finally:
+        await lg.close()

@@ -91,7 +91,22 @@ class _Partition:
         return self.dir / f"{base:020d}{SEGMENT_SUFFIX}"
 
     def recover(self) -> int:
-        """Open the last segment for append, truncating an invalid tail; bytes dropped."""
+        """Open the last segment for append, truncating an invalid tail; bytes dropped.
+
+        A rolled segment shorter than the span up to the next one lost its
+        unsynced tail (a power cut after a roll, which does not fsync): the
+        partition ends at that gap, and the later segments, unreachable past it,
+        are removed (the journal replays what they held).
+        """
+        gap_dropped = 0
+        for i in range(len(self.bases) - 1):
+            size = self.path(self.bases[i]).stat().st_size
+            if size < self.bases[i + 1] - self.bases[i]:
+                for later in self.bases[i + 1 :]:
+                    gap_dropped += self.path(later).stat().st_size
+                    self.path(later).unlink()
+                del self.bases[i + 1 :]
+                break
         base = self.bases[-1]
         path = self.path(base)
         data = path.read_bytes() if path.exists() else b""
@@ -104,7 +119,7 @@ class _Partition:
         fsync_dir(self.dir)
         self.seg_size = valid
         self.queued_end = self.durable_end = base + valid
-        return dropped
+        return dropped + gap_dropped
 
     def write(self, frames: list[bytes]) -> None:
         """Append frames, rolling to a new segment when the current one is full."""
