@@ -11,6 +11,8 @@ import logging
 import os
 import random
 import tempfile
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -137,6 +139,34 @@ async def test_fsync_interval_syncs_in_the_background(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.01)
         assert counter.calls >= 1
+    finally:
+        await lg.close()
+
+
+async def test_flush_waits_for_an_interval_sync_already_running(tmp_path: Path) -> None:
+    # The interval sync takes the dirty partitions; a flush beside it found none
+    # left and returned before their fsync ended (and close then cancelled that
+    # sync, closing its fds while the fsync threads still used them).
+    lg = open_log(tmp_path, fsync="interval", fsync_interval_ms=10)
+    started = threading.Event()
+    done: list[int] = []
+
+    def slow_fsync(fd: int) -> None:
+        started.set()
+        time.sleep(0.2)
+        os.fsync(fd)
+        done.append(fd)
+
+    lg.fsync_fn = slow_fsync  # type: ignore[method-assign]
+    try:
+        await lg.append(RAW, 0, b"x")
+        for _ in range(500):
+            if started.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert started.is_set()
+        await lg.flush()
+        assert done, "flush returned while the partition's fsync was still running"
     finally:
         await lg.close()
 

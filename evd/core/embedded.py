@@ -265,6 +265,9 @@ class EmbeddedLog(Log):
         self._dirty: set[_Partition] = set()
         self._journal: Journal | None = None
         self._checkpoint: asyncio.Task[None] | None = None
+        #: One partition sync at a time: a second one would find the dirty set
+        #: taken by the first and return before its fsyncs end.
+        self._sync_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
         # The journal's writes and fsyncs, one flush after the other.
         self._io = ThreadPoolExecutor(1, thread_name_prefix="evd-log")
@@ -470,6 +473,10 @@ class EmbeddedLog(Log):
 
     async def _sync_dirty(self) -> None:
         """fsync every partition file written since its last sync, side by side."""
+        async with self._sync_lock:
+            await self._sync_dirty_locked()
+
+    async def _sync_dirty_locked(self) -> None:
         dirty, self._dirty = self._dirty, set()
         fds: list[int] = []
         dirs: list[Path] = []
