@@ -210,3 +210,16 @@ async def test_an_overloaded_log_sheds_posts_before_their_bodies() -> None:
         assert log.raw_ids() == ["o-1"]
     finally:
         await close(proto)
+
+
+async def test_requests_pipelined_after_connection_close_are_not_processed() -> None:
+    # llhttp refuses data after a message that closes the connection.
+    proto, transport, log = await connect()
+    try:
+        data = raw_post(batch([make_event("c-a")]), close=True) + raw_post(batch([make_event("c-b")]))
+        await feed(proto, data, [1 << 20])
+        assert [r.status for r in parse_responses(bytes(transport.written))] == [200]
+        assert transport.closed
+        assert log.raw_ids() == ["c-a"]  # nothing appended that could not be answered
+    finally:
+        await close(proto)

@@ -483,3 +483,16 @@ async def test_fewer_partitions_than_on_disk_is_a_config_error(tmp_path: Path) -
         shrunk.open()
     grown = open_log(tmp_path, partitions=8)  # growing is allowed
     await grown.close()
+
+
+async def test_a_partition_that_cannot_be_created_refuses_only_its_appends(tmp_path: Path) -> None:
+    lg = open_log(tmp_path, partitions=4)
+    try:
+        await lg.append(RAW, 0, b"ok")
+        (tmp_path / "log" / RAW / "0003").write_bytes(b"")  # a file where the directory goes
+        with pytest.raises(LogUnavailable, match="cannot open raw/3"):
+            lg.append(RAW, 3, b"x")
+        assert lg.writable
+        await lg.append(RAW, 1, b"still fine")
+    finally:
+        await lg.close()

@@ -74,8 +74,6 @@ class _Partition:
         ) or [0]
         self.fd = -1
         self.seg_size = 0
-        #: Offset after the last queued record (advanced at append time).
-        self.queued_end = 0
         #: Offset after the last record covered by a completed flush.
         self.durable_end = 0
         self._read_fds: dict[int, int] = {}
@@ -118,7 +116,7 @@ class _Partition:
             os.fsync(self.fd)
         fsync_dir(self.dir)
         self.seg_size = valid
-        self.queued_end = self.durable_end = base + valid
+        self.durable_end = base + valid
         return dropped + gap_dropped
 
     def write(self, frames: list[bytes]) -> None:
@@ -335,7 +333,7 @@ class EmbeddedLog(Log):
                 continue
             tail = entry.frames[skip:]
             part.write([tail])
-            part.queued_end = part.durable_end = end + len(tail)
+            part.durable_end = end + len(tail)
             replayed += 1
         for part in covered:
             part.sync_now()
@@ -387,14 +385,18 @@ class EmbeddedLog(Log):
             raise LogOverloaded(
                 f"{self._pending_bytes} bytes wait for a flush (log.max_pending_bytes)"
             )
-        part = self._partition(stream, partition)
+        try:
+            self._partition(stream, partition)  # opened (and recovered) on first use
+        except OSError as exc:
+            # A new partition's directory or segment could not be made (disk
+            # full, permissions): refuse this append, the files in use are fine.
+            raise LogUnavailable(f"cannot open {stream}/{partition}: {exc}") from None
         data = frame(payload)
         key = (stream, partition)
         frames = self._pending.get(key)
         if frames is None:
             frames = self._pending[key] = []
         frames.append(data)
-        part.queued_end += len(data)
         self._pending_bytes += len(data)
         fut = self._flush_future
         if fut is None:
@@ -451,6 +453,7 @@ class EmbeddedLog(Log):
                     journal is not None
                     and journal.size >= self.checkpoint_bytes
                     and self._checkpoint is None
+                    and self._failure is None  # after a failed fsync, a sync proves nothing
                 ):
                     # Rotate here, between flushes: no journal write is in flight.
                     self._checkpoint = self._spawn(self._run_checkpoint(journal.start()))

@@ -37,10 +37,6 @@ class LogOverloaded(LogError):
     retriable = True
 
 
-class CorruptRecord(LogError):
-    """A record's framing or checksum is invalid where a valid one was expected."""
-
-
 _PATH_RE = re.compile(r" - at `\$\.?(.*)`$")
 _UNKNOWN_RE = re.compile(r"Object contains unknown field `(.*)`$")
 _MISSING_RE = re.compile(r"Object missing required field `(.*)`$")

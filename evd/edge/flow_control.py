@@ -30,10 +30,6 @@ class FlowControl:
         self._in_flight = 0
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
-    @property
-    def writing_paused(self) -> bool:
-        return self._writing_paused
-
     def request_started(self) -> None:
         """A complete request now waits for its response."""
         self._in_flight += 1

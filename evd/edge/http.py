@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable
 from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -96,6 +95,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _reset(self) -> None:
         self.url = b""
+        self.path = b""
         self.header_bytes = 0
         #: Bytes of chunks that ended inside this request's head.
         self.head_received = 0
@@ -190,7 +190,7 @@ class HttpProtocol(asyncio.Protocol):
         self._set_phase(BODY)
         if self.server.draining:
             self.discard = True  # answered 503 once the body is in, connection closed
-        path = self.url.split(b"?", 1)[0]
+        self.path = path = self.url.split(b"?", 1)[0]
         if path != EVENTS_PATH:
             self.discard = True
             return
@@ -245,9 +245,9 @@ class HttpProtocol(asyncio.Protocol):
             if isinstance(result, Pending):
                 result.durable.add_done_callback(partial(self._committed, slot, result))
                 return
-            self._finish(slot, result, b"/v1/events")
+            self._finish(slot, result, EVENTS_PATH)
             return
-        path = self.url.split(b"?", 1)[0]
+        path = self.path
         method = self.parser.get_method()
         reply, ctype = self.server.route(method, path)
         self._finish(slot, reply, path, ctype, head=method == b"HEAD")
@@ -263,7 +263,7 @@ class HttpProtocol(asyncio.Protocol):
             self.server.ingest.committed(pending)
             reply = pending.reply
             metrics.HOT.observe_request(time.perf_counter() - slot.started)
-        self._finish(slot, reply, b"/v1/events")
+        self._finish(slot, reply, EVENTS_PATH)
 
     def _finish(
         self,
@@ -363,5 +363,3 @@ class HttpProtocol(asyncio.Protocol):
 class _Stop(Exception):
     """Raised from a parser callback to stop parsing after an error response."""
 
-
-ProtocolFactory = Callable[[], HttpProtocol]
