@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
+import msgspec.yaml
 import pytest
 
 from evd.core.config import Config, dump_config, load_config, with_overrides
@@ -144,3 +146,13 @@ def test_flags_override_the_file(tmp_path: Path) -> None:
 def test_dump_config_round_trips(tmp_path: Path) -> None:
     cfg = load_config(None, environ={"EVD_LOG__PARTITIONS": "3", "EVD_SERVER__PORT": "0"})
     assert load_config(write(tmp_path, dump_config(cfg)), environ={}) == cfg
+
+
+def test_the_shipped_config_file_lists_exactly_the_defaults() -> None:
+    # configs/evd.yaml documents every key with its default: it must decode to
+    # the defaults, and name every key the schema has.
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "evd.yaml"
+    assert load_config(shipped, environ={}) == Config()
+    raw = msgspec.yaml.decode(shipped.read_bytes())
+    defaults = msgspec.to_builtins(Config())
+    assert {s: set(v) for s, v in raw.items()} == {s: set(v) for s, v in defaults.items()}
