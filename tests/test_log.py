@@ -129,6 +129,45 @@ async def test_fsync_always_syncs_before_the_append_completes(tmp_path: Path) ->
         await lg.close()
 
 
+async def test_appends_arriving_on_the_next_loop_passes_join_the_flush(tmp_path: Path) -> None:
+    """Group commit waits while each event-loop pass brings more appends."""
+    lg = EmbeddedLog(tmp_path, 2)
+    lg.open()
+    loop = asyncio.get_running_loop()
+    futures = [lg.append(RAW, 0, b"first")]
+    # Two later passes of the loop each append once more (a request arriving
+    # while the first one is being answered): all three share one flush.
+    loop.call_soon(lambda: loop.call_soon(lambda: futures.append(lg.append(RAW, 1, b"third"))))
+    loop.call_soon(lambda: futures.append(lg.append(RAW, 0, b"second")))
+    await asyncio.gather(*futures)
+    assert len(futures) == 3 and futures[0] is futures[1] is futures[2]
+    await lg.close()
+
+
+async def test_a_steady_stream_of_appends_does_not_hold_a_flush_back(tmp_path: Path) -> None:
+    """Waiting for more appends is bounded in loop passes: a flush starts anyway."""
+    lg = EmbeddedLog(tmp_path, 1)
+    lg.open()
+    loop = asyncio.get_running_loop()
+    futures = [lg.append(RAW, 0, b"0")]
+    done = loop.create_future()
+
+    def append_next(i: int) -> None:
+        futures.append(lg.append(RAW, 0, str(i).encode()))
+        if i < 50:
+            loop.call_soon(append_next, i + 1)
+        else:
+            done.set_result(None)
+
+    loop.call_soon(append_next, 1)
+    await done
+    await asyncio.gather(*futures)
+    # The first flush took the appends of its first few passes, then started.
+    assert futures[0] is futures[1] and futures[0] is not futures[10]
+    assert [r.payload for r in await lg.read(RAW, 0, 0)] == [str(i).encode() for i in range(51)]
+    await lg.close()
+
+
 async def test_fsync_interval_syncs_in_the_background(tmp_path: Path) -> None:
     lg = open_log(tmp_path, fsync="interval", fsync_interval_ms=20)
     counter = lg.fsync_fn = CountingFsync()

@@ -12,7 +12,9 @@ byte positions in the partition: a segment's file name is the offset of its
 first byte, so segments are contiguous and a reader seeks straight to an offset.
 
 Group commit: appends are queued in memory and share one flush; every append
-waits on the future of the flush that covers it. With ``fsync: always`` a flush
+waits on the future of the flush that covers it. A flush starts once a pass of
+the event loop brings no new append (or after a few passes), so a busy worker
+makes fewer, larger flushes. With ``fsync: always`` a flush
 is one write and one fsync of the journal (evd.core.journal) in a dedicated
 thread, so the event loop keeps serving; then the frames are copied into the
 partition files from the loop (page cache) and the future completes. Partition
@@ -56,6 +58,11 @@ FSYNC_THREADS = 8
 #: Journal bytes after which partition files are fsynced and the journal dropped;
 #: bounds the journal on disk and what recovery replays (log.checkpoint_bytes).
 CHECKPOINT_BYTES = 8 * 1024 * 1024
+
+#: Most event-loop passes a flush waits for more appends to join it, and the
+#: pending bytes at which it stops waiting (see EmbeddedLog._gather_more).
+GATHER_PASSES = 4
+GATHER_BYTES = 1024 * 1024
 
 FsyncPolicy = Literal["always", "interval", "never"]
 
@@ -254,6 +261,8 @@ class EmbeddedLog(Log):
         self._parts: dict[tuple[str, int], _Partition] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._pending_bytes = 0
+        #: Appends so far; the flush loop watches it to see whether more are coming.
+        self._appends = 0
         self._flush_future: asyncio.Future[None] | None = None
         self._flushing = False
         self._failure: BaseException | None = None
@@ -398,6 +407,7 @@ class EmbeddedLog(Log):
             frames = self._pending[key] = []
         frames.append(data)
         self._pending_bytes += len(data)
+        self._appends += 1
         fut = self._flush_future
         if fut is None:
             fut = self._flush_future = asyncio.get_running_loop().create_future()
@@ -417,6 +427,9 @@ class EmbeddedLog(Log):
         loop = asyncio.get_running_loop()
         try:
             while self._pending and self._failure is None:
+                await self._gather_more()
+                if not self._pending or self._failure is not None:
+                    break
                 batch, fut = self._pending, self._flush_future
                 self._pending, self._flush_future = {}, None
                 size, self._pending_bytes = self._pending_bytes, 0
@@ -459,6 +472,23 @@ class EmbeddedLog(Log):
                     self._checkpoint = self._spawn(self._run_checkpoint(journal.start()))
         finally:
             self._flushing = False
+
+    async def _gather_more(self) -> None:
+        """Let requests already waiting on the loop join the next flush.
+
+        Every flush has a fixed cost (a journal write and fsync, thread hand-offs,
+        one write per partition) of about 0.2 ms of CPU. While each pass of the
+        event loop still brings new appends, give it another pass (a few at
+        most), so that a busy worker makes fewer, larger flushes; an idle one
+        flushes after a single pass.
+        """
+        for _ in range(GATHER_PASSES):
+            if self._pending_bytes >= GATHER_BYTES:
+                return
+            seen = self._appends
+            await asyncio.sleep(0)
+            if self._appends == seen:
+                return
 
     async def _run_checkpoint(self, old: list[Path]) -> None:
         """fsync the partition files, then drop the ``old`` journal files they cover.
