@@ -1,0 +1,180 @@
+"""A lean closed-loop load of seed-shaped batches, for one-core throughput on a small machine.
+
+The full harness (``evd bench``) models realistic sessions, and building those
+bodies costs the generator more CPU than the server spends on them: on a 2-core
+machine it cannot load one server core. This script pre-builds a few bodies from
+the seed event (random users, so a batch spreads over the partitions) and only
+stamps a fresh id prefix into each request, so every event id is unique and the
+server does its full work. Each connection sends its next request as soon as the
+previous one is answered; the script prints events/s, requests/s, p50/p99 and the
+statuses seen.
+
+    python -m bench.seedload --batch 100 --connections 32 --duration 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+from typing import NamedTuple
+
+import uvloop
+
+from bench.histogram import Histogram
+from bench.http import Connection, Target
+
+SEED = Path(__file__).resolve().parents[1] / "tests" / "data" / "seed-event.json"
+#: Placeholder for the per-request id prefix, as long as the prefix it becomes:
+#: a random run id (8 hex digits) and the request's number (10 digits).
+STAMP = b"@" * 18
+#: Distinct bodies to choose from (users and order vary between them).
+BODIES = 64
+
+
+def request_templates(batch: int, key: str, target: Target, seed: int) -> list[bytes]:
+    """Whole HTTP requests whose event ids all start with ``STAMP``."""
+    rng = random.Random(seed)
+    event = json.loads(SEED.read_text())
+    out = []
+    for _ in range(BODIES):
+        events = []
+        for i in range(batch):
+            e = dict(event)
+            e["event_id"] = f"{STAMP.decode()}-{i}"
+            e["user_id"] = f"user-{rng.randrange(100_000)}"
+            events.append(e)
+        body = json.dumps({"events": events}).encode()
+        head = (
+            f"POST {target.prefix}/v1/events HTTP/1.1\r\nHost: {target.host_header()}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        out.append(head + body)
+    return out
+
+
+class _ClosedLoop(Connection):
+    """A connection that sends its next request from the callback that completes the last."""
+
+    def __init__(self, load: _Load) -> None:
+        super().__init__()
+        self.load = load
+        self.rng = random.Random(load.seed + len(load.conns))
+        self.sent = 0.0
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.send()
+
+    def send(self) -> None:
+        load = self.load
+        if time.perf_counter() >= load.end or self._transport is None:
+            self.finish()
+            return
+        load.counter += 1
+        data = self.rng.choice(load.templates).replace(STAMP, load.run_id + b"%010d" % load.counter)
+        self.sent = time.perf_counter()
+        self._transport.write(data)
+
+    def on_message_complete(self) -> None:
+        self.load.hist.record(int((time.perf_counter() - self.sent) * 1e6))
+        self.load.statuses[str(self._parser.get_status_code())] += 1
+        if self._parser.should_keep_alive():
+            self.send()
+        else:
+            self.finish()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if not self.done.done():
+            self.load.statuses["connection_lost"] += 1
+            self.done.set_result(None)
+
+    def finish(self) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
+        self.close()
+
+
+class _Load:
+    """Shared state of one run: the templates, the id counter, the results."""
+
+    def __init__(self, args: argparse.Namespace, target: Target) -> None:
+        self.templates = request_templates(args.batch, args.api_key, target, args.seed)
+        self.seed = args.seed
+        self.hist = Histogram()  # microseconds
+        self.statuses: Counter[str] = Counter()
+        self.run_id = b"%08x" % random.getrandbits(32)  # ids differ between runs
+        self.counter = 0
+        self.conns: list[_ClosedLoop] = []
+        self.end = 0.0
+
+
+class Result(NamedTuple):
+    events_per_s: int
+    requests_per_s: int
+    p50_ms: float
+    p99_ms: float
+    #: Responses by status code, plus "timeout" or "connection_lost".
+    statuses: dict[str, int]
+
+
+async def run(args: argparse.Namespace) -> Result:
+    target = Target.parse(args.target)
+    load = _Load(args, target)
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    load.end = start + args.duration
+    for _ in range(args.connections):
+        _, conn = await loop.create_connection(lambda: _ClosedLoop(load), target.host, target.port)
+        load.conns.append(conn)
+    try:
+        # Every connection stops sending at the end; one still waiting then is late.
+        await asyncio.wait_for(
+            asyncio.gather(*(c.done for c in load.conns)), args.duration + args.timeout
+        )
+    except TimeoutError:
+        load.statuses["timeout"] += sum(not c.done.done() for c in load.conns)
+    elapsed = time.perf_counter() - start
+    for conn in load.conns:
+        conn.close()
+    ok = load.statuses.get("200", 0)
+    return Result(
+        round(ok * args.batch / elapsed),
+        round(ok / elapsed),
+        load.hist.percentile(50) / 1000,
+        load.hist.percentile(99) / 1000,
+        dict(load.statuses),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--target", default="http://127.0.0.1:8080")
+    parser.add_argument("--api-key", default="evd-dev-key")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=5.0)
+    parser.add_argument("--timeout", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = parser.parse_args(argv)
+    result = uvloop.run(run(args))
+    if args.json:
+        print(json.dumps(result._asdict()))
+    else:
+        print(
+            f"events/s {result.events_per_s:,}  requests/s {result.requests_per_s:,}  "
+            f"p50 {result.p50_ms:.2f} ms  p99 {result.p99_ms:.2f} ms  statuses {result.statuses}"
+        )
+    return 0 if set(result.statuses) == {"200"} else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
