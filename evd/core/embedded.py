@@ -261,8 +261,6 @@ class EmbeddedLog(Log):
         self._parts: dict[tuple[str, int], _Partition] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._pending_bytes = 0
-        #: Appends so far; the flush loop watches it to see whether more are coming.
-        self._appends = 0
         self._flush_future: asyncio.Future[None] | None = None
         self._flushing = False
         self._failure: BaseException | None = None
@@ -407,7 +405,6 @@ class EmbeddedLog(Log):
             frames = self._pending[key] = []
         frames.append(data)
         self._pending_bytes += len(data)
-        self._appends += 1
         fut = self._flush_future
         if fut is None:
             fut = self._flush_future = asyncio.get_running_loop().create_future()
@@ -483,11 +480,12 @@ class EmbeddedLog(Log):
         flushes after a single pass.
         """
         for _ in range(GATHER_PASSES):
-            if self._pending_bytes >= GATHER_BYTES:
+            # Only appends change the pending bytes while the flush waits here.
+            seen = self._pending_bytes
+            if seen >= GATHER_BYTES:
                 return
-            seen = self._appends
             await asyncio.sleep(0)
-            if self._appends == seen:
+            if self._pending_bytes == seen:
                 return
 
     async def _run_checkpoint(self, old: list[Path]) -> None:
