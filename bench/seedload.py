@@ -20,6 +20,7 @@ import json
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -36,19 +37,30 @@ STAMP = b"@" * 18
 BODIES = 64
 
 
+def seed_event() -> dict[str, object]:
+    """The seed play event (a copy of shared/seed-event.json)."""
+    event: dict[str, object] = json.loads(SEED.read_text())
+    return event
+
+
+def batch_body(n: int, tag: str, user_of: Callable[[int], str]) -> bytes:
+    """A POST body of ``n`` seed events with ids ``{tag}-{i}`` and users ``user_of(i)``."""
+    seed = seed_event()
+    events = []
+    for i in range(n):
+        event = dict(seed)
+        event["event_id"] = f"{tag}-{i}"
+        event["user_id"] = user_of(i)
+        events.append(event)
+    return json.dumps({"events": events}).encode()
+
+
 def request_templates(batch: int, key: str, target: Target, seed: int) -> list[bytes]:
     """Whole HTTP requests whose event ids all start with ``STAMP``."""
     rng = random.Random(seed)
-    event = json.loads(SEED.read_text())
     out = []
     for _ in range(BODIES):
-        events = []
-        for i in range(batch):
-            e = dict(event)
-            e["event_id"] = f"{STAMP.decode()}-{i}"
-            e["user_id"] = f"user-{rng.randrange(100_000)}"
-            events.append(e)
-        body = json.dumps({"events": events}).encode()
+        body = batch_body(batch, STAMP.decode(), lambda _: f"user-{rng.randrange(100_000)}")
         head = (
             f"POST {target.prefix}/v1/events HTTP/1.1\r\nHost: {target.host_header()}\r\n"
             f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"

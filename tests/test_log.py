@@ -131,23 +131,25 @@ async def test_fsync_always_syncs_before_the_append_completes(tmp_path: Path) ->
 
 async def test_appends_arriving_on_the_next_loop_passes_join_the_flush(tmp_path: Path) -> None:
     """Group commit waits while each event-loop pass brings more appends."""
-    lg = EmbeddedLog(tmp_path, 2)
-    lg.open()
+    lg = open_log(tmp_path)
     loop = asyncio.get_running_loop()
-    futures = [lg.append(RAW, 0, b"first")]
-    # Two later passes of the loop each append once more (a request arriving
-    # while the first one is being answered): all three share one flush.
-    loop.call_soon(lambda: loop.call_soon(lambda: futures.append(lg.append(RAW, 1, b"third"))))
-    loop.call_soon(lambda: futures.append(lg.append(RAW, 0, b"second")))
-    await asyncio.gather(*futures)
-    assert len(futures) == 3 and futures[0] is futures[1] is futures[2]
-    await lg.close()
+    try:
+        futures = [lg.append(RAW, 0, b"first")]
+        # Two later passes of the loop each append once more (a request arriving
+        # while the first one is being answered): all three share one flush.
+        loop.call_soon(
+            lambda: loop.call_soon(lambda: futures.append(lg.append(RAW, 1, b"third")))
+        )
+        loop.call_soon(lambda: futures.append(lg.append(RAW, 0, b"second")))
+        await asyncio.gather(*futures)
+        assert len(futures) == 3 and futures[0] is futures[1] is futures[2]
+    finally:
+        await lg.close()
 
 
 async def test_a_steady_stream_of_appends_does_not_hold_a_flush_back(tmp_path: Path) -> None:
     """Waiting for more appends is bounded in loop passes: a flush starts anyway."""
-    lg = EmbeddedLog(tmp_path, 1)
-    lg.open()
+    lg = open_log(tmp_path)
     loop = asyncio.get_running_loop()
     futures = [lg.append(RAW, 0, b"0")]
     done = loop.create_future()
@@ -159,13 +161,15 @@ async def test_a_steady_stream_of_appends_does_not_hold_a_flush_back(tmp_path: P
         else:
             done.set_result(None)
 
-    loop.call_soon(append_next, 1)
-    await done
-    await asyncio.gather(*futures)
-    # The first flush took the appends of its first few passes, then started.
-    assert futures[0] is futures[1] and futures[0] is not futures[10]
-    assert [r.payload for r in await lg.read(RAW, 0, 0)] == [str(i).encode() for i in range(51)]
-    await lg.close()
+    try:
+        loop.call_soon(append_next, 1)
+        await done
+        await asyncio.gather(*futures)
+        # The first flush took the appends of its first few passes, then started.
+        assert futures[0] is futures[1] and futures[0] is not futures[10]
+        assert await read_all(lg, RAW, 0) == [str(i).encode() for i in range(51)]
+    finally:
+        await lg.close()
 
 
 async def test_fsync_interval_syncs_in_the_background(tmp_path: Path) -> None:
