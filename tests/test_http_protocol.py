@@ -223,3 +223,51 @@ async def test_requests_pipelined_after_connection_close_are_not_processed() -> 
         assert log.raw_ids() == ["c-a"]  # nothing appended that could not be answered
     finally:
         await close(proto)
+
+
+class HeldLog(MemoryLog):
+    """A log whose appends all wait on one group commit until the test ends it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commit: asyncio.Future[None] | None = None
+
+    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
+        self.appends.append((stream, partition, payload))
+        if self.commit is None:
+            self.commit = asyncio.get_running_loop().create_future()
+        return self.commit
+
+
+@pytest.mark.parametrize("outcome", ["durable", "failed"])
+async def test_one_group_commit_answers_every_connection_waiting_on_it(outcome: str) -> None:
+    cfg = load_config(None, environ={})
+    log = HeldLog()
+    server = Server(cfg, cast(Log, log), Ingest(cfg, cast(Log, log)))
+    server.recovered = True
+    conns = []
+    for i in range(3):
+        proto, transport = HttpProtocol(server), FakeTransport()
+        proto.connection_made(transport)
+        conns.append((proto, transport))
+    try:
+        for i, (proto, _) in enumerate(conns):
+            # Two pipelined POSTs per connection, all covered by the same commit.
+            data = raw_post(batch([make_event(f"g-{i}-a")])) + raw_post(
+                batch([make_event(f"g-{i}-b")])
+            )
+            await feed(proto, data, [1 << 20])
+        assert all(not transport.written for _, transport in conns)  # not durable yet
+        assert log.commit is not None
+        if outcome == "durable":
+            log.commit.set_result(None)
+        else:
+            log.commit.set_exception(OSError("disk gone"))
+        for _ in range(5):
+            await asyncio.sleep(0)
+        want = [200, 200] if outcome == "durable" else [503, 503]
+        for _, transport in conns:
+            assert [r.status for r in parse_responses(bytes(transport.written))] == want
+    finally:
+        for proto, _ in conns:
+            await close(proto)

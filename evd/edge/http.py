@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 from collections import deque
-from functools import partial
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -63,7 +62,7 @@ def render(reply: Reply, close: bool, content_type: bytes | None = None) -> byte
     )
 
 
-class _Slot:
+class Slot:
     """One pipelined request's place in the response queue."""
 
     __slots__ = ("close", "data", "started")
@@ -83,7 +82,7 @@ class HttpProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.flow: FlowControl | None = None
-        self.queue: deque[_Slot] = deque()
+        self.queue: deque[Slot] = deque()
         self.phase = IDLE
         self.deadline = 0.0
         self.closing = False
@@ -229,7 +228,7 @@ class HttpProtocol(asyncio.Protocol):
         self.body.append(body)
 
     def on_message_complete(self) -> None:
-        slot = _Slot(time.perf_counter())
+        slot = Slot(time.perf_counter())
         self.queue.append(slot)
         assert self.flow is not None
         self.flow.request_started()
@@ -243,7 +242,7 @@ class HttpProtocol(asyncio.Protocol):
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
             result = self.server.ingest.handle(body, self.content_encoding, self.key)
             if isinstance(result, Pending):
-                result.durable.add_done_callback(partial(self._committed, slot, result))
+                self.server.when_durable(self, slot, result)
                 return
             self._finish(slot, result, EVENTS_PATH)
             return
@@ -254,7 +253,8 @@ class HttpProtocol(asyncio.Protocol):
 
     # -- responses -----------------------------------------------------------
 
-    def _committed(self, slot: _Slot, pending: Pending, fut: asyncio.Future[Any]) -> None:
+    def committed(self, slot: Slot, pending: Pending, fut: asyncio.Future[Any]) -> None:
+        """The group commit ``fut`` covering ``pending`` ended: answer 200, or 503."""
         if fut.cancelled():
             reply = error_reply(503, "shutting down", 1)
         elif fut.exception() is not None:
@@ -267,7 +267,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _finish(
         self,
-        slot: _Slot,
+        slot: Slot,
         reply: Reply,
         path: bytes,
         content_type: bytes | None = None,
@@ -279,12 +279,11 @@ class HttpProtocol(asyncio.Protocol):
         # content here would be read as the next response of the connection.
         slot.data = data[: len(data) - len(reply.body)] if head else data
         if not self.write_scheduled:
-            # Responses completed by one group commit are written together, in
-            # one send, after every callback of this loop iteration has run.
             self.write_scheduled = True
-            self.server.loop.call_soon(self._write_ready)
+            self.server.write_soon(self)
 
-    def _write_ready(self) -> None:
+    def write_ready(self) -> None:
+        """Write the responses at the head of the queue that are ready, in order."""
         self.write_scheduled = False
         transport = self.transport
         if transport is None or transport.is_closing():
@@ -315,16 +314,16 @@ class HttpProtocol(asyncio.Protocol):
         """Answer ``status`` after the responses already queued, then close."""
         if self.closing:
             return
-        slot = _Slot(time.perf_counter())
+        slot = Slot(time.perf_counter())
         slot.close = True
         self.queue.append(slot)
         assert self.flow is not None
         self.flow.request_started()
-        self.closing = True  # stop parsing; _write_ready still drains the queue
+        self.closing = True  # stop parsing; write_ready still drains the queue
         self._finish(slot, error_reply(status, message), b"")
         # Write now rather than on the next loop turn: a timed-out or rejected
         # client gets its answer before the close, whatever runs in between.
-        self._write_ready()
+        self.write_ready()
 
     # -- timeouts --------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import Any
 
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
@@ -13,8 +14,8 @@ from evd.core import metrics
 from evd.core.config import Config
 from evd.core.log import Log
 from evd.edge.auth import KeyRing
-from evd.edge.http import HttpProtocol
-from evd.edge.ingest import Ingest, Reply, error_reply
+from evd.edge.http import HttpProtocol, Slot
+from evd.edge.ingest import Ingest, Pending, Reply, error_reply
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,11 @@ class Server:
         self.now = self.loop.time()
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        #: Requests waiting for a group commit, by the commit's future: one
+        #: done-callback per commit releases them all, in arrival order.
+        self._waiting: dict[asyncio.Future[Any], list[tuple[HttpProtocol, Slot, Pending]]] = {}
+        #: Connections with responses to write once this loop pass's callbacks ran.
+        self._to_write: list[HttpProtocol] = []
 
     @property
     def port(self) -> int:
@@ -89,6 +95,39 @@ class Server:
         if path == b"/metrics":
             return Reply(200, generate_latest(REGISTRY)), CONTENT_TYPE_LATEST.encode()
         return error_reply(404, "not found"), None
+
+    def when_durable(self, conn: HttpProtocol, slot: Slot, pending: Pending) -> None:
+        """Call ``conn.committed(slot, pending, future)`` once ``pending`` is durable.
+
+        A group commit covers the requests of many connections; releasing them
+        from one callback saves a scheduled callback per request.
+        """
+        fut = pending.durable
+        waiters = self._waiting.get(fut)
+        if waiters is None:
+            waiters = self._waiting[fut] = []
+            fut.add_done_callback(self._release)
+        waiters.append((conn, slot, pending))
+
+    def _release(self, fut: asyncio.Future[Any]) -> None:
+        for conn, slot, pending in self._waiting.pop(fut):
+            conn.committed(slot, pending, fut)
+
+    def write_soon(self, conn: HttpProtocol) -> None:
+        """Have ``conn`` write its ready responses after this loop pass's callbacks.
+
+        Responses completed by one group commit then go out in one send per
+        connection, and the whole commit costs one scheduled callback.
+        """
+        to_write = self._to_write
+        to_write.append(conn)
+        if len(to_write) == 1:
+            self.loop.call_soon(self._write_all)
+
+    def _write_all(self) -> None:
+        to_write, self._to_write = self._to_write, []
+        for conn in to_write:
+            conn.write_ready()
 
     def count_request(self, path: bytes, status: int) -> None:
         """Count an answered request under a bounded set of path labels."""
