@@ -388,18 +388,19 @@ class EmbeddedLog(Log):
             raise LogUnavailable(f"log is read-only after an I/O error: {self._failure}")
         if self._closing:
             raise LogUnavailable("log is closing")
-        if self.overloaded:
+        if self._pending_bytes > self.max_pending_bytes:
             raise LogOverloaded(
                 f"{self._pending_bytes} bytes wait for a flush (log.max_pending_bytes)"
             )
-        try:
-            self._partition(stream, partition)  # opened (and recovered) on first use
-        except OSError as exc:
-            # A new partition's directory or segment could not be made (disk
-            # full, permissions): refuse this append, the files in use are fine.
-            raise LogUnavailable(f"cannot open {stream}/{partition}: {exc}") from None
-        data = frame(payload)
         key = (stream, partition)
+        if key not in self._parts:
+            try:
+                self._partition(stream, partition)  # opened (and recovered) on first use
+            except OSError as exc:
+                # A new partition's directory or segment could not be made (disk
+                # full, permissions): refuse this append, the files in use are fine.
+                raise LogUnavailable(f"cannot open {stream}/{partition}: {exc}") from None
+        data = frame(payload)
         frames = self._pending.get(key)
         if frames is None:
             frames = self._pending[key] = []

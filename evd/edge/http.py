@@ -329,15 +329,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _set_phase(self, phase: int) -> None:
         self.phase = phase
-        limits = self.limits
-        if phase == IDLE:
-            self.deadline = self.server.now + limits.keepalive_timeout_s
-        elif phase == HEADERS:
-            self.deadline = self.server.now + limits.header_timeout_s
-        elif phase == BODY:
-            self.deadline = self.server.now + limits.body_timeout_s
-        else:
-            self.deadline = float("inf")
+        self.deadline = self.server.now + self.server.phase_timeouts[phase]
 
     def expire(self) -> None:
         """Called by the server's sweep once ``deadline`` has passed."""

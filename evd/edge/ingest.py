@@ -213,14 +213,14 @@ class Ingest:
 
         by_partition, accepted_ids, duplicates = self._split(events)
         log = self.log
-        futures: set[asyncio.Future[None]] = set()
+        futures: list[asyncio.Future[None]] = []
         try:
             for p, batch in by_partition.items():
-                futures.add(
+                futures.append(
                     log.append(RAW, p, msgpack_encoder.encode(RawBatch(received_at, batch, skew)))
                 )
             for letter in dead:
-                futures.add(log.append(
+                futures.append(log.append(
                     DEAD_LETTER,
                     zlib.crc32(letter.event) % self.partitions,
                     msgpack_encoder.encode(letter),
@@ -243,9 +243,9 @@ class Ingest:
             return reply
         # The embedded log gives every append of one synchronous call the same
         # group-commit future, so this is usually a single future.
-        durable: asyncio.Future[Any] = (
-            futures.pop() if len(futures) == 1 else asyncio.gather(*futures)
-        )
+        durable: asyncio.Future[Any] = futures[0]
+        if futures.count(durable) != len(futures):
+            durable = asyncio.gather(*set(futures))
         return Pending(durable, reply, accepted_ids)
 
     @staticmethod

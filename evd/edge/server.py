@@ -52,6 +52,11 @@ class Server:
         #: Created inside the worker's running loop.
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time()
+        limits = cfg.limits
+        #: How long a connection may stay in each phase (IDLE, HEADERS, BODY, WAITING).
+        self.phase_timeouts = (
+            limits.keepalive_timeout_s, limits.header_timeout_s, limits.body_timeout_s, float("inf")
+        )
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         #: Requests waiting for a group commit, by the commit's future: one
