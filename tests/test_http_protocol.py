@@ -4,6 +4,7 @@ the same responses, in order; bounds hold however the head is split."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import msgspec
@@ -13,7 +14,7 @@ from evdtest import MemoryLog, Response, batch, make_event, parse_responses, raw
 from evd.core.config import load_config
 from evd.core.log import Log
 from evd.edge.http import HttpProtocol
-from evd.edge.ingest import Ingest
+from evd.edge.ingest import Ingest, Pending
 from evd.edge.server import Server
 
 MAX_HEADER = 2048
@@ -241,10 +242,7 @@ class HeldLog(MemoryLog):
 
 @pytest.mark.parametrize("outcome", ["durable", "failed"])
 async def test_one_group_commit_answers_every_connection_waiting_on_it(outcome: str) -> None:
-    cfg = load_config(None, environ={})
-    log = HeldLog()
-    server = Server(cfg, cast(Log, log), Ingest(cfg, cast(Log, log)))
-    server.recovered = True
+    server, _, log = held_server()
     conns = []
     for i in range(3):
         proto, transport = HttpProtocol(server), FakeTransport()
@@ -271,3 +269,76 @@ async def test_one_group_commit_answers_every_connection_waiting_on_it(outcome: 
     finally:
         for proto, _ in conns:
             await close(proto)
+
+
+class BrokenTransport(FakeTransport):
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        raise RuntimeError("transport broke")
+
+
+@pytest.fixture
+async def loop_reports() -> AsyncIterator[list[dict[str, Any]]]:
+    """What the running loop's exception handler was given during the test."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _loop, context: reported.append(context))
+    yield reported
+    loop.set_exception_handler(None)
+
+
+async def post_each_and_commit(
+    server: Server, log: HeldLog, transports: list[FakeTransport], prefix: str
+) -> None:
+    """One POST per transport, all covered by the log's one commit, which then succeeds."""
+    protos = []
+    try:
+        for i, transport in enumerate(transports):
+            proto = HttpProtocol(server)
+            proto.connection_made(transport)
+            protos.append(proto)
+            await feed(proto, raw_post(batch([make_event(f"{prefix}-{i}")])), [1 << 20])
+        assert log.commit is not None
+        log.commit.set_result(None)
+        for _ in range(5):
+            await asyncio.sleep(0)
+    finally:
+        for proto in protos:
+            await close(proto)
+
+
+def held_server() -> tuple[Server, Ingest, HeldLog]:
+    cfg = load_config(None, environ={})
+    log = HeldLog()
+    ingest = Ingest(cfg, cast(Log, log))
+    server = Server(cfg, cast(Log, log), ingest)
+    server.recovered = True
+    return server, ingest, log
+
+
+async def test_a_connection_failing_to_write_does_not_strand_the_others(
+    loop_reports: list[dict[str, Any]],
+) -> None:
+    server, _, log = held_server()
+    transports = [FakeTransport(), BrokenTransport(), FakeTransport()]
+    await post_each_and_commit(server, log, transports, "b")
+    assert [r.status for r in parse_responses(bytes(transports[0].written))] == [200]
+    assert [r.status for r in parse_responses(bytes(transports[2].written))] == [200]
+    assert [str(c["exception"]) for c in loop_reports] == ["transport broke"]
+
+
+async def test_a_request_failing_to_commit_does_not_strand_the_others(
+    monkeypatch: pytest.MonkeyPatch, loop_reports: list[dict[str, Any]]
+) -> None:
+    server, ingest, log = held_server()
+    real_committed = ingest.committed
+
+    def committed(pending: Pending) -> None:
+        if pending.event_ids == ["f-0"]:
+            raise RuntimeError("bookkeeping broke")
+        real_committed(pending)
+
+    monkeypatch.setattr(ingest, "committed", committed)
+    transports = [FakeTransport() for _ in range(3)]
+    await post_each_and_commit(server, log, transports, "f")
+    assert [len(parse_responses(bytes(t.written))) for t in transports] == [0, 1, 1]
+    assert [str(c["exception"]) for c in loop_reports] == ["bookkeeping broke"]

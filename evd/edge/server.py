@@ -116,7 +116,10 @@ class Server:
 
     def _release(self, fut: asyncio.Future[Any]) -> None:
         for conn, slot, pending in self._waiting.pop(fut):
-            conn.committed(slot, pending, fut)
+            try:
+                conn.committed(slot, pending, fut)
+            except Exception as exc:  # noqa: BLE001 (reported; see _report)
+                self._report(exc, "answering a committed request failed")
 
     def write_soon(self, conn: HttpProtocol) -> None:
         """Have ``conn`` write its ready responses after this loop pass's callbacks.
@@ -132,7 +135,18 @@ class Server:
     def _write_all(self) -> None:
         to_write, self._to_write = self._to_write, []
         for conn in to_write:
-            conn.write_ready()
+            try:
+                conn.write_ready()
+            except Exception as exc:  # noqa: BLE001 (reported; see _report)
+                self._report(exc, "writing responses failed")
+
+    def _report(self, exc: Exception, message: str) -> None:
+        """A failure serving one connection, reported by the loop like a failed callback.
+
+        The loops in ``_release`` and ``_write_all`` serve many connections; one
+        failing must not leave the others unanswered.
+        """
+        self.loop.call_exception_handler({"message": message, "exception": exc})
 
     def count_request(self, path: bytes, status: int) -> None:
         """Count an answered request under a bounded set of path labels."""
