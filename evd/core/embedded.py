@@ -388,7 +388,7 @@ class EmbeddedLog(Log):
             raise LogUnavailable(f"log is read-only after an I/O error: {self._failure}")
         if self._closing:
             raise LogUnavailable("log is closing")
-        if self._pending_bytes > self.max_pending_bytes:
+        if self.overloaded:
             raise LogOverloaded(
                 f"{self._pending_bytes} bytes wait for a flush (log.max_pending_bytes)"
             )

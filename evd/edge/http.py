@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections import deque
 from http import HTTPStatus
@@ -20,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import httptools
 
 from evd.core import metrics
+from evd.core.config import LimitsConfig
 from evd.edge.flow_control import FlowControl
 from evd.edge.ingest import Pending, Reply, error_reply
 
@@ -45,6 +47,11 @@ CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 #: Connection phases, each with its own timeout.
 IDLE, HEADERS, BODY, WAITING = 0, 1, 2, 3
+
+
+def phase_timeouts(limits: LimitsConfig) -> tuple[float, float, float, float]:
+    """How long a connection may stay in each phase, indexed by the phase."""
+    return (limits.keepalive_timeout_s, limits.header_timeout_s, limits.body_timeout_s, math.inf)
 
 
 def render(reply: Reply, close: bool, content_type: bytes | None = None) -> bytes:

@@ -14,7 +14,7 @@ from evd.core import metrics
 from evd.core.config import Config
 from evd.core.log import Log
 from evd.edge.auth import KeyRing
-from evd.edge.http import HttpProtocol, Slot
+from evd.edge.http import HttpProtocol, Slot, phase_timeouts
 from evd.edge.ingest import Ingest, Pending, Reply, error_reply
 
 log = logging.getLogger(__name__)
@@ -52,11 +52,7 @@ class Server:
         #: Created inside the worker's running loop.
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time()
-        limits = cfg.limits
-        #: How long a connection may stay in each phase (IDLE, HEADERS, BODY, WAITING).
-        self.phase_timeouts = (
-            limits.keepalive_timeout_s, limits.header_timeout_s, limits.body_timeout_s, float("inf")
-        )
+        self.phase_timeouts = phase_timeouts(cfg.limits)
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         #: Requests waiting for a group commit, by the commit's future: one
