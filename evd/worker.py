@@ -47,7 +47,6 @@ async def serve(cfg: Config, sock: socket.socket | None = None) -> None:
     lg = open_log(cfg)
     server = Server(cfg, lg, Ingest(cfg, lg))
     await server.start(cfg.server.host, cfg.server.port, sock)
-    server.recovered = True
     if cfg.auth.enabled and DEV_KEY in cfg.auth.keys:
         log.warning(
             "the development API key %r is enabled: set auth.keys before exposing evd", DEV_KEY

@@ -8,6 +8,7 @@ Every helper talks to 127.0.0.1 only and bounds its waits in time.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import http.client
 import json
@@ -20,11 +21,11 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Self
 
-from evd.core.log import DEAD_LETTER, RAW
+from evd.core.log import DEAD_LETTER, RAW, Append
 from evd.core.schema import dead_letter_decoder, raw_batch_decoder
 
 DEV_KEY = "evd-dev-key"
@@ -97,10 +98,10 @@ class MemoryLog:
         self.writable = True
         self.overloaded = False
 
-    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
+    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
         if self.fail is not None:
             raise self.fail
-        self.appends.append((stream, partition, payload))
+        self.appends.extend(records)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         fut.set_result(None)
         return fut
@@ -258,6 +259,31 @@ def parse_responses(data: bytes) -> list[Response]:
         out.append(Response(int(lines[0].split(" ", 2)[1]), headers, rest[:length]))
         data = rest[length:]
     return out
+
+
+def parse_response(data: bytes) -> Response:
+    responses = parse_responses(data)
+    if len(responses) != 1:
+        raise asyncio.IncompleteReadError(data, None)
+    return responses[0]
+
+
+async def close_writer(writer: asyncio.StreamWriter) -> None:
+    """Close a client stream; a peer that died (kill -9) may reset it first."""
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+async def exchange(port: int, data: bytes, timeout: float = 10.0) -> Response:
+    """Send one request with ``Connection: close`` and read the response to EOF."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return parse_response(await asyncio.wait_for(reader.read(), timeout))
+    finally:
+        await close_writer(writer)
 
 
 def closed_or_408(sent: bytes | None) -> bool:

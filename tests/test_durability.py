@@ -4,7 +4,6 @@ an fsync failure (503, not ready), SIGTERM draining and flushing."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
 import json
 import os
@@ -17,11 +16,11 @@ from typing import Any
 from evdtest import (
     HOST,
     RawConn,
-    Response,
     ServerFactory,
     batch,
+    close_writer,
+    exchange,
     make_event,
-    parse_responses,
     post,
     raw_get,
     raw_post,
@@ -42,31 +41,6 @@ def logged_ids(data_dir: Path, stream: str = "raw") -> set[str]:
 def missing_ids(acknowledged: set[str], logged: set[str]) -> set[str]:
     """Acknowledged event ids the log does not hold (must be empty)."""
     return acknowledged - logged
-
-
-def parse_response(data: bytes) -> Response:
-    responses = parse_responses(data)
-    if len(responses) != 1:
-        raise asyncio.IncompleteReadError(data, None)
-    return responses[0]
-
-
-async def close_writer(writer: asyncio.StreamWriter) -> None:
-    """Close a client stream; a peer that died (kill -9) may reset it first."""
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
-
-
-async def exchange(port: int, data: bytes, timeout: float = 10.0) -> Response:
-    """Send one request with ``Connection: close`` and read the response to EOF."""
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return parse_response(await asyncio.wait_for(reader.read(), timeout))
-    finally:
-        await close_writer(writer)
 
 
 # -- kill -9 under load ------------------------------------------------------------------
@@ -190,7 +164,6 @@ async def test_fsync_failure_answers_503_and_fails_readyz(tmp_path: Path) -> Non
     lg = open_log(cfg)
     server = Server(cfg, lg, Ingest(cfg, lg))
     await server.start(HOST, 0)
-    server.recovered = True
     port = server.port
     try:
         ok = await exchange(port, raw_post(batch([make_event("eio-ok")]), close=True))

@@ -4,7 +4,8 @@ the same responses, in order; bounds hold however the head is split."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import logging
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import msgspec
@@ -12,7 +13,7 @@ import pytest
 from evdtest import MemoryLog, Response, batch, make_event, parse_responses, raw_get, raw_post
 
 from evd.core.config import load_config
-from evd.core.log import Log
+from evd.core.log import Append, Log
 from evd.edge.http import HttpProtocol
 from evd.edge.ingest import Ingest, Pending
 from evd.edge.server import Server
@@ -21,17 +22,29 @@ MAX_HEADER = 2048
 
 
 class FakeTransport(asyncio.Transport):
-    """Collects what the protocol writes; records closes and read pauses."""
+    """Collects what the protocol writes; records closes, write_eof and read pauses."""
 
     def __init__(self) -> None:
         super().__init__()
         self.written = bytearray()
         self.closed = False
+        self.eof_written = False
         self.paused = False
 
+    @property
+    def ended(self) -> bool:
+        """The server closed the connection or its sending side (a lingering close)."""
+        return self.closed or self.eof_written
+
     def write(self, data: bytes | bytearray | memoryview) -> None:
-        assert not self.closed, "write after close"
+        assert not self.closed and not self.eof_written, "write after close"
         self.written += data
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.eof_written = True
 
     def close(self) -> None:
         self.closed = True
@@ -62,7 +75,6 @@ async def connect(**limits: Any) -> tuple[HttpProtocol, FakeTransport, MemoryLog
     )
     log = MemoryLog()
     server = Server(cfg, cast(Log, log), Ingest(cfg, cast(Log, log)))
-    server.recovered = True
     proto = HttpProtocol(server)
     transport = FakeTransport()
     proto.connection_made(transport)
@@ -115,7 +127,7 @@ async def test_any_fragmentation_gives_the_same_responses_in_order(sizes: list[i
             1, 2, 1,
         ]
         assert sorted(log.raw_ids()) == ["fp-1", "fp-2", "fp-3", "fp-4"]
-        assert not transport.closed
+        assert not transport.ended
     finally:
         await close(proto)
 
@@ -131,7 +143,7 @@ async def test_unfinished_head_is_431_however_it_arrives(sizes: list[int]) -> No
         await feed(proto, b"v" * (MAX_HEADER + 1), sizes)
         resps = parse_responses(bytes(transport.written))
         assert [r.status for r in resps] == [431]
-        assert transport.closed
+        assert transport.ended
     finally:
         await close(proto)
 
@@ -158,7 +170,7 @@ async def test_error_after_pipelined_requests_keeps_their_responses_first() -> N
         data = raw_post(batch([make_event("first")])) + b"GARBAGE / NOT-HTTP\r\n\r\n"
         await feed(proto, data, [1 << 20])
         assert [r.status for r in parse_responses(bytes(transport.written))] == [200, 400]
-        assert transport.closed
+        assert transport.ended
     finally:
         await close(proto)
 
@@ -192,7 +204,7 @@ async def test_a_key_over_its_rate_is_refused_from_headers_alone() -> None:
         assert [r.status for r in resps] == [200, 429, 200]
         assert int(resps[1].headers["retry-after"]) >= 1
         assert log.raw_ids() == ["r-1", "r-2"]
-        assert not transport.closed
+        assert not transport.ended
     finally:
         await close(proto)
 
@@ -220,7 +232,7 @@ async def test_requests_pipelined_after_connection_close_are_not_processed() -> 
         data = raw_post(batch([make_event("c-a")]), close=True) + raw_post(batch([make_event("c-b")]))
         await feed(proto, data, [1 << 20])
         assert [r.status for r in parse_responses(bytes(transport.written))] == [200]
-        assert transport.closed
+        assert transport.ended
         assert log.raw_ids() == ["c-a"]  # nothing appended that could not be answered
     finally:
         await close(proto)
@@ -233,8 +245,8 @@ class HeldLog(MemoryLog):
         super().__init__()
         self.commit: asyncio.Future[None] | None = None
 
-    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
-        self.appends.append((stream, partition, payload))
+    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
+        self.appends.extend(records)
         if self.commit is None:
             self.commit = asyncio.get_running_loop().create_future()
         return self.commit
@@ -277,13 +289,15 @@ class BrokenTransport(FakeTransport):
 
 
 @pytest.fixture
-async def loop_reports() -> AsyncIterator[list[dict[str, Any]]]:
-    """What the running loop's exception handler was given during the test."""
-    loop = asyncio.get_running_loop()
-    reported: list[dict[str, Any]] = []
-    loop.set_exception_handler(lambda _loop, context: reported.append(context))
-    yield reported
-    loop.set_exception_handler(None)
+def reported(caplog: pytest.LogCaptureFixture) -> Callable[[], list[str]]:
+    """The exceptions the edge logged with their tracebacks so far in the test."""
+    caplog.set_level(logging.ERROR, logger="evd.edge")
+
+    def exceptions() -> list[str]:
+        return [str(r.exc_info[1]) for r in caplog.records
+                if r.name.startswith("evd.edge") and r.exc_info]
+
+    return exceptions
 
 
 async def post_each_and_commit(
@@ -311,23 +325,23 @@ def held_server() -> tuple[Server, Ingest, HeldLog]:
     log = HeldLog()
     ingest = Ingest(cfg, cast(Log, log))
     server = Server(cfg, cast(Log, log), ingest)
-    server.recovered = True
     return server, ingest, log
 
 
 async def test_a_connection_failing_to_write_does_not_strand_the_others(
-    loop_reports: list[dict[str, Any]],
+    reported: Callable[[], list[str]],
 ) -> None:
     server, _, log = held_server()
     transports = [FakeTransport(), BrokenTransport(), FakeTransport()]
     await post_each_and_commit(server, log, transports, "b")
     assert [r.status for r in parse_responses(bytes(transports[0].written))] == [200]
     assert [r.status for r in parse_responses(bytes(transports[2].written))] == [200]
-    assert [str(c["exception"]) for c in loop_reports] == ["transport broke"]
+    assert reported() == ["transport broke"]
+    assert transports[1].closed  # its responses are lost: the client must see that
 
 
 async def test_a_request_failing_to_commit_does_not_strand_the_others(
-    monkeypatch: pytest.MonkeyPatch, loop_reports: list[dict[str, Any]]
+    monkeypatch: pytest.MonkeyPatch, reported: Callable[[], list[str]]
 ) -> None:
     server, ingest, log = held_server()
     real_committed = ingest.committed
@@ -340,5 +354,8 @@ async def test_a_request_failing_to_commit_does_not_strand_the_others(
     monkeypatch.setattr(ingest, "committed", committed)
     transports = [FakeTransport() for _ in range(3)]
     await post_each_and_commit(server, log, transports, "f")
-    assert [len(parse_responses(bytes(t.written))) for t in transports] == [0, 1, 1]
-    assert [str(c["exception"]) for c in loop_reports] == ["bookkeeping broke"]
+    # Every request gets one answer: a 500 for the one whose bookkeeping failed.
+    assert [[r.status for r in parse_responses(bytes(t.written))] for t in transports] == [
+        [500], [200], [200],
+    ]
+    assert reported() == ["bookkeeping broke"]

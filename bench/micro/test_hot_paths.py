@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +11,7 @@ import pytest
 
 from evd.core.config import Config
 from evd.core.embedded import EmbeddedLog, frame
+from evd.core.log import Append
 from evd.core.schema import (
     RawBatch,
     batch_is_valid,
@@ -60,7 +62,7 @@ class _NullLog:
         self.done = loop.create_future()
         self.done.set_result(None)
 
-    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
+    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
         return self.done
 
 

@@ -52,6 +52,14 @@ class LimitsConfig(Base):
     header_timeout_s: float = 10.0  # connection closed (408) when headers are this slow
     body_timeout_s: float = 30.0  # connection closed (408) when the body is this slow
     keepalive_timeout_s: float = 75.0  # idle keep-alive connections are closed
+    #: After an error answered before the request was read to its end, evd reads
+    #: and discards what the client still sends for this long at most, then closes
+    #: (a close with unread input resets the connection, and the answer with it).
+    linger_timeout_s: float = 5.0
+    #: ... and this many bytes at most.
+    linger_max_bytes: int = 16 * MiB
+    #: A POST waiting longer than this for its group commit is answered 503.
+    commit_timeout_s: float = 10.0
     #: Per API key token bucket, events per second; 0 disables (429 + Retry-After).
     rate_limit_events_per_s: float = 0.0
     #: Bucket size in events; 0 means one second's worth.
@@ -137,6 +145,11 @@ def _validate(cfg: Config) -> None:
             raise ConfigError("auth.keys: sha256 digests must be 'sha256:' + 64 hex digits")
     if cfg.log.segment_bytes < 4096:
         raise ConfigError("log.segment_bytes: must be >= 4096")
+    for name in ("linger_timeout_s", "commit_timeout_s"):
+        if getattr(cfg.limits, name) <= 0:
+            raise ConfigError(f"limits.{name}: must be > 0")
+    if cfg.limits.linger_max_bytes < 0:
+        raise ConfigError("limits.linger_max_bytes: must be >= 0")
     if cfg.log.checkpoint_bytes < 4096:
         raise ConfigError("log.checkpoint_bytes: must be >= 4096")
 

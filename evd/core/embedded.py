@@ -36,7 +36,7 @@ import bisect
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
@@ -48,7 +48,7 @@ from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
 from evd.core.framing import HEADER, IOV_MAX, frame, fsync_dir, scan_frames
 from evd.core.journal import DIRNAME as JOURNAL_DIR
 from evd.core.journal import Journal, entry_head
-from evd.core.log import Log, Record
+from evd.core.log import Append, Log, Record
 
 log = logging.getLogger(__name__)
 
@@ -383,29 +383,33 @@ class EmbeddedLog(Log):
 
     # -- appends -----------------------------------------------------------------
 
-    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
+    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
         if self._failure is not None:
-            raise LogUnavailable(f"log is read-only after an I/O error: {self._failure}")
+            raise LogUnavailable(f"log is read-only after a failed flush: {self._failure}")
         if self._closing:
             raise LogUnavailable("log is closing")
         if self.overloaded:
             raise LogOverloaded(
                 f"{self._pending_bytes} bytes wait for a flush (log.max_pending_bytes)"
             )
-        key = (stream, partition)
-        if key not in self._parts:
-            try:
-                self._partition(stream, partition)  # opened (and recovered) on first use
-            except OSError as exc:
-                # A new partition's directory or segment could not be made (disk
-                # full, permissions): refuse this append, the files in use are fine.
-                raise LogUnavailable(f"cannot open {stream}/{partition}: {exc}") from None
-        data = frame(payload)
-        frames = self._pending.get(key)
-        if frames is None:
-            frames = self._pending[key] = []
-        frames.append(data)
-        self._pending_bytes += len(data)
+        parts, pending = self._parts, self._pending
+        for stream, partition, _ in records:
+            if (stream, partition) not in parts:
+                try:
+                    self._partition(stream, partition)  # opened (and recovered) on first use
+                except OSError as exc:
+                    # A new partition's directory or segment could not be made (disk
+                    # full, permissions): refuse these appends, the files in use are fine.
+                    raise LogUnavailable(f"cannot open {stream}/{partition}: {exc}") from None
+        # Admitted: from here on nothing raises, so all of them are queued.
+        for stream, partition, payload in records:
+            data = frame(payload)
+            frames = pending.get((stream, partition))
+            if frames is None:
+                pending[(stream, partition)] = [data]
+            else:
+                frames.append(data)
+            self._pending_bytes += len(data)
         fut = self._flush_future
         if fut is None:
             fut = self._flush_future = asyncio.get_running_loop().create_future()
@@ -447,7 +451,9 @@ class EmbeddedLog(Log):
                         metrics.LOG_FSYNC_SECONDS.observe(time.perf_counter() - started)
                     for part, frames in work:
                         part.write(frames)  # page cache; made durable by a checkpoint
-                except OSError as exc:
+                except Exception as exc:  # noqa: BLE001 (any failure fails the group)
+                    # Whatever failed (an I/O error, a bug), this group cannot be
+                    # known durable: its requests get 503 and the log turns read-only.
                     self._fail(exc)
                     if fut is not None and not fut.done():
                         fut.set_exception(LogUnavailable(f"log write failed: {exc}"))
@@ -498,7 +504,7 @@ class EmbeddedLog(Log):
         try:
             await self._sync_dirty()
             self._journal.drop(old)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 (the partition files' state is unknown)
             self._fail(exc)
         finally:
             self._checkpoint = None
@@ -541,7 +547,7 @@ class EmbeddedLog(Log):
             await asyncio.sleep(self.fsync_interval_s)
             try:
                 await self._sync_dirty()
-            except OSError as exc:
+            except Exception as exc:  # noqa: BLE001 (the partition files' state is unknown)
                 self._fail(exc)
                 return
 
@@ -549,7 +555,10 @@ class EmbeddedLog(Log):
         if self._failure is not None:
             return
         self._failure = exc
-        log.error("log turned read-only after an I/O error: %s", exc)
+        if isinstance(exc, OSError):
+            log.error("log turned read-only after an I/O error: %s", exc)
+        else:
+            log.error("log turned read-only after a failed flush: %r", exc, exc_info=exc)
         pending, self._flush_future = self._flush_future, None
         self._pending.clear()
         self._pending_bytes = 0

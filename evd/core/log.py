@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import zlib
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 RAW = "raw"
@@ -29,9 +30,24 @@ class Record(NamedTuple):
     payload: bytes
 
 
+def partitions_for(keys: Iterable[str], partitions: int) -> list[int]:
+    """The partition of each key: crc32 of its UTF-8 bytes modulo ``partitions``.
+
+    The one definition of the mapping, identical in every process and run: users
+    are placed by it, so changing it moves every user away from their history.
+    Takes many keys at once because the edge maps every accepted event.
+    """
+    crc32 = zlib.crc32
+    return [crc32(key.encode()) % partitions for key in keys]
+
+
 def partition_for(key: str, partitions: int) -> int:
-    """Stable partition of a key (crc32, identical in every process and run)."""
-    return zlib.crc32(key.encode()) % partitions
+    """The partition of one key (see partitions_for)."""
+    return partitions_for((key,), partitions)[0]
+
+
+#: One record to append: (stream, partition, payload).
+Append = tuple[str, int, bytes]
 
 
 class Log(ABC):
@@ -50,13 +66,19 @@ class Log(ABC):
         """True while appends would be refused with LogOverloaded (shed before decoding)."""
 
     @abstractmethod
-    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
-        """Queue ``payload`` for ``stream``/``partition``.
+    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
+        """Queue every record of ``records``, or none of them.
 
-        The future completes when the record is durable per the fsync policy and
-        fails with LogUnavailable if it never will be. Raises LogUnavailable or
-        LogOverloaded at once when the append cannot be taken.
+        Admission is decided once, for all of them (one request's records): when
+        the log cannot take them it raises LogUnavailable or LogOverloaded at
+        once and nothing is queued, so a refused request leaves nothing behind
+        that a retry would duplicate. The future completes when all are durable
+        per the fsync policy and fails with LogUnavailable if they never will be.
         """
+
+    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
+        """Queue one record (see append_all)."""
+        return self.append_all(((stream, partition, payload),))
 
     @abstractmethod
     async def read(

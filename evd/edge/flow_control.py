@@ -51,6 +51,12 @@ class FlowControl:
         if self._in_flight <= LOW_WATER_REQUESTS:
             self._resume()
 
+    def release(self) -> None:
+        """Read again whatever the marks say: the connection only drains its input now."""
+        self._in_flight = 0
+        self._writing_paused = False
+        self._resume()
+
     def _pause(self) -> None:
         if not self._reading_paused and not self._transport.is_closing():
             self._reading_paused = True

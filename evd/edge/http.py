@@ -43,15 +43,31 @@ STATUS_LINES = {
 }
 JSON_HEADERS = b"Content-Type: application/json\r\nContent-Length: "
 CLOSE = b"Connection: close\r\n"
+INTERNAL_ERROR = error_reply(500, "internal error")
+COMMIT_TIMED_OUT = error_reply(
+    503, "timed out waiting for the log to make the events durable (limits.commit_timeout_s)", 5
+)
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
-#: Connection phases, each with its own timeout.
-IDLE, HEADERS, BODY, WAITING = 0, 1, 2, 3
+#: Connection phases, each with its own timeout. LINGER: an error was answered
+#: before the request was read to its end; what the client still sends is read
+#: and discarded (see HttpProtocol._linger).
+IDLE, HEADERS, BODY, WAITING, LINGER = 0, 1, 2, 3, 4
 
 
-def phase_timeouts(limits: LimitsConfig) -> tuple[float, float, float, float]:
-    """How long a connection may stay in each phase, indexed by the phase."""
-    return (limits.keepalive_timeout_s, limits.header_timeout_s, limits.body_timeout_s, math.inf)
+def phase_timeouts(limits: LimitsConfig) -> tuple[float, float, float, float, float]:
+    """How long a connection may stay in each phase, indexed by the phase.
+
+    WAITING has no bound of its own: a POST's wait for its group commit is
+    bounded per commit by ``limits.commit_timeout_s`` (Server.sweep).
+    """
+    return (
+        limits.keepalive_timeout_s,
+        limits.header_timeout_s,
+        limits.body_timeout_s,
+        math.inf,
+        limits.linger_timeout_s,
+    )
 
 
 def render(reply: Reply, close: bool, content_type: bytes | None = None) -> bytes:
@@ -93,6 +109,11 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = IDLE
         self.deadline = 0.0
         self.closing = False
+        #: The client closed its sending side.
+        self.eof = False
+        #: Bytes the client may still send once an error closes the connection
+        #: (limits.linger_max_bytes); reading stops when they run out.
+        self.linger_left = 0
         self.write_scheduled = False
         #: Requests begun on this connection (tells data_received whether a chunk
         #: belongs wholly to the head being read).
@@ -132,6 +153,15 @@ class HttpProtocol(asyncio.Protocol):
         metrics.CONNECTIONS.dec()
         self.queue.clear()
 
+    def eof_received(self) -> bool | None:
+        """The client will send no more: answer the requests it completed, then close."""
+        self.eof = True
+        if self.queue:
+            self.queue[-1].close = True
+            self.closing = True
+            return True  # keep the transport open for the queued responses
+        return None  # nothing to answer: the transport closes
+
     def pause_writing(self) -> None:
         assert self.flow is not None
         self.flow.pause_writing()
@@ -142,14 +172,20 @@ class HttpProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self.closing:
+            # An error was answered (or is queued): what the client still sends
+            # is discarded, within the linger bound.
+            self.linger_left -= len(data)
+            if self.linger_left < 0 and self.transport is not None:
+                self.transport.close()
             return
         messages = self.messages
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserCallbackError:
-            # A callback already queued the error response and began closing.
+        except httptools.HttpParserCallbackError as exc:
+            # _Stop: a callback already queued the error response and began closing.
             if not self.closing:
-                raise
+                self.server.report(exc.__cause__ or exc, "an HTTP parser callback failed")
+                self._fail(500, "internal error")
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
         except httptools.HttpParserError as exc:
@@ -242,6 +278,14 @@ class HttpProtocol(asyncio.Protocol):
         keep_alive = self.parser.should_keep_alive() and not self.server.draining
         slot.close = not keep_alive
         self._set_phase(WAITING)
+        try:
+            self._dispatch(slot)
+        except Exception as exc:  # noqa: BLE001 (every request gets one answer)
+            self.server.report(exc, "handling a request failed")
+            self._finish(slot, INTERNAL_ERROR, self.path)
+
+    def _dispatch(self, slot: Slot) -> None:
+        """Answer the complete request of ``slot`` now, or once its events are durable."""
         if self.early is not None:
             self._finish(slot, self.early, EVENTS_PATH)
             return
@@ -262,15 +306,25 @@ class HttpProtocol(asyncio.Protocol):
 
     def committed(self, slot: Slot, pending: Pending, fut: asyncio.Future[Any]) -> None:
         """The group commit ``fut`` covering ``pending`` ended: answer 200, or 503."""
-        if fut.cancelled():
-            reply = error_reply(503, "shutting down", 1)
-        elif fut.exception() is not None:
-            reply = error_reply(503, f"log unavailable: {fut.exception()}", 5)
-        else:
-            self.server.ingest.committed(pending)
-            reply = pending.reply
-            metrics.HOT.observe_request(time.perf_counter() - slot.started)
+        if slot.data is not None:
+            return  # answered 503 already: the commit outlasted limits.commit_timeout_s
+        try:
+            if fut.cancelled():
+                reply = error_reply(503, "shutting down", 1)
+            elif fut.exception() is not None:
+                reply = error_reply(503, f"log unavailable: {fut.exception()}", 5)
+            else:
+                self.server.ingest.committed(pending)
+                reply = pending.reply
+                metrics.HOT.observe_request(time.perf_counter() - slot.started)
+        except Exception as exc:  # noqa: BLE001 (every request gets one answer)
+            self.server.report(exc, "answering a committed request failed")
+            reply = INTERNAL_ERROR
         self._finish(slot, reply, EVENTS_PATH)
+
+    def commit_timed_out(self, slot: Slot) -> None:
+        """The group commit of ``slot``'s request took over limits.commit_timeout_s."""
+        self._finish(slot, COMMIT_TIMED_OUT, EVENTS_PATH)
 
     def _finish(
         self,
@@ -312,13 +366,19 @@ class HttpProtocol(asyncio.Protocol):
         if close:
             self.closing = True
             queue.clear()
-            transport.close()
+            if self.linger_left > 0 and not self.eof and transport.can_write_eof():
+                self._linger(transport)
+            else:
+                transport.close()
             return
         if not queue and self.phase == WAITING:
             self._set_phase(IDLE)
 
     def _fail(self, status: int, message: str) -> None:
-        """Answer ``status`` after the responses already queued, then close."""
+        """Answer ``status`` after the responses already queued, then close.
+
+        The request was not read to its end, so the close lingers (_linger).
+        """
         if self.closing:
             return
         slot = Slot(time.perf_counter())
@@ -327,10 +387,26 @@ class HttpProtocol(asyncio.Protocol):
         assert self.flow is not None
         self.flow.request_started()
         self.closing = True  # stop parsing; write_ready still drains the queue
+        self.linger_left = self.limits.linger_max_bytes
         self._finish(slot, error_reply(status, message), b"")
         # Write now rather than on the next loop turn: a timed-out or rejected
         # client gets its answer before the close, whatever runs in between.
         self.write_ready()
+
+    def _linger(self, transport: asyncio.Transport) -> None:
+        """Close after an error answered before the request was read to its end.
+
+        Closing a socket with unread input makes the kernel send a reset, which
+        can reach a client that writes its whole request before reading ahead of
+        the answer, and discard it. So, as nginx's lingering close: shut down the
+        sending side (the client reads the answer, then end of stream), read and
+        discard what the client still sends, and close once it closes too, after
+        limits.linger_max_bytes, or after limits.linger_timeout_s.
+        """
+        transport.write_eof()
+        self._set_phase(LINGER)
+        assert self.flow is not None
+        self.flow.release()
 
     # -- timeouts --------------------------------------------------------------
 
@@ -342,7 +418,7 @@ class HttpProtocol(asyncio.Protocol):
         """Called by the server's sweep once ``deadline`` has passed."""
         if self.transport is None or self.transport.is_closing():
             return
-        if self.phase == IDLE:
+        if self.phase == IDLE or self.phase == LINGER:
             self.closing = True
             self.transport.close()
         elif self.phase in (HEADERS, BODY):

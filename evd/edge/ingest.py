@@ -19,7 +19,7 @@ import msgspec
 from evd.core import metrics
 from evd.core.config import Config
 from evd.core.errors import LogOverloaded, LogUnavailable, explain_validation
-from evd.core.log import DEAD_LETTER, RAW, Log
+from evd.core.log import DEAD_LETTER, RAW, Append, Log, partition_for, partitions_for
 from evd.core.schema import (
     DeadLetter,
     Event,
@@ -195,6 +195,8 @@ class Ingest:
                     dead.append(DeadLetter(received_at, index, error, bytes(item)))
         except msgspec.DecodeError as exc:
             return error_reply(400, f"body is not valid JSON: {exc}")
+        except RecursionError:
+            return error_reply(400, "body is not an event batch: JSON nested too deeply")
 
         n_events = len(events) + len(rejected)
         if n_events > self.max_events:
@@ -212,19 +214,20 @@ class Ingest:
                 skew = 0
 
         by_partition, accepted_ids, duplicates = self._split(events)
-        log = self.log
-        futures: list[asyncio.Future[None]] = []
+        records: list[Append] = [
+            (RAW, p, msgpack_encoder.encode(RawBatch(received_at, batch, skew)))
+            for p, batch in by_partition.items()
+        ]
+        for letter in dead:
+            records.append((
+                DEAD_LETTER,
+                partition_for(letter.event.decode(errors="replace"), self.partitions),
+                msgpack_encoder.encode(letter),
+            ))
+        durable: asyncio.Future[Any] | None = None
         try:
-            for p, batch in by_partition.items():
-                futures.append(
-                    log.append(RAW, p, msgpack_encoder.encode(RawBatch(received_at, batch, skew)))
-                )
-            for letter in dead:
-                futures.append(log.append(
-                    DEAD_LETTER,
-                    zlib.crc32(letter.event) % self.partitions,
-                    msgpack_encoder.encode(letter),
-                ))
+            if records:
+                durable = self.log.append_all(records)  # all of the request's, or none
         except LogOverloaded as exc:
             metrics.HOT.reject("overloaded", n_events)
             return error_reply(503, f"overloaded: {exc}", 1)
@@ -239,13 +242,8 @@ class Ingest:
         reply = Reply(
             200, json_encoder.encode(IngestResult(len(accepted_ids), duplicates, rejected))
         )
-        if not futures:
+        if durable is None:
             return reply
-        # The embedded log gives every append of one synchronous call the same
-        # group-commit future, so this is usually a single future.
-        durable: asyncio.Future[Any] = futures[0]
-        if futures.count(durable) != len(futures):
-            durable = asyncio.gather(*set(futures))
         return Pending(durable, reply, accepted_ids)
 
     @staticmethod
@@ -298,10 +296,7 @@ class Ingest:
         if partitions == 1:
             return ({0: keep} if keep else {}), ids, duplicates
         groups: dict[int, list[Event]] = {}
-        crc32 = zlib.crc32
-        for event in keep:
-            # partition_for(), inlined: this loop runs once per accepted event.
-            p = crc32(event.user_id.encode()) % partitions
+        for event, p in zip(keep, partitions_for([event.user_id for event in keep], partitions)):
             group = groups.get(p)
             if group is None:
                 groups[p] = [event]

@@ -13,9 +13,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from evd.core import metrics
 from evd.core.config import Config
 from evd.core.log import Log
+from evd.core.throttle import ThrottledLog
 from evd.edge.auth import KeyRing
 from evd.edge.http import HttpProtocol, Slot, phase_timeouts
 from evd.edge.ingest import Ingest, Pending, Reply, error_reply
+
+Waiter = tuple[HttpProtocol, Slot, Pending]
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +51,20 @@ class Server:
         self.keys = KeyRing(cfg.auth)
         self.connections: set[HttpProtocol] = set()
         self.draining = False
-        self.recovered = False
+        #: Failures serving a request, logged with their tracebacks, a few at most.
+        self.errors = ThrottledLog(log)
         #: Created inside the worker's running loop.
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time()
         self.phase_timeouts = phase_timeouts(cfg.limits)
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
-        #: Requests waiting for a group commit, by the commit's future: one
-        #: done-callback per commit releases them all, in arrival order.
-        self._waiting: dict[asyncio.Future[Any], list[tuple[HttpProtocol, Slot, Pending]]] = {}
+        #: Requests waiting for a group commit, by the commit's future, with when
+        #: the first of them began waiting: one done-callback per commit releases
+        #: them all, in arrival order; the sweep answers 503 to those waiting past
+        #: limits.commit_timeout_s.
+        self._waiting: dict[asyncio.Future[Any], tuple[float, list[Waiter]]] = {}
+        self.commit_timeout_s = cfg.limits.commit_timeout_s
         #: Connections with responses to write once this loop pass's callbacks ran.
         self._to_write: list[HttpProtocol] = []
 
@@ -68,8 +75,6 @@ class Server:
 
     def unready_reason(self) -> str | None:
         """Why /readyz fails, or None when ready."""
-        if not self.recovered:
-            return "recovering"
         if self.draining:
             return "draining"
         if not self.log.writable:
@@ -104,18 +109,31 @@ class Server:
         from one callback saves a scheduled callback per request.
         """
         fut = pending.durable
-        waiters = self._waiting.get(fut)
-        if waiters is None:
-            waiters = self._waiting[fut] = []
+        entry = self._waiting.get(fut)
+        if entry is None:
+            entry = self._waiting[fut] = (self.now, [])
             fut.add_done_callback(self._release)
-        waiters.append((conn, slot, pending))
+        entry[1].append((conn, slot, pending))
 
     def _release(self, fut: asyncio.Future[Any]) -> None:
-        for conn, slot, pending in self._waiting.pop(fut):
-            try:
-                conn.committed(slot, pending, fut)
-            except Exception as exc:  # noqa: BLE001 (reported; see _report)
-                self._report(exc, "answering a committed request failed")
+        entry = self._waiting.pop(fut, None)
+        if entry is None:
+            return  # its requests were answered 503 by the commit timeout
+        for conn, slot, pending in entry[1]:
+            conn.committed(slot, pending, fut)
+
+    def _expire_commits(self, now: float) -> None:
+        """Answer 503 to requests whose group commit outlasted limits.commit_timeout_s."""
+        oldest = now - self.commit_timeout_s
+        expired = []
+        for fut, (since, waiters) in self._waiting.items():
+            if since > oldest:
+                break  # insertion order is waiting order
+            expired.append(fut)
+            for conn, slot, _ in waiters:
+                conn.commit_timed_out(slot)
+        for fut in expired:
+            del self._waiting[fut]
 
     def write_soon(self, conn: HttpProtocol) -> None:
         """Have ``conn`` write its ready responses after this loop pass's callbacks.
@@ -133,16 +151,14 @@ class Server:
         for conn in to_write:
             try:
                 conn.write_ready()
-            except Exception as exc:  # noqa: BLE001 (reported; see _report)
-                self._report(exc, "writing responses failed")
+            except Exception as exc:  # noqa: BLE001 (one connection must not strand the others)
+                self.report(exc, "writing responses failed")
+                if conn.transport is not None:
+                    conn.transport.abort()
 
-    def _report(self, exc: Exception, message: str) -> None:
-        """A failure serving one connection, reported by the loop like a failed callback.
-
-        The loops in ``_release`` and ``_write_all`` serve many connections; one
-        failing must not leave the others unanswered.
-        """
-        self.loop.call_exception_handler({"message": message, "exception": exc})
+    def report(self, exc: BaseException, message: str) -> None:
+        """A failure serving one connection: logged with its traceback, throttled."""
+        self.errors.error(message, exc)
 
     def count_request(self, path: bytes, status: int) -> None:
         """Count an answered request under a bounded set of path labels."""
@@ -168,6 +184,7 @@ class Server:
             self.now = now = loop.time()
             for conn in [c for c in self.connections if c.deadline < now]:
                 conn.expire()
+            self._expire_commits(now)
 
     async def drain(self, grace_s: float, timeout_s: float) -> None:
         """Fail /readyz, keep serving ``grace_s``, stop accepting, finish in-flight."""
