@@ -28,8 +28,8 @@ from typing import cast
 import msgspec
 import uvloop
 
-from bench.http import Target
 from bench.seedload import STAMP, request_templates
+from evd.bench.http import Target
 from evd.core.config import load_config
 from evd.core.log import Log
 from evd.edge.http import HttpProtocol

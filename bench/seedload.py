@@ -21,15 +21,16 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from pathlib import Path
+from importlib import resources
 from typing import NamedTuple
 
 import uvloop
 
-from bench.histogram import Histogram
-from bench.http import Connection, Target
+from evd.bench.histogram import Histogram
+from evd.bench.http import Connection, Target
 
-SEED = Path(__file__).resolve().parents[1] / "tests" / "data" / "seed-event.json"
+#: The seed event: package data of ``evd.bench``, a copy of tests/data/seed-event.json.
+SEED = resources.files("evd.bench") / "data" / "seed-event.json"
 #: Placeholder for the per-request id prefix, as long as the prefix it becomes:
 #: a random run id (8 hex digits) and the request's number (10 digits).
 STAMP = b"@" * 18
@@ -38,7 +39,7 @@ BODIES = 64
 
 
 def seed_event() -> dict[str, object]:
-    """The seed play event (a copy of shared/seed-event.json)."""
+    """The seed play event (``evd/bench/data/seed-event.json``)."""
     event: dict[str, object] = json.loads(SEED.read_text())
     return event
 

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the ``evd`` command line; returns the exit status."""
     args_list = sys.argv[1:] if argv is None else argv
     if args_list and args_list[0] == "bench":
-        from bench.harness import main as bench_main
+        from evd.bench.harness import main as bench_main
 
         return bench_main(args_list[1:])
     args = _parser().parse_args(args_list)

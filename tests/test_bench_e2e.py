@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from evdtest import EvdServer, ServerFactory, clean_env
 
-from bench.harness import main
-from bench.report import Report, decode
-from bench.screenshot import NoChromium, color_counts, hex_rgb, near, read_png, screenshot
-from bench.traffic import TrafficConfig, write_stream
+from evd.bench.harness import main
+from evd.bench.report import Report, decode
+from evd.bench.screenshot import NoChromium, color_counts, hex_rgb, near, read_png, screenshot
+from evd.bench.traffic import TrafficConfig, write_stream
 
 # Bounds a whole CLI run (spawn + setup + run + drain); a healthy one takes ~5 s.
 RUN_TIMEOUT_S = 90

@@ -8,9 +8,9 @@ import random
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bench.histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index
+from evd.bench.histogram import SUB_BITS, Histogram, bucket_bounds, bucket_index
 
-# Widest bucket relative to the values it holds (see bench/histogram.py).
+# Widest bucket relative to the values it holds (see evd/bench/histogram.py).
 REL_WIDTH = 1 / (1 << (SUB_BITS - 1))
 
 

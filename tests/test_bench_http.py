@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import main, wait_ready
-from bench.http import BenchHttpError, ConnectionPool, Target, build_request, fetch
+from evd.bench.harness import main, wait_ready
+from evd.bench.http import BenchHttpError, ConnectionPool, Target, build_request, fetch
 
 Handler = Callable[[bytes, asyncio.StreamWriter], bool]
 

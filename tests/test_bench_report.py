@@ -13,10 +13,10 @@ import msgspec
 import orjson
 import pytest
 
-from bench import html, metrics
-from bench.driver import BodySource, Driver
-from bench.plan import RunPlan, Spike, my_batches
-from bench.report import (
+from evd.bench import html, metrics
+from evd.bench.driver import BodySource, Driver
+from evd.bench.plan import RunPlan, Spike, my_batches
+from evd.bench.report import (
     SCHEMA_VERSION,
     Report,
     ServerScrapes,
@@ -25,8 +25,8 @@ from bench.report import (
     encode,
     summary_text,
 )
-from bench.screenshot import NoChromium, color_counts, hex_rgb, near, read_png, screenshot
-from bench.traffic import TrafficConfig
+from evd.bench.screenshot import NoChromium, color_counts, hex_rgb, near, read_png, screenshot
+from evd.bench.traffic import TrafficConfig
 
 START_MS = 1_717_243_200_000
 BASE_LAT = 0.004

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import urllib.request
+from importlib import resources
 from pathlib import Path
 
 from evdtest import ServerFactory, clean_env
@@ -57,3 +58,9 @@ def test_refusals_are_reported_and_fail_the_run(servers: ServerFactory) -> None:
     assert rc == 1
     statuses = result["statuses"]
     assert isinstance(statuses, dict) and set(statuses) == {"401"}
+
+
+def test_its_seed_event_is_the_one_in_tests_data() -> None:
+    # seedload reads the copy shipped as evd.bench package data; it must not drift.
+    shipped = resources.files("evd.bench") / "data" / "seed-event.json"
+    assert shipped.read_bytes() == (ROOT / "tests" / "data" / "seed-event.json").read_bytes()

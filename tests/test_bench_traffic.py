@@ -10,7 +10,7 @@ from typing import Any
 import orjson
 import pytest
 
-from bench.traffic import (
+from evd.bench.traffic import (
     EVENT_TYPES,
     TrafficConfig,
     TrafficModel,

@@ -4,7 +4,7 @@
     evd bench generate --out FILE [--events N] ...   write a traffic stream (NDJSON)
     evd bench render DIR                             re-render report.html from report.json
 
-The harness spawns ``--procs`` generator processes (``bench.driver``), gives them
+The harness spawns ``--procs`` generator processes (``evd.bench.driver``), gives them
 one common start time, scrapes the server's ``/metrics`` while they run, merges
 their histograms and writes ``report.json`` and ``report.html`` into ``--out``.
 """
@@ -28,12 +28,12 @@ from typing import Any, TextIO
 import msgspec
 import uvloop
 
-from bench import html, metrics
-from bench.driver import child_main
-from bench.http import BenchHttpError, Target, fetch
-from bench.plan import RunPlan, Spike
-from bench.report import ServerScrapes, build_report, decode, encode, summary_text
-from bench.traffic import TrafficConfig, format_ts, parse_ts, write_stream
+from evd.bench import html, metrics
+from evd.bench.driver import child_main
+from evd.bench.http import BenchHttpError, Target, fetch
+from evd.bench.plan import RunPlan, Spike
+from evd.bench.report import ServerScrapes, build_report, decode, encode, summary_text
+from evd.bench.traffic import TrafficConfig, format_ts, parse_ts, write_stream
 
 log = logging.getLogger("evd.bench")
 

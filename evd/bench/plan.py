@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import msgspec
 
-from bench.traffic import TrafficConfig
+from evd.bench.traffic import TrafficConfig
 
 
 class Spike(msgspec.Struct, frozen=True, forbid_unknown_fields=True):

@@ -1,7 +1,7 @@
 """One generator process: builds request bodies and sends its share of the load.
 
 Open loop: batch ``j`` has an intended send time from the global schedule
-(``bench.plan``); its latency is measured from that time, not from when a
+(``evd.bench.plan``); its latency is measured from that time, not from when a
 connection became free, so a slow server cannot hide queueing from the numbers
 (no coordinated omission). Closed loop: each connection sends the next batch as
 soon as the previous response arrives, and latency is the plain service time.
@@ -28,10 +28,10 @@ import msgspec
 import orjson
 import uvloop
 
-from bench.histogram import Histogram
-from bench.http import BenchHttpError, ConnectionPool, Target, build_request
-from bench.plan import RunPlan, my_batches
-from bench.traffic import (
+from evd.bench.histogram import Histogram
+from evd.bench.http import BenchHttpError, ConnectionPool, Target, build_request
+from evd.bench.plan import RunPlan, my_batches
+from evd.bench.traffic import (
     TrafficModel,
     encode_envelope,
     envelope_from_lines,

@@ -13,8 +13,8 @@ from typing import Any
 
 import msgspec
 
-from bench.histogram import Histogram
-from bench.metrics import (
+from evd.bench.histogram import Histogram
+from evd.bench.metrics import (
     ACCEPTED,
     DELIVERY_DELAY,
     DUPLICATES,
@@ -29,7 +29,7 @@ from bench.metrics import (
     quantile,
     total,
 )
-from bench.plan import RunPlan, Spike
+from evd.bench.plan import RunPlan, Spike
 
 SCHEMA_VERSION = "evd-bench-report/1"
 SHED_STATUSES = ("429", "503")

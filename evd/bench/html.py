@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from bench.report import Percentiles, Report
+from evd.bench.report import Percentiles, Report
 
 WIDTH = 1100
 HEIGHT = 300
