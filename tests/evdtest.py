@@ -395,13 +395,17 @@ class ServerFactory:
         args: Iterable[str] = (),
         env: dict[str, str] | None = None,
         ready: bool = True,
+        launcher: Sequence[str] = (sys.executable, "-m", "evd"),
     ) -> EvdServer:
-        """Start ``python -m evd serve`` and wait until it listens (and /readyz is 200)."""
+        """Start ``python -m evd serve`` and wait until it listens (and /readyz is 200).
+
+        ``launcher`` replaces ``python -m evd`` (tests/powercut.py records fsyncs).
+        """
         self._n += 1
         work = self.tmp / f"server{self._n}"
         work.mkdir(parents=True)
         data_dir = data_dir or work / "data"
-        argv = [sys.executable, "-m", "evd", "serve", "--host", HOST, "--data-dir", str(data_dir)]
+        argv = [*launcher, "serve", "--host", HOST, "--data-dir", str(data_dir)]
         if port is not None:
             argv += ["--port", str(port)]
         if config is not None:

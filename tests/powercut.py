@@ -1,0 +1,62 @@
+"""A power cut, simulated: which bytes of each file an fsync made durable.
+
+``python tests/powercut.py RECORD serve ...`` runs ``evd`` with ``os.fsync``
+wrapped: every fsync of a regular file appends ``<size>\\t<path>`` to RECORD
+once it returned, where size is the file's size before the fsync began (all of
+which that fsync made durable). After the process is killed, ``cut_power``
+truncates every file to the size its last fsync covered (0 if none did): what
+the disk would hold after a power cut that dropped every unsynced byte.
+
+A simplification: files created or deleted since their directory's last fsync
+are kept or stay deleted, which a real power cut may not do.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+
+def record_fsyncs(record: str) -> None:
+    """Wrap ``os.fsync`` so that every fsync of a regular file is recorded."""
+    out = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        st = os.fstat(fd)
+        real_fsync(fd)
+        if stat.S_ISREG(st.st_mode):
+            path = os.readlink(f"/proc/self/fd/{fd}")
+            # One write of one short line to an O_APPEND file: lines of the
+            # fsync threads never interleave.
+            os.write(out, f"{st.st_size}\t{path}\n".encode())
+
+    os.fsync = fsync
+
+
+def cut_power(root: Path, record: Path) -> dict[Path, int]:
+    """Truncate every file under ``root`` to what its last fsync covered; bytes lost per file."""
+    synced: dict[str, int] = {}
+    if record.exists():
+        for line in record.read_text().splitlines():
+            size, path = line.split("\t", 1)
+            synced[path] = int(size)
+    lost = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file():
+            continue
+        keep = synced.get(str(path.resolve()), 0)
+        size = path.stat().st_size
+        if size > keep:
+            os.truncate(path, keep)
+            lost[path] = size - keep
+    return lost
+
+
+if __name__ == "__main__":
+    record_fsyncs(sys.argv[1])
+    from evd.cli import main
+
+    sys.exit(main(sys.argv[2:]))
