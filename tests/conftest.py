@@ -1,4 +1,5 @@
-"""Fixtures: evd server processes (stopped at teardown) and a seeded random generator."""
+"""Fixtures: evd server processes (stopped at teardown), a seeded random generator, and a
+headless browser for the tests that render HTML."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from pathlib import Path
 
 import pytest
 from evdtest import ServerFactory
+
+from evd.bench.screenshot import NoChromium, chromium
+
+#: Set to 1 (CI does) to fail, rather than skip, the browser tests when no Chromium is found.
+REQUIRE_BROWSER = "EVD_REQUIRE_BROWSER"
 
 
 @pytest.fixture
@@ -40,3 +46,19 @@ def rng() -> random.Random:
     seed = int(os.environ.get("EVD_TEST_SEED") or random.randrange(2**32))
     print(f"random seed: {seed} (rerun with EVD_TEST_SEED={seed})")
     return random.Random(seed)
+
+
+@pytest.fixture
+def browser() -> str:
+    """The headless Chromium binary for a test that renders HTML.
+
+    Without one the test is skipped, saying how to enable it, unless
+    ``EVD_REQUIRE_BROWSER=1`` (set by .ci/run), in which case it fails.
+    """
+    try:
+        return chromium()
+    except NoChromium as exc:
+        if os.environ.get(REQUIRE_BROWSER) == "1":
+            pytest.fail(f"{exc} ({REQUIRE_BROWSER}=1 requires a browser)")
+        pytest.skip("no Chromium on PATH: install it to run the browser tests "
+                    f"(apt-get install -y chromium); set {REQUIRE_BROWSER}=1 to fail instead")
