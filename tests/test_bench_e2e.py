@@ -3,6 +3,8 @@
 Each run is a few seconds at a few thousand events/s; the server counts what it
 accepted, rejected and deduplicated, and the harness's numbers must agree with
 the traffic model's (every invalid event rejected, every retry a duplicate).
+Those counts hold only for a server that has seen no other run's events (the
+model's ids depend on its seed alone), so every run here has a server of its own.
 """
 
 from __future__ import annotations
@@ -10,15 +12,15 @@ from __future__ import annotations
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
-from evdtest import EvdServer, ServerFactory, clean_env
+from evdtest import ServerFactory, clean_env
 
 from evd.bench.harness import main
 from evd.bench.report import Report, decode
-from evd.bench.screenshot import NoChromium, color_counts, hex_rgb, near, read_png, screenshot
+from evd.bench.screenshot import color_counts, hex_rgb, near, read_png, screenshot
 from evd.bench.traffic import TrafficConfig, write_stream
 
 # Bounds a whole CLI run (spawn + setup + run + drain); a healthy one takes ~5 s.
@@ -26,10 +28,9 @@ RUN_TIMEOUT_S = 90
 EXPECTED = {"200", "429", "503"}
 
 
-@pytest.fixture(scope="module")
-def server(module_servers: ServerFactory) -> Iterator[EvdServer]:
-    """One unlimited server shared by the runs of this module."""
-    yield module_servers.start(args=["--workers", "1"])
+def _start(servers: ServerFactory) -> str:
+    """A fresh unlimited server (one worker); its base URL."""
+    return servers.start(args=["--workers", "1"]).url
 
 
 def _args(url: str, out: Path, *extra: str) -> list[str]:
@@ -60,13 +61,29 @@ def _server_has_delivery_delay(url: str) -> bool:
         return b"evd_delivery_delay_seconds" in resp.read()
 
 
-def test_cli_run_prints_summary_and_writes_reports(server: EvdServer, tmp_path: Path) -> None:
-    out = tmp_path / "out"
+class CliRun(NamedTuple):
+    url: str
+    out: Path
+    proc: subprocess.CompletedProcess[str]
+
+
+@pytest.fixture(scope="module")
+def cli_run(module_servers: ServerFactory,
+            tmp_path_factory: pytest.TempPathFactory) -> CliRun:
+    """One ``evd bench`` run in a child process against a server of its own; the tests
+    below check its summary and report, and render its HTML in a browser."""
+    url = _start(module_servers)
+    out = tmp_path_factory.mktemp("cli") / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "evd", "bench", *_args(server.url, out, "--duration", "3",
+        [sys.executable, "-m", "evd", "bench", *_args(url, out, "--duration", "3",
                                                       "--rate", "2000", "--batch", "50")],
         capture_output=True, text=True, timeout=RUN_TIMEOUT_S, env=clean_env(),
         stdin=subprocess.DEVNULL, check=False)
+    return CliRun(url, out, proc)
+
+
+def test_cli_run_prints_summary_and_writes_reports(cli_run: CliRun) -> None:
+    proc, out = cli_run.proc, cli_run.out
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "evd bench: open loop, rate 2,000 ev/s, batch 50" in proc.stdout
     assert "latency   p50" in proc.stdout and "report.html" in proc.stdout
@@ -78,16 +95,17 @@ def test_cli_run_prints_summary_and_writes_reports(server: EvdServer, tmp_path: 
     assert r.latency.count == 120 and 0 < r.latency.p50_ms <= r.latency.p99_ms
     assert len(r.series) >= 3 and sum(p.accepted_events_per_s for p in r.series) > 0
     assert r.server.request_duration is not None
-    if not _server_has_delivery_delay(server.url):
+    if not _server_has_delivery_delay(cli_run.url):
         assert not r.server.delivery_delay.available
         assert "not available" in r.server.delivery_delay.note
         assert "delivery  not available" in proc.stdout
 
+
+def test_cli_run_report_renders_in_chromium(cli_run: CliRun, browser: str,
+                                            tmp_path: Path) -> None:
+    assert cli_run.proc.returncode == 0, cli_run.proc.stdout + cli_run.proc.stderr
     png = tmp_path / "shot.png"
-    try:
-        screenshot(out / "report.html", png, tmp_path / "profile")
-    except NoChromium as exc:
-        pytest.fail(str(exc))
+    screenshot(cli_run.out / "report.html", png, tmp_path / "profile")
     _, _, rows = read_png(png)
     counts = color_counts(rows)
     assert len(counts) > 50
@@ -95,12 +113,13 @@ def test_cli_run_prints_summary_and_writes_reports(server: EvdServer, tmp_path: 
     assert near(counts, hex_rgb("#2ca02c")) > 20  # accepted line and the 200 bar
 
 
-def test_replay_of_a_generated_stream(server: EvdServer, tmp_path: Path) -> None:
+def test_replay_of_a_generated_stream(servers: ServerFactory, tmp_path: Path) -> None:
+    url = _start(servers)
     stream = tmp_path / "stream.ndjson.gz"
     stats = write_stream(stream, TrafficConfig(seed=21, users=20_000, tracks=5_000), 3000,
                          1000.0, 1_717_243_200_000)
     out = tmp_path / "out"
-    rc = main(_args(server.url, out, "--replay", str(stream), "--rebase", "--rate", "3000",
+    rc = main(_args(url, out, "--replay", str(stream), "--rebase", "--rate", "3000",
                     "--duration", "3", "--batch", "100"))
     assert rc == 0
     r = _load(out)
@@ -111,9 +130,10 @@ def test_replay_of_a_generated_stream(server: EvdServer, tmp_path: Path) -> None
     assert r.totals.events_accepted == 3000 - stats["invalid"] - stats["duplicates"]
 
 
-def test_closed_loop_with_gzip(server: EvdServer, tmp_path: Path) -> None:
+def test_closed_loop_with_gzip(servers: ServerFactory, tmp_path: Path) -> None:
+    url = _start(servers)
     out = tmp_path / "out"
-    rc = main(_args(server.url, out, "--rate", "max", "--gzip", "--duration", "2",
+    rc = main(_args(url, out, "--rate", "max", "--gzip", "--duration", "2",
                     "--connections", "4", "--batch", "100", "--procs", "2"))
     assert rc == 0
     r = _load(out)
@@ -148,11 +168,12 @@ def test_spike_is_shed_with_429_and_recovers(servers: ServerFactory, tmp_path: P
     assert "<h2>Spike</h2>" in html and "recovery" in html
 
 
-def test_spike_against_an_unlimited_server_sheds_nothing(server: EvdServer,
+def test_spike_against_an_unlimited_server_sheds_nothing(servers: ServerFactory,
                                                          tmp_path: Path) -> None:
     """Negative control for the spike test: without a limit nothing is shed."""
+    url = _start(servers)
     out = tmp_path / "out"
-    assert main(_args(server.url, out, *SPIKE)) == 0
+    assert main(_args(url, out, *SPIKE)) == 0
     r = _load(out)
     assert r.spike is not None
     assert r.spike.shed_during == 0 and r.status_counts.keys() == {"200"}
