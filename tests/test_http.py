@@ -123,6 +123,9 @@ def test_content_type_parameters_and_identity_encoding_are_accepted(server: EvdS
         pytest.param(b'{"events": {"a": 1}}', id="events-object"),
         pytest.param(b'{"events": "x"}', id="events-string"),
         pytest.param(b'{"events": [], "sent_at": "yesterday"}', id="bad-sent_at"),
+        pytest.param(b"[" * 5000 + b"]" * 5000, id="nested-too-deep"),
+        pytest.param(b'{"events": [{"context": ' + b"[" * 5000 + b"]" * 5000 + b"}]}",
+                     id="event-nested-too-deep"),
     ],
 )
 def test_body_that_is_not_json_or_not_the_envelope_is_400(server: EvdServer, body: bytes) -> None:

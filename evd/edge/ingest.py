@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 import zlib
+from datetime import datetime
 from typing import Any, NamedTuple
 
 import msgspec
@@ -164,39 +165,13 @@ class Ingest:
         dead: list[DeadLetter] = []
         received_at = time.time_ns() // 1_000_000
         try:
-            envelope = envelope_decoder.decode(body)
-            events = envelope.events
-            sent_at = envelope.sent_at
-            if not batch_is_valid(events):
-                # Typed, but some event breaks a rule its decoder cannot check:
-                # find those without decoding the batch again.
-                events = self._drop_invalid(body, events, received_at, rejected, dead)
-        except msgspec.ValidationError:
-            try:
-                raw = raw_envelope_decoder.decode(body)
-            except msgspec.ValidationError as exc:
-                return error_reply(400, f"body is not an event batch: {explain_validation(exc)}")
-            except msgspec.DecodeError as exc:
-                return error_reply(400, f"body is not valid JSON: {exc}")
-            if len(raw.events) > self.max_events:
-                return self._too_many(len(raw.events))
-            sent_at = raw.sent_at
-            events = []
-            for index, item in enumerate(raw.events):
-                try:
-                    event = event_decoder.decode(item)
-                    error = check_event(event)
-                except msgspec.ValidationError as exc:
-                    error = explain_validation(exc)
-                if error is None:
-                    events.append(event)
-                else:
-                    rejected.append(Rejection(index, event_id_of(item), error))
-                    dead.append(DeadLetter(received_at, index, error, bytes(item)))
-        except msgspec.DecodeError as exc:
-            return error_reply(400, f"body is not valid JSON: {exc}")
+            decoded = self._decode(body, received_at, rejected, dead)
         except RecursionError:
+            # Raised inside the decode's own except clauses too, so caught out here.
             return error_reply(400, "body is not an event batch: JSON nested too deeply")
+        if isinstance(decoded, Reply):
+            return decoded
+        events, sent_at = decoded
 
         n_events = len(events) + len(rejected)
         if n_events > self.max_events:
@@ -245,6 +220,51 @@ class Ingest:
         if durable is None:
             return reply
         return Pending(durable, reply, accepted_ids)
+
+    def _decode(
+        self,
+        body: bytes,
+        received_at: int,
+        rejected: list[Rejection],
+        dead: list[DeadLetter],
+    ) -> tuple[list[Event], datetime | None] | Reply:
+        """The valid events of ``body`` and its sent_at, or the reply refusing it.
+
+        Invalid events are added to ``rejected`` and ``dead``.
+        """
+        try:
+            envelope = envelope_decoder.decode(body)
+            events = envelope.events
+            sent_at = envelope.sent_at
+            if not batch_is_valid(events):
+                # Typed, but some event breaks a rule its decoder cannot check:
+                # find those without decoding the batch again.
+                events = self._drop_invalid(body, events, received_at, rejected, dead)
+        except msgspec.ValidationError:
+            try:
+                raw = raw_envelope_decoder.decode(body)
+            except msgspec.ValidationError as exc:
+                return error_reply(400, f"body is not an event batch: {explain_validation(exc)}")
+            except msgspec.DecodeError as exc:
+                return error_reply(400, f"body is not valid JSON: {exc}")
+            if len(raw.events) > self.max_events:
+                return self._too_many(len(raw.events))
+            sent_at = raw.sent_at
+            events = []
+            for index, item in enumerate(raw.events):
+                try:
+                    event = event_decoder.decode(item)
+                    error = check_event(event)
+                except msgspec.ValidationError as exc:
+                    error = explain_validation(exc)
+                if error is None:
+                    events.append(event)
+                else:
+                    rejected.append(Rejection(index, event_id_of(item), error))
+                    dead.append(DeadLetter(received_at, index, error, bytes(item)))
+        except msgspec.DecodeError as exc:
+            return error_reply(400, f"body is not valid JSON: {exc}")
+        return events, sent_at
 
     @staticmethod
     def _drop_invalid(
