@@ -9,6 +9,7 @@ close); a request refused by the log leaves nothing of itself in the log.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import socket
 import threading
@@ -123,6 +124,22 @@ def test_throttled_log_logs_one_traceback_per_interval(caplog: pytest.LogCapture
         ("failed (2 more errors since the last traceback were not logged)", "at 10.0"),
         ("failed (1 more errors since the last traceback were not logged)", "at 25.0"),
     ]
+
+
+async def test_a_client_that_half_closes_still_gets_its_answers(
+    edge: tuple[Server, EmbeddedLog],
+) -> None:
+    server, _ = edge
+    reader, writer = await asyncio.open_connection(HOST, server.port)
+    try:
+        # Two requests, then the end of the client's stream before either is
+        # answered (the POST waits for its group commit).
+        writer.write(raw_post(batch([make_event("half-1")])) + raw_get("/healthz"))
+        writer.write_eof()
+        received = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert [r.status for r in parse_responses(received)] == [200, 200]
 
 
 # -- 503: a flush that fails for any reason, a commit that takes too long -------------------------
