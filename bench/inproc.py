@@ -23,6 +23,7 @@ import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import cast
 
 import msgspec
@@ -31,7 +32,7 @@ import uvloop
 from bench.seedload import STAMP, request_templates
 from evd.bench.http import Target
 from evd.core.config import load_config
-from evd.core.log import Log
+from evd.core.log import Append, Log
 from evd.edge.http import HttpProtocol
 from evd.edge.ingest import Ingest, Pending, Reply
 from evd.edge.server import Server
@@ -117,7 +118,7 @@ class _DurableAtOnce:
     def __init__(self) -> None:
         self._commit: asyncio.Future[None] | None = None
 
-    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
+    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
         commit = self._commit
         if commit is None or commit.done():
             loop = asyncio.get_running_loop()
@@ -143,7 +144,6 @@ async def measure(args: argparse.Namespace) -> tuple[float, float, float]:
                 return CANNED
             ingest.handle = canned  # type: ignore[method-assign]
         server = Server(cfg, log, ingest)
-        server.recovered = True
         target = Target.parse("http://127.0.0.1:8080")
         run = _Run(args.requests, request_templates(args.batch, "evd-dev-key", target, 1), args.batch)
         clients = [_Client(HttpProtocol(server), run) for _ in range(args.connections)]
