@@ -155,7 +155,9 @@ def test_server_restart_truncates_a_torn_last_record(servers: ServerFactory) -> 
         assert post(server.port, body).status == 200
     assert server.stop() == 0
 
-    seg = max((server.data_dir / "log" / "raw" / "0000").glob("*.seg"))
+    # The last segment written, of whichever worker (writer) took the last POST.
+    seg = max((server.data_dir / "log" / "raw" / "0000").glob("w*/*.seg"),
+              key=lambda p: p.stat().st_mtime_ns)
     size = seg.stat().st_size
     os.truncate(seg, size - 5)  # a crash mid-write of the third record
 

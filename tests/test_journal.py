@@ -19,8 +19,8 @@ from evd.core.journal import DIRNAME, Journal, entry_head, read_entries
 from evd.core.log import RAW
 
 
-def journal_files(root: Path) -> list[Path]:
-    return sorted((root / "log" / DIRNAME).glob("*.journal"))
+def journal_files(root: Path, writer: int = 0) -> list[Path]:
+    return sorted((root / "log" / DIRNAME / f"w{writer:03d}").glob("*.journal"))
 
 
 async def crash_copy(tmp_path: Path, payloads: dict[int, list[bytes]], **kw: object) -> Path:

@@ -20,16 +20,17 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from evd.core.embedded import HEADER, EmbeddedLog, frame, read_partition, scan_frames
+from evd.core.embedded import EmbeddedLog, read_partition
 from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
+from evd.core.framing import HEADER, frame, scan_frames
 from evd.core.log import RAW, partition_for, partitions_for
 
 #: Hypothesis runs with a fixed seed, printed below; override with EVD_TEST_SEED.
 HYPOTHESIS_SEED = int(os.environ.get("EVD_TEST_SEED") or 20240501)
 
 
-def segments(root: Path, stream: str, partition: int) -> list[Path]:
-    return sorted((root / "log" / stream / f"{partition:04d}").glob("*.seg"))
+def segments(root: Path, stream: str, partition: int, writer: int = 0) -> list[Path]:
+    return sorted((root / "log" / stream / f"{partition:04d}" / f"w{writer:03d}").glob("*.seg"))
 
 
 async def read_all(
@@ -401,7 +402,7 @@ async def test_truncated_last_record_is_dropped_on_recovery(
         warnings = [r.getMessage() for r in caplog.records if "truncated" in r.getMessage()]
         if dropped:
             expected = f"log raw/0: truncated {dropped} bytes of torn or corrupt tail"
-            assert warnings == [f"{expected} at offset {last_start}"]
+            assert warnings == [f"{expected} at offset {last_start} (writer 0)"]
         else:
             assert warnings == []
         assert seg.stat().st_size == last_start

@@ -1,15 +1,20 @@
 """The embedded log: segment files on local disk with group commit.
 
-Layout under ``<data_dir>/log``::
+Each worker process is a log writer with a stable id (its index); a writer
+only ever writes its own files (evd.core.sublog). Layout under
+``<data_dir>/log``::
 
-    <stream>/<partition:04d>/<base offset:020d>.seg    segments
-    <stream>/consumers/<name>.json                     committed offsets
-    _journal/<sequence:020d>.journal                   write-ahead journal (fsync=always)
+    <stream>/<partition:04d>/w<writer:03d>/<base offset:020d>.seg   segments
+    <stream>/<partition:04d>/w<writer:03d>/durable   published durable end
+    <stream>/consumers/<name>.json                   committed offsets
+    _journal/w<writer:03d>/<sequence:020d>.journal   write-ahead journal (fsync=always)
+    _wake                                            written after each flush
 
-A segment is a sequence of frames ``[u32 length][u32 crc32][payload]`` (little
-endian; the crc covers the length bytes and the payload). Offsets are logical
-byte positions in the partition: a segment's file name is the offset of its
-first byte, so segments are contiguous and a reader seeks straight to an offset.
+A partition is the set of its writers' sub-logs. A segment is a sequence of
+frames ``[u32 length][u32 crc32][payload]`` (little endian; the crc covers the
+length bytes and the payload). Offsets are logical byte positions in a sub-log:
+a segment's file name is the offset of its first byte, so segments are
+contiguous and a reader seeks straight to an offset.
 
 Group commit: appends are queued in memory and share one flush; every append
 waits on the future of the flush that covers it. A flush starts once a pass of
@@ -17,42 +22,62 @@ the event loop brings no new append (or after a few passes), so a busy worker
 makes fewer, larger flushes. With ``fsync: always`` a flush
 is one write and one fsync of the journal (evd.core.journal) in a dedicated
 thread, so the event loop keeps serving; then the frames are copied into the
-partition files from the loop (page cache) and the future completes. Partition
+partition files from the loop (page cache), the new durable ends are published
+for readers in other processes, and the future completes. Partition
 files are fsynced by checkpoints, beside later flushes. With ``interval`` and
 ``never`` the flush writes the partition files directly. A write or fsync error
 is never retried on the same file (after a failed fsync the page cache state is
 unknown): the log turns read-only and every pending and later append fails with
 LogUnavailable.
 
-Recovery truncates a torn or corrupt tail of each partition's last segment,
-logs how many bytes it dropped (never fatal), then replays journal entries the
-partition files lack.
+Recovery runs per writer: it truncates a torn or corrupt tail of each of the
+writer's sub-logs, logs how many bytes it dropped (never fatal), replays the
+writer's journal entries that its files lack, then publishes the durable ends.
+Sub-logs of writers that no longer run are recovered by recover_writers and
+stay readable.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import logging
 import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import orjson
 
 from evd.core import metrics
 from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
-from evd.core.framing import HEADER, IOV_MAX, frame, fsync_dir, scan_frames
+from evd.core.framing import IOV_MAX, frame, fsync_dir, scan_frames
 from evd.core.journal import DIRNAME as JOURNAL_DIR
+from evd.core.journal import SUFFIX as JOURNAL_SUFFIX
 from evd.core.journal import Journal, entry_head
 from evd.core.log import Append, Log, Record
+from evd.core.sublog import (
+    SEGMENT_SUFFIX,
+    OffsetOutOfRange,
+    PublishedEnd,
+    Segments,
+    Waker,
+    parse_writer,
+    sublog_dir,
+    writer_name,
+)
+
+__all__ = [
+    "EmbeddedLog",
+    "FsyncPolicy",
+    "read_partition",
+    "recover_writers",
+    "upgrade_layout",
+]
 
 log = logging.getLogger(__name__)
 
-SEGMENT_SUFFIX = ".seg"
 #: Most files one sync fsyncs at the same time.
 FSYNC_THREADS = 8
 #: Journal bytes after which partition files are fsynced and the journal dropped;
@@ -68,22 +93,21 @@ FsyncPolicy = Literal["always", "interval", "never"]
 
 
 class _Partition:
-    """One partition's segment files; written only from the event loop's thread."""
+    """This writer's sub-log of one partition: its segment files and published durable
+    end; written only from the event loop's thread."""
 
     def __init__(self, directory: Path, segment_bytes: int, keep_rolled: bool = True) -> None:
         self.dir = directory
         self.segment_bytes = segment_bytes
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.bases = sorted(
-            int(p.name[: -len(SEGMENT_SUFFIX)])
-            for p in self.dir.iterdir()
-            if p.name.endswith(SEGMENT_SUFFIX)
-        ) or [0]
+        self.segments = Segments(directory)
+        #: The segments' base offsets (the same list as self.segments.bases).
+        self.bases = self.segments.bases
         self.fd = -1
         self.seg_size = 0
         #: Offset after the last record covered by a completed flush.
         self.durable_end = 0
-        self._read_fds: dict[int, int] = {}
+        #: Where durable_end is published to readers in other processes (see publish).
+        self.published: PublishedEnd | None = None
         #: Keep the fds of rolled segments open until the next sync fsyncs them
         #: (False with fsync=never: nothing will sync them).
         self.keep_rolled = keep_rolled
@@ -93,7 +117,7 @@ class _Partition:
         self.dir_dirty = False
 
     def path(self, base: int) -> Path:
-        return self.dir / f"{base:020d}{SEGMENT_SUFFIX}"
+        return self.segments.path(base)
 
     def recover(self) -> int:
         """Open the last segment for append, truncating an invalid tail; bytes dropped.
@@ -124,7 +148,16 @@ class _Partition:
         fsync_dir(self.dir)
         self.seg_size = valid
         self.durable_end = base + valid
+        # Mapped now, published once recovery is complete (EmbeddedLog._publish_all):
+        # until then readers keep the end published before the crash, which is
+        # at or below what recovery keeps.
+        self.published = PublishedEnd.open(self.dir)
         return dropped + gap_dropped
+
+    def publish(self) -> None:
+        """Let readers in other processes read up to durable_end (one aligned store)."""
+        assert self.published is not None
+        self.published.view[0] = self.durable_end
 
     def write(self, frames: list[bytes]) -> None:
         """Append frames, rolling to a new segment when the current one is full."""
@@ -183,36 +216,8 @@ class _Partition:
             fsync_dir(directory)
 
     def read(self, offset: int, limit: int, max_bytes: int) -> list[Record]:
-        """Frames starting at ``offset`` and ending at or before ``limit``."""
-        out: list[Record] = []
-        budget = max_bytes
-        while offset < limit and budget > 0:
-            idx = bisect.bisect_right(self.bases, offset) - 1
-            if idx < 0:
-                raise ValueError(f"offset {offset} precedes the first segment {self.bases[0]}")
-            base = self.bases[idx]
-            seg_end = self.bases[idx + 1] if idx + 1 < len(self.bases) else limit
-            want = min(seg_end, limit) - offset
-            if want <= 0:
-                break
-            fd = self._read_fds.get(base)
-            if fd is None:
-                fd = self._read_fds[base] = os.open(self.path(base), os.O_RDONLY)
-            # Read at least one whole record even when it exceeds the budget.
-            length = min(want, max(budget, HEADER.size))
-            buf = os.pread(fd, length, offset - base)
-            if len(buf) >= HEADER.size:
-                first = HEADER.size + HEADER.unpack_from(buf, 0)[0]
-                if first > len(buf) and first <= want:
-                    buf = os.pread(fd, first, offset - base)
-            spans, valid = scan_frames(buf)
-            if not spans:
-                break
-            for start, end in spans:
-                out.append(Record(offset + start - HEADER.size, offset + end, buf[start:end]))
-            offset += valid
-            budget -= valid
-        return out
+        """Records starting at ``offset`` and ending at or before ``limit`` (a durable end)."""
+        return self.segments.read(offset, limit, max_bytes, strict=True)
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -221,9 +226,22 @@ class _Partition:
         for fd in self.rolled:
             os.close(fd)
         self.rolled = []
-        for fd in self._read_fds.values():
-            os.close(fd)
-        self._read_fds.clear()
+        self.segments.close()
+        if self.published is not None:
+            self.published.close()
+            self.published = None
+
+
+def _make_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents; the directories whose entries changed."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+    return [directory.parent for directory in reversed(missing)]
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -238,13 +256,18 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 class EmbeddedLog(Log):
-    """Segment-file log owned by one process (the only writer of its files)."""
+    """One writer's segment-file log: the only writer of its own files (``w<writer>``).
+
+    ``read`` and ``end_offset`` see this writer's own sub-logs; readers of
+    other writers' sub-logs, in any process, use evd.core.sublog.SubLogReader.
+    """
 
     def __init__(
         self,
         root: str | Path,
         partitions: int,
         *,
+        writer: int = 0,
         fsync: FsyncPolicy = "always",
         fsync_interval_ms: int = 100,
         segment_bytes: int = 64 * 1024 * 1024,
@@ -253,6 +276,8 @@ class EmbeddedLog(Log):
     ) -> None:
         self.root = Path(root) / "log"
         self.partitions = partitions
+        self.writer = writer
+        self._writer_dir = writer_name(writer)  # validates the id
         self.fsync_policy = fsync
         self.fsync_interval_s = fsync_interval_ms / 1000
         self.segment_bytes = segment_bytes
@@ -266,9 +291,12 @@ class EmbeddedLog(Log):
         self._failure: BaseException | None = None
         self._closing = False
         self._closed = False
+        #: Recovery is over: a partition opened from now on publishes its end at once.
+        self._recovered = False
         #: Partitions written since their last fsync.
         self._dirty: set[_Partition] = set()
         self._journal: Journal | None = None
+        self._waker: Waker | None = None
         self._checkpoint: asyncio.Task[None] | None = None
         #: One partition sync at a time: a second one would find the dirty set
         #: taken by the first and return before its fsyncs end.
@@ -288,28 +316,9 @@ class EmbeddedLog(Log):
     # -- lifecycle -------------------------------------------------------------
 
     def open(self) -> None:
-        """Recover every existing partition (truncating torn tails), replay the journal."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        found = [
-            (stream_dir.name, int(part_dir.name))
-            for stream_dir in sorted(p for p in self.root.iterdir() if p.is_dir())
-            if stream_dir.name != JOURNAL_DIR
-            for part_dir in sorted(stream_dir.iterdir())
-            if part_dir.name.isdigit()
-        ]
-        most = max((partition + 1 for _, partition in found), default=0)
-        if most > self.partitions:
-            # Users are mapped by crc32(user_id) % partitions: a smaller count
-            # would move users away from their history.
-            raise ConfigError(
-                f"log.partitions: {self.partitions} is fewer than the {most} partitions"
-                f" already in {self.root}; the partition count of a data_dir cannot shrink"
-            )
-        for stream, partition in found:
-            self._partition(stream, partition)
-        # Through self.fsync_fn at call time, so a swapped fsync_fn reaches the journal.
-        journal = Journal(self.root / JOURNAL_DIR, lambda fd: self.fsync_fn(fd))
-        self._replay(journal)
+        """Recover this writer's sub-logs (truncating torn tails), replay its journal,
+        publish the durable ends; then ready for appends."""
+        journal = self._recover()
         if self.fsync_policy == "always":
             self._journal = journal
             journal.drop(journal.start())
@@ -317,6 +326,50 @@ class EmbeddedLog(Log):
             journal.drop(journal.files)
         if self.fsync_policy == "interval":
             self._spawn(self._interval_fsync())
+
+    def _recover(self) -> Journal:
+        """Everything open() does before appends are taken; returns the journal."""
+        if self.writer == 0:
+            upgrade_layout(self.root.parent)
+        self.root.mkdir(parents=True, exist_ok=True)
+        found = _partition_dirs(self.root)
+        most = max((partition + 1 for _, partition, _ in found), default=0)
+        if most > self.partitions:
+            # Users are mapped by crc32(user_id) % partitions: a smaller count
+            # would move users away from their history.
+            raise ConfigError(
+                f"log.partitions: {self.partitions} is fewer than the {most} partitions"
+                f" already in {self.root}; the partition count of a data_dir cannot shrink"
+            )
+        if self.writer != 0 and _old_layout(self.root, found):
+            raise ConfigError(
+                f"{self.root} still has the single-writer layout: upgrade_layout must move"
+                " it to writer 0 before other writers start (evd serve does)"
+            )
+        for stream, partition, directory in found:
+            if (directory / self._writer_dir).is_dir():
+                self._partition(stream, partition)
+        # Through self.fsync_fn at call time, so a swapped fsync_fn reaches the journal.
+        journal = Journal(self.root / JOURNAL_DIR / self._writer_dir, lambda fd: self.fsync_fn(fd))
+        self._replay(journal)
+        self._waker = Waker(self.root)
+        for part in self._parts.values():
+            part.publish()
+        self._waker.poke()
+        self._recovered = True
+        return journal
+
+    def _retire(self) -> None:
+        """Recover a writer that no longer runs and release it: its sub-logs complete,
+        fsynced and published, its journal gone; they stay readable."""
+        try:
+            journal = self._recover()
+            for part in self._parts.values():
+                part.sync_now()
+            journal.drop(journal.files)
+            journal.close()
+        finally:
+            self._release()
 
     def _replay(self, journal: Journal) -> None:
         """Copy journaled records the partition files lack into them, then fsync every
@@ -334,8 +387,9 @@ class EmbeddedLog(Log):
             if skip < 0 or (skip and scan_frames(entry.frames[:skip])[1] != skip):
                 log.error(
                     "journal entry %s/%d at offset %d does not line up with the end %d"
-                    " of the partition; %d bytes not replayed",
-                    entry.stream, entry.partition, entry.offset, end, len(entry.frames) - skip,
+                    " of writer %d's sub-log; %d bytes not replayed",
+                    entry.stream, entry.partition, entry.offset, end, self.writer,
+                    len(entry.frames) - skip,
                 )
                 continue
             tail = entry.frames[skip:]
@@ -345,7 +399,10 @@ class EmbeddedLog(Log):
         for part in covered:
             part.sync_now()
         if replayed:
-            log.warning("replayed %d journal entries into the partition files", replayed)
+            log.warning(
+                "replayed %d journal entries into the partition files of writer %d",
+                replayed, self.writer,
+            )
 
     def _partition(self, stream: str, partition: int) -> _Partition:
         key = (stream, partition)
@@ -353,23 +410,31 @@ class EmbeddedLog(Log):
         if part is None:
             if not 0 <= partition < self.partitions:
                 raise ValueError(f"partition {partition} out of range 0..{self.partitions - 1}")
-            if stream == JOURNAL_DIR:
-                raise ValueError(f"{JOURNAL_DIR!r} is not a stream name")
-            new_stream = not (self.root / stream).exists()
+            if stream.startswith("_"):
+                raise ValueError(f"{stream!r} is not a stream name (names starting with _ are reserved)")
+            directory = sublog_dir(self.root, stream, partition, self.writer)
+            changed = _make_dirs(directory)
             part = _Partition(
-                self.root / stream / f"{partition:04d}",
+                directory,
                 self.segment_bytes,
                 keep_rolled=self.fsync_policy != "never",
             )
-            dropped = part.recover()
-            fsync_dir(part.dir.parent)
-            if new_stream:
-                fsync_dir(self.root)
+            try:
+                dropped = part.recover()
+                # The sub-log directory's entry, and those of the directories made for it.
+                for parent in dict.fromkeys([directory.parent, *changed]):
+                    fsync_dir(parent)
+            except BaseException:
+                part.close()
+                raise
             if dropped:
                 log.warning(
-                    "log %s/%d: truncated %d bytes of torn or corrupt tail at offset %d",
-                    stream, partition, dropped, part.durable_end,
+                    "log %s/%d: truncated %d bytes of torn or corrupt tail at offset %d"
+                    " (writer %d)",
+                    stream, partition, dropped, part.durable_end, self.writer,
                 )
+            if self._recovered:
+                part.publish()
             self._parts[key] = part
         return part
 
@@ -427,6 +492,8 @@ class EmbeddedLog(Log):
     async def _flush_loop(self) -> None:
         """Group commit: everything appended while the previous flush ran goes in one."""
         loop = asyncio.get_running_loop()
+        waker = self._waker
+        assert waker is not None, "append before open()"
         try:
             while self._pending and self._failure is None:
                 await self._gather_more()
@@ -463,7 +530,9 @@ class EmbeddedLog(Log):
                 metrics.LOG_FLUSH_BYTES.observe(size)
                 for part, frames in work:
                     part.durable_end += sum(map(len, frames))
+                    part.publish()
                     self._dirty.add(part)
+                waker.poke()
                 if fut is not None and not fut.done():
                     fut.set_result(None)
                 if (
@@ -594,20 +663,32 @@ class EmbeddedLog(Log):
             self._closed = True
             for task in list(self._tasks):
                 task.cancel()
-            for part in self._parts.values():
-                part.close()
-            if self._journal is not None:
-                self._journal.close()
-            self._io.shutdown(wait=True)
-            self._fsync_pool.shutdown(wait=True)
+            self._release()
+
+    def _release(self) -> None:
+        """Close every file and stop the I/O threads."""
+        for part in self._parts.values():
+            part.close()
+        if self._journal is not None:
+            self._journal.close()
+        if self._waker is not None:
+            self._waker.close()
+        self._io.shutdown(wait=True)
+        self._fsync_pool.shutdown(wait=True)
 
     # -- reads and consumer offsets --------------------------------------------
 
     async def read(
         self, stream: str, partition: int, offset: int, max_bytes: int = 1 << 20
     ) -> list[Record]:
+        """This writer's records of the partition from ``offset``, up to its durable end.
+
+        Raises OffsetOutOfRange for an offset past the end or inside a record.
+        """
         part = self._parts.get((stream, partition))
         if part is None:
+            if offset:
+                raise OffsetOutOfRange(f"offset {offset} is past the end 0 of {stream}/{partition}")
             return []
         return part.read(offset, part.durable_end, max_bytes)
 
@@ -637,20 +718,131 @@ class EmbeddedLog(Log):
 
 
 def read_partition(
-    root: str | Path, stream: str, partition: int, offset: int = 0, max_bytes: int = 1 << 20
+    root: str | Path,
+    stream: str,
+    partition: int,
+    offset: int = 0,
+    max_bytes: int = 1 << 20,
+    *,
+    writer: int = 0,
 ) -> list[Record]:
-    """Read records of a partition from another process (a reader, not the writer).
+    """Records of writer ``writer``'s sub-log of a partition, for tools in another process.
 
-    Stops at the first incomplete frame, which may be an append still in flight.
+    Reads every whole frame on disk and stops at the first incomplete or
+    corrupt one, which may be an append still in flight; for a reader that must
+    not go past the published durable end, use evd.core.sublog.SubLogReader.
     """
-    directory = Path(root) / "log" / stream / f"{partition:04d}"
+    directory = sublog_dir(Path(root) / "log", stream, partition, writer)
     if not directory.is_dir():
         return []
-    part = _Partition(directory, 1 << 62)
+    segments = Segments(directory)
     try:
-        last = part.bases[-1]
-        path = part.path(last)
+        last = segments.bases[-1]
+        path = segments.path(last)
         end = last + (path.stat().st_size if path.exists() else 0)
-        return part.read(offset, end, max_bytes)
+        return segments.read(offset, end, max_bytes, strict=False)
     finally:
-        part.close()
+        segments.close()
+
+
+def _partition_dirs(log_root: Path) -> list[tuple[str, int, Path]]:
+    """(stream, partition, directory) of every partition directory, of any writer."""
+    return [
+        (stream_dir.name, int(part_dir.name), part_dir)
+        for stream_dir in sorted(p for p in log_root.iterdir() if p.is_dir())
+        if not stream_dir.name.startswith("_")
+        for part_dir in sorted(stream_dir.iterdir())
+        if part_dir.name.isdigit() and part_dir.is_dir()
+    ]
+
+
+def _old_files(log_root: Path, found: list[tuple[str, int, Path]]) -> list[tuple[Path, Path]]:
+    """(file, directory it belongs in) for each file of the single-writer layout."""
+    moves: list[tuple[Path, Path]] = []
+    writer0 = writer_name(0)
+    for _, _, part_dir in found:
+        moves += [
+            (path, part_dir / writer0)
+            for path in sorted(part_dir.iterdir())
+            if path.name.endswith(SEGMENT_SUFFIX) and path.is_file()
+        ]
+    journal_dir = log_root / JOURNAL_DIR
+    if journal_dir.is_dir():
+        moves += [
+            (path, journal_dir / writer0)
+            for path in sorted(journal_dir.iterdir())
+            if path.name.endswith(JOURNAL_SUFFIX) and path.is_file()
+        ]
+    return moves
+
+
+def _old_layout(log_root: Path, found: list[tuple[str, int, Path]]) -> bool:
+    return bool(_old_files(log_root, found))
+
+
+def upgrade_layout(data_dir: str | Path) -> int:
+    """Move a single-writer data_dir's files into writer 0's place; files moved.
+
+    Segments directly in ``<stream>/<partition>/`` go to ``.../w000/`` and
+    journal files directly in ``_journal/`` to ``_journal/w000/``, keeping
+    their names (so offsets and journal entries stay valid); each directory is
+    fsynced after. Idempotent, and safe to run again after a crash part way
+    (a file is renamed, never copied). Refuses (ConfigError) when a file of
+    the same name is already in writer 0's place.
+    """
+    log_root = Path(data_dir) / "log"
+    if not log_root.is_dir():
+        return 0
+    moves = _old_files(log_root, _partition_dirs(log_root))
+    touched: dict[Path, None] = {}
+    for path, target_dir in moves:
+        target = target_dir / path.name
+        if target.exists():
+            raise ConfigError(
+                f"cannot upgrade the log layout: {path} and {target} both exist"
+            )
+        for parent in _make_dirs(target_dir):
+            touched[parent] = None
+        os.rename(path, target)
+        touched[target_dir] = None
+        touched[path.parent] = None
+    for directory in touched:
+        fsync_dir(directory)
+    if moves:
+        log.info("log layout upgraded: %d files of %s moved to writer 0", len(moves), log_root)
+    return len(moves)
+
+
+def writers_on_disk(data_dir: str | Path) -> list[int]:
+    """Every writer id that has a journal directory or a sub-log under ``data_dir``."""
+    log_root = Path(data_dir) / "log"
+    if not log_root.is_dir():
+        return []
+    dirs = [log_root / JOURNAL_DIR] + [d for _, _, d in _partition_dirs(log_root)]
+    found: set[int] = set()
+    for directory in dirs:
+        if not directory.is_dir():
+            continue
+        for child in directory.iterdir():
+            writer = parse_writer(child.name)
+            if writer is not None and child.is_dir():
+                found.add(writer)
+    return sorted(found)
+
+
+def recover_writers(data_dir: str | Path, partitions: int, keep: int, **log_kwargs: Any) -> list[int]:
+    """Recover every writer on disk whose id is ``keep`` or more; the ids recovered.
+
+    Those writers will not run (the server starts ``keep`` workers): each one's
+    sub-logs get its journal replayed, are fsynced and get their durable ends
+    published, and its journal is removed, so they are complete and readable
+    by SubLogReader and ``evd log-read``. Their files stay where they are.
+    ``log_kwargs`` are EmbeddedLog's (fsync, segment_bytes, ...). Run it
+    before any of the ``keep`` workers starts; it needs no event loop.
+    """
+    recovered = [w for w in writers_on_disk(data_dir) if w >= keep]
+    for writer in recovered:
+        EmbeddedLog(data_dir, partitions, writer=writer, **log_kwargs)._retire()
+    if recovered:
+        log.info("recovered the sub-logs of writers that will not run: %s", recovered)
+    return recovered

@@ -9,11 +9,12 @@ thread; only then are the records copied into their partition segment files
 fsynced later, at a checkpoint, after which the journal files they cover are
 deleted. Recovery replays journal entries that the partition files lack.
 
-Layout: ``<data_dir>/log/_journal/<sequence:020d>.journal``, each a sequence of
+Each log writer has its own journal (a worker never writes another's files):
+``<data_dir>/log/_journal/w<writer:03d>/<sequence:020d>.journal``, each a sequence of
 entries ``frame(header) + frames``: ``header`` is ``<u64 offset><u32 partition>
 <u32 frames length><u16 stream name length>`` and the stream name; ``frames``
 are the partition's frames exactly as they go into its segment file, starting
-at ``offset``.
+at ``offset`` (an offset in that writer's sub-log of the partition).
 """
 
 from __future__ import annotations
