@@ -106,8 +106,10 @@ class _Partition:
         self.seg_size = 0
         #: Offset after the last record covered by a completed flush.
         self.durable_end = 0
-        #: Where durable_end is published to readers in other processes (see publish).
+        #: Where durable_end is published to readers in other processes (see publish);
+        #: end_view is its mapped value (a scratch buffer until recover() maps it).
         self.published: PublishedEnd | None = None
+        self.end_view = memoryview(bytearray(8)).cast("Q")
         #: Keep the fds of rolled segments open until the next sync fsyncs them
         #: (False with fsync=never: nothing will sync them).
         self.keep_rolled = keep_rolled
@@ -152,12 +154,12 @@ class _Partition:
         # until then readers keep the end published before the crash, which is
         # at or below what recovery keeps.
         self.published = PublishedEnd.open(self.dir)
+        self.end_view = self.published.view
         return dropped + gap_dropped
 
     def publish(self) -> None:
         """Let readers in other processes read up to durable_end (one aligned store)."""
-        assert self.published is not None
-        self.published.view[0] = self.durable_end
+        self.end_view[0] = self.durable_end
 
     def write(self, frames: list[bytes]) -> None:
         """Append frames, rolling to a new segment when the current one is full."""
@@ -228,6 +230,7 @@ class _Partition:
         self.rolled = []
         self.segments.close()
         if self.published is not None:
+            self.end_view = memoryview(bytearray(8)).cast("Q")
             self.published.close()
             self.published = None
 
@@ -411,7 +414,7 @@ class EmbeddedLog(Log):
             if not 0 <= partition < self.partitions:
                 raise ValueError(f"partition {partition} out of range 0..{self.partitions - 1}")
             if stream.startswith("_"):
-                raise ValueError(f"{stream!r} is not a stream name (names starting with _ are reserved)")
+                raise ValueError(f"{stream!r} is not a stream name (a leading _ is reserved)")
             directory = sublog_dir(self.root, stream, partition, self.writer)
             changed = _make_dirs(directory)
             part = _Partition(
@@ -529,10 +532,10 @@ class EmbeddedLog(Log):
                 metrics.LOG_FLUSH_SECONDS.observe(time.perf_counter() - started)
                 metrics.LOG_FLUSH_BYTES.observe(size)
                 for part, frames in work:
-                    part.durable_end += sum(map(len, frames))
-                    part.publish()
+                    part.durable_end = end = part.durable_end + sum(map(len, frames))
+                    part.end_view[0] = end  # part.publish(), inline: once per flush and partition
                     self._dirty.add(part)
-                waker.poke()
+                waker.poke()  # after every publication of the flush
                 if fut is not None and not fut.done():
                     fut.set_result(None)
                 if (
@@ -830,7 +833,9 @@ def writers_on_disk(data_dir: str | Path) -> list[int]:
     return sorted(found)
 
 
-def recover_writers(data_dir: str | Path, partitions: int, keep: int, **log_kwargs: Any) -> list[int]:
+def recover_writers(
+    data_dir: str | Path, partitions: int, keep: int, **log_kwargs: Any
+) -> list[int]:
     """Recover every writer on disk whose id is ``keep`` or more; the ids recovered.
 
     Those writers will not run (the server starts ``keep`` workers): each one's
