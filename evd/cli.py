@@ -19,7 +19,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
     serve.add_argument("--data-dir", help="directory of the embedded log (default ./evd-data)")
-    serve.add_argument("--workers", help="worker processes (default 1)")
+    serve.add_argument("--workers", help="worker processes: a number, or auto (default: one per CPU)")
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
     check = sub.add_parser("check-config", help="validate a config file")
@@ -74,6 +74,6 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         from evd.supervisor import run
 
-        return run(cfg)
+        return run(cfg, logging.getLogger().getEffectiveLevel())
     raise AssertionError(args.command)
 

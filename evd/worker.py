@@ -1,67 +1,124 @@
-"""One worker process: recover the log, serve HTTP, drain on SIGTERM."""
+"""One worker process: recover its log, serve HTTP, drain on SIGTERM.
+
+Worker ``k`` of a server is log writer ``k``: it writes only its own journal
+and sub-log files (evd.core.embedded), so every file has one writer.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
+import os
 import signal
-import socket
+import sys
 from pathlib import Path
 
 import uvloop
 
 from evd.core.config import Config
-from evd.core.embedded import EmbeddedLog
-from evd.core.errors import ConfigError
+from evd.core.embedded import EmbeddedLog, recover_writers, upgrade_layout
+from evd.core.errors import ConfigError, EvdError
+from evd.core.host import HostState, run_dir
 from evd.edge.ingest import Ingest
 from evd.edge.server import Server
 
 log = logging.getLogger(__name__)
 
 DEV_KEY = "evd-dev-key"
+#: A worker's exit status when it cannot start (configuration, data directory,
+#: port): the supervisor gives up at once instead of restarting it.
+START_FAILED = 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def open_log(cfg: Config) -> EmbeddedLog:
-    """The raw log configured by ``cfg`` (recovered, ready for appends)."""
+def _log_kwargs(cfg: Config) -> dict[str, object]:
+    return {
+        "fsync": cfg.log.fsync,
+        "fsync_interval_ms": cfg.log.fsync_interval_ms,
+        "segment_bytes": cfg.log.segment_bytes,
+        "max_pending_bytes": cfg.log.max_pending_bytes,
+        "checkpoint_bytes": cfg.log.checkpoint_bytes,
+    }
+
+
+def open_log(cfg: Config, writer: int = 0) -> EmbeddedLog:
+    """Writer ``writer``'s log as ``cfg`` configures it (recovered, ready for appends)."""
     if cfg.log.backend != "embedded":
         raise ConfigError("log.backend: only 'embedded' is implemented so far")
     lg = EmbeddedLog(
-        Path(cfg.server.data_dir),
-        cfg.log.partitions,
-        fsync=cfg.log.fsync,
-        fsync_interval_ms=cfg.log.fsync_interval_ms,
-        segment_bytes=cfg.log.segment_bytes,
-        max_pending_bytes=cfg.log.max_pending_bytes,
-        checkpoint_bytes=cfg.log.checkpoint_bytes,
+        Path(cfg.server.data_dir), cfg.log.partitions, writer=writer, **_log_kwargs(cfg)  # type: ignore[arg-type]
     )
     lg.open()
     return lg
 
 
-async def serve(cfg: Config, sock: socket.socket | None = None) -> None:
-    """Run one worker until SIGTERM or SIGINT, then shut down in order."""
+def prepare_data_dir(cfg: Config, workers: int) -> None:
+    """Before workers start: the current log layout, and complete sub-logs of writers
+    that will not run (a restart with fewer workers loses nothing)."""
+    if cfg.log.backend != "embedded":
+        raise ConfigError("log.backend: only 'embedded' is implemented so far")
+    data_dir = Path(cfg.server.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    upgrade_layout(data_dir)
+    recover_writers(data_dir, cfg.log.partitions, workers, **_log_kwargs(cfg))
+
+
+async def serve(cfg: Config, index: int = 0, host: HostState | None = None) -> None:
+    """Run worker ``index`` until SIGTERM or SIGINT, then shut down in order."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    lg = open_log(cfg)
-    server = Server(cfg, lg, Ingest(cfg, lg))
-    await server.start(cfg.server.host, cfg.server.port, sock)
-    if cfg.auth.enabled and DEV_KEY in cfg.auth.keys:
+    host = host or HostState.alone()
+    lg = open_log(cfg, writer=index)
+    server = Server(cfg, lg, Ingest(cfg, lg), host=host)
+    await server.start(cfg.server.host, cfg.server.port)
+    host.set_up(index, True)
+    if index == 0 and cfg.auth.enabled and DEV_KEY in cfg.auth.keys:
         log.warning(
             "the development API key %r is enabled: set auth.keys before exposing evd", DEV_KEY
         )
     log.info(
-        "evd listening on http://%s:%d (data_dir=%s, fsync=%s, partitions=%d)",
-        cfg.server.host, server.port, cfg.server.data_dir, cfg.log.fsync, cfg.log.partitions,
+        "evd listening on http://%s:%d (worker %d of %d, pid %d, data_dir=%s, fsync=%s,"
+        " partitions=%d)",
+        cfg.server.host, server.port, index, host.workers, os.getpid(), cfg.server.data_dir,
+        cfg.log.fsync, cfg.log.partitions,
     )
     await stop.wait()
-    log.info("shutting down: draining connections")
+    host.set_up(index, False)
+    log.info("worker %d shutting down: draining connections", index)
     await server.drain(cfg.server.drain_grace_s, cfg.server.drain_timeout_s)
     await lg.close()
-    log.info("stopped")
+    log.info("worker %d stopped", index)
 
 
-def run_worker(cfg: Config, sock: socket.socket | None = None) -> None:
-    """Entry point of a worker process."""
-    uvloop.run(serve(cfg, sock))
+def _die_with_parent() -> None:
+    """Have the kernel kill this process if the supervisor dies (even by SIGKILL)."""
+    if sys.platform != "linux":
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def run_worker(cfg: Config, index: int, log_level: int) -> None:
+    """Entry point of worker process ``index`` (started by the supervisor)."""
+    parent = os.getppid()
+    _die_with_parent()
+    if os.getppid() != parent:
+        os._exit(1)  # the supervisor is already gone
+    logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    host = HostState.attach(run_dir(cfg.server.data_dir))
+    try:
+        uvloop.run(serve(cfg, index, host))
+        # Drained and closed: a signal still on its way (a Ctrl-C reaches the
+        # whole process group, and the supervisor forwards it too) must not
+        # turn this clean exit into death by signal.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except EvdError as exc:
+        log.error("worker %d cannot start: %s", index, exc)
+        sys.exit(START_FAILED)
+    except OSError as exc:
+        log.error("worker %d cannot start: %s", index, exc)
+        sys.exit(START_FAILED)

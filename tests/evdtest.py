@@ -32,6 +32,10 @@ DEV_KEY = "evd-dev-key"
 HOST = "127.0.0.1"
 SEED_EVENT_PATH = Path(__file__).parent / "data" / "seed-event.json"
 LISTENING_RE = re.compile(r"evd listening on http://127\.0\.0\.1:(\d+)")
+WORKER_RE = re.compile(r"evd listening on http://\S+ \(worker (\d+) of \d+, pid (\d+)")
+#: Workers of every server a test starts without choosing (EVD_TEST_WORKERS=2 runs
+#: the suite against two workers per server).
+TEST_WORKERS = int(os.environ.get("EVD_TEST_WORKERS") or 1)
 #: Generous bounds for a noisy 2-core machine; a healthy run takes a fraction.
 START_TIMEOUT_S = 20.0
 STOP_TIMEOUT_S = 15.0
@@ -339,6 +343,10 @@ class EvdServer:
             time.sleep(0.02)
         raise TimeoutError(f"evd did not log 'evd listening' in {timeout}s:\n{self.log_text()}")
 
+    def worker_pids(self) -> dict[int, int]:
+        """The pid of each worker, the latest started (from their "evd listening" lines)."""
+        return {int(k): int(pid) for k, pid in WORKER_RE.findall(self.log_text())}
+
     def wait_ready(self, timeout: float = START_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -413,6 +421,8 @@ class ServerFactory:
             cfg_path.write_text(json.dumps(config))  # JSON is YAML
             argv += ["--config", str(cfg_path)]
         argv += list(args)
+        if "--workers" not in argv:
+            argv += ["--workers", str(TEST_WORKERS)]
         log_path = work / "evd.log"
         log_file = open(log_path, "wb")  # noqa: SIM115 - closed by EvdServer.cleanup
         try:

@@ -7,6 +7,10 @@ which that fsync made durable). After the process is killed, ``cut_power``
 truncates every file to the size its last fsync covered (0 if none did): what
 the disk would hold after a power cut that dropped every unsynced byte.
 
+Worker processes (multiprocessing "spawn") import this file again as their
+main module: the record's path travels in the environment (RECORD_ENV), and
+the import wraps their fsync too.
+
 A simplification: files created or deleted since their directory's last fsync
 are kept or stay deleted, which a real power cut may not do.
 """
@@ -17,6 +21,9 @@ import os
 import stat
 import sys
 from pathlib import Path
+
+#: Where the record goes, for the worker processes the server spawns.
+RECORD_ENV = "POWERCUT_RECORD"
 
 
 def record_fsyncs(record: str) -> None:
@@ -34,6 +41,10 @@ def record_fsyncs(record: str) -> None:
             os.write(out, f"{st.st_size}\t{path}\n".encode())
 
     os.fsync = fsync
+
+
+if __name__ == "__mp_main__" and RECORD_ENV in os.environ:
+    record_fsyncs(os.environ[RECORD_ENV])  # a worker process of the server
 
 
 def cut_power(root: Path, record: Path) -> dict[Path, int]:
@@ -56,6 +67,7 @@ def cut_power(root: Path, record: Path) -> dict[Path, int]:
 
 
 if __name__ == "__main__":
+    os.environ[RECORD_ENV] = sys.argv[1]
     record_fsyncs(sys.argv[1])
     from evd.cli import main
 

@@ -32,8 +32,8 @@ class ServerConfig(Base):
 
     host: str = "127.0.0.1"
     port: int = 8080
-    #: Worker processes; ``auto`` means one per core.
-    workers: int | Literal["auto"] = 1
+    #: Worker processes; ``auto`` means one per CPU this process may run on.
+    workers: int | Literal["auto"] = "auto"
     data_dir: str = "./evd-data"
     #: Seconds between SIGTERM (readyz failing) and closing the listeners, so a
     #: load balancer notices before connections are refused.

@@ -18,7 +18,7 @@ import os
 import struct
 from pathlib import Path
 
-__all__ = ["HostState", "RUN_DIR", "run_dir"]
+__all__ = ["RUN_DIR", "HostState", "run_dir"]
 
 RUN_DIR = "run"
 FILE = "host.bin"

@@ -12,6 +12,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
 from evd.core import metrics
 from evd.core.config import Config
+from evd.core.host import HostState
 from evd.core.log import Log
 from evd.core.throttle import ThrottledLog
 from evd.edge.auth import KeyRing
@@ -44,10 +45,14 @@ class Readiness(msgspec.Struct):
 class Server:
     """Owns the listening socket and every connection of one worker."""
 
-    def __init__(self, cfg: Config, log_: Log, ingest: Ingest) -> None:
+    def __init__(
+        self, cfg: Config, log_: Log, ingest: Ingest, host: HostState | None = None
+    ) -> None:
         self.cfg = cfg
         self.log = log_
         self.ingest = ingest
+        #: The server's workers: /readyz waits for all of them.
+        self.host = host or HostState.alone()
         self.keys = KeyRing(cfg.auth)
         self.connections: set[HttpProtocol] = set()
         self.draining = False
@@ -79,6 +84,10 @@ class Server:
             return "draining"
         if not self.log.writable:
             return "log is not writable"
+        host = self.host
+        if not host.all_up():
+            up = sum(host.up(k) for k in range(host.workers))
+            return f"waiting for workers: {up} of {host.workers} up"
         return None
 
     def route(self, method: bytes, path: bytes) -> tuple[Reply, bytes | None]:
