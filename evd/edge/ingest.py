@@ -121,14 +121,16 @@ class RecentIds:
 class Ingest:
     """Turns one request body into log appends and the contract's response."""
 
-    def __init__(self, cfg: Config, log: Log) -> None:
+    def __init__(self, cfg: Config, log: Log, limiter: RateLimiter | None = None) -> None:
+        """``limiter``: the per-key rate limit, this process's own unless given (a
+        worker passes one shared with its siblings)."""
         self.log = log
         self.partitions = log.partitions
         self.max_decompressed = cfg.limits.max_decompressed_bytes
         self.max_events = cfg.limits.max_events_per_batch
         self.skew_threshold_ms = cfg.ingest.clock_skew_threshold_ms
         self.recent = RecentIds(cfg.ingest.edge_dedup_ids)
-        self.limiter = RateLimiter(cfg.limits)
+        self.limiter = limiter or RateLimiter(cfg.limits, keys=len(cfg.auth.keys))
 
     def shed(self, key: bytes) -> Reply | None:
         """A refusal decided from the headers alone (body unread, undecoded), or None.
@@ -136,7 +138,7 @@ class Ingest:
         Under a spike this keeps refusing cheap: 429 once the key's bucket is
         empty, 503 while the log is unavailable or its flush queue is full.
         """
-        wait = self.limiter.empty(key)
+        wait = self.limiter.empty(key) if self.limiter.rate > 0 else 0.0
         if wait:
             return error_reply(429, "rate limit exceeded for this API key", int(wait))
         if not self.log.writable:
