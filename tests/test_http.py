@@ -392,12 +392,18 @@ def test_invalid_events_are_rejected_by_index_and_dead_lettered(server: EvdServe
 
 def test_duplicate_ids_in_a_batch_and_across_requests_are_counted(server: EvdServer) -> None:
     a, b, c = (make_event(f"dup-{x}", user_id=f"dup-user-{x}") for x in "abc")
-    r1 = post(server.port, batch([a, a, b]))
-    assert r1.json() == {"accepted": 2, "duplicates": 1, "rejected": []}
-    r2 = post(server.port, batch([a, c]))
-    assert r2.json() == {"accepted": 1, "duplicates": 1, "rejected": []}
-    # The per-event path (a batch with an invalid event) counts duplicates too.
-    r3 = post(server.port, batch([b, {"event_id": "dup-invalid"}]))
+    # One connection, so one worker: the edge remembers the ids its own worker
+    # accepted (the processor's dedup window is the host-wide one).
+    with RawConn(server.port) as conn:
+        conn.send(raw_post(batch([a, a, b])))
+        r1 = conn.read_response()
+        assert r1.json() == {"accepted": 2, "duplicates": 1, "rejected": []}
+        conn.send(raw_post(batch([a, c])))
+        r2 = conn.read_response()
+        assert r2.json() == {"accepted": 1, "duplicates": 1, "rejected": []}
+        # The per-event path (a batch with an invalid event) counts duplicates too.
+        conn.send(raw_post(batch([b, {"event_id": "dup-invalid"}])))
+        r3 = conn.read_response()
     result = r3.json()
     assert (result["accepted"], result["duplicates"], len(result["rejected"])) == (0, 1, 1)
 
