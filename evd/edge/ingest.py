@@ -178,7 +178,7 @@ class Ingest:
         n_events = len(events) + len(rejected)
         if n_events > self.max_events:
             return self._too_many(n_events)
-        metrics.HOT.received += n_events
+        metrics.HOT.counts[metrics.RECEIVED] += n_events
         wait = self.limiter.take(key, n_events) if self.limiter.rate > 0 else 0.0
         if wait:
             metrics.HOT.reject("rate_limited", n_events)
@@ -215,7 +215,7 @@ class Ingest:
         if rejected:
             metrics.HOT.reject("invalid", len(rejected))
         if duplicates:
-            metrics.HOT.duplicates += duplicates
+            metrics.HOT.counts[metrics.DUPLICATES] += duplicates
         reply = Reply(
             200, json_encoder.encode(IngestResult(len(accepted_ids), duplicates, rejected))
         )
@@ -329,7 +329,7 @@ class Ingest:
     def committed(self, pending: Pending) -> None:
         """Called once a Pending's appends are durable."""
         self.recent.add_all(pending.event_ids)
-        metrics.HOT.accepted += len(pending.event_ids)
+        metrics.HOT.counts[metrics.ACCEPTED] += len(pending.event_ids)
 
     def _too_many(self, n: int) -> Reply:
         metrics.HOT.reject("too_many_events", n)

@@ -8,7 +8,7 @@ import socket
 from typing import Any
 
 import msgspec
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from evd.core import metrics
 from evd.core.config import Config
@@ -35,6 +35,7 @@ _PATH_LABELS = {
     b"/metrics": "/metrics",
 }
 _OK = Reply(200, b'{"status":"ok"}')
+_METRICS_TYPE = CONTENT_TYPE_LATEST.encode()
 
 
 class Readiness(msgspec.Struct):
@@ -108,7 +109,10 @@ class Server:
             body = msgspec.json.encode(Readiness(reason is None, reason))
             return Reply(200 if reason is None else 503, body), None
         if path == b"/metrics":
-            return Reply(200, generate_latest(REGISTRY)), CONTENT_TYPE_LATEST.encode()
+            # The whole server's metrics (every worker's, merged), this worker's
+            # readiness as of now.
+            metrics.READY.set(self.unready_reason() is None)
+            return Reply(200, metrics.render()), _METRICS_TYPE
         return error_reply(404, "not found"), None
 
     def when_durable(self, conn: HttpProtocol, slot: Slot, pending: Pending) -> None:

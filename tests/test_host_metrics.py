@@ -1,0 +1,234 @@
+"""/metrics reports the whole server, whichever worker answers.
+
+Worker processes here are real (multiprocessing "spawn", as the supervisor
+starts them) and share a run dir the way a supervisor's workers do: each
+counts into its own mapped file, and a scrape on either sums both, keeps the
+counts of a worker that died, and lets a restarted worker go on from them.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.connection
+from collections.abc import Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from evd.core import metrics
+from evd.core.host import HostState
+from evd.edge.http import STATUS_LINES
+from evd.edge.server import _PATH_LABELS
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def parse(text: bytes) -> Samples:
+    """Every sample of a scrape: (name, sorted labels) -> value."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text.decode())
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+def worker(run_dir: Path, index: int, workers: int, conn: Connection) -> None:
+    """A worker process: does what the parent asks, one command at a time."""
+    metrics.start_worker(run_dir, index, workers, pending_bytes=lambda: 100 + index)
+    while True:
+        command, arg = conn.recv()
+        if command == "count":
+            count(int(arg))
+            conn.send(None)
+        elif command == "scrape":
+            conn.send(metrics.render())
+        elif command == "exit":
+            conn.send(None)
+            return
+
+
+def count(n: int) -> None:
+    """What ``n`` single-event POSTs and one open connection count."""
+    hot = metrics.HOT
+    for _ in range(n):
+        hot.counts[metrics.RECEIVED] += 1
+        hot.counts[metrics.ACCEPTED] += 1
+        hot.request("/v1/events", 200)
+        hot.observe_request(0.003)
+    hot.reject("invalid", n)
+    metrics.LOG_FLUSH_SECONDS.observe(0.0007)
+    metrics.LOG_BYTES_WRITTEN.inc(1000 * n)
+    metrics.CONNECTIONS.inc()
+    metrics.READY.set(1)
+
+
+class Workers:
+    """Worker processes on one run dir, and the supervisor's HostState for them."""
+
+    def __init__(self, run_dir: Path, n: int) -> None:
+        self.run_dir = run_dir
+        self.n = n
+        self.host = HostState.create(run_dir, n)
+        self.ctx = multiprocessing.get_context("spawn")
+        self.procs: dict[int, tuple[multiprocessing.process.BaseProcess, Connection]] = {}
+
+    def start(self, k: int) -> None:
+        ours, theirs = self.ctx.Pipe()
+        proc = self.ctx.Process(target=worker, args=(self.run_dir, k, self.n, theirs))
+        proc.start()
+        theirs.close()
+        self.procs[k] = (proc, ours)
+        self.host.set_up(k, True)
+
+    def ask(self, k: int, command: str, arg: object = None) -> object:
+        conn = self.procs[k][1]
+        conn.send((command, arg))
+        if not conn.poll(30):
+            raise AssertionError(f"worker {k} did not answer {command}")
+        return conn.recv()
+
+    def scrape(self, k: int) -> Samples:
+        text = self.ask(k, "scrape")
+        assert isinstance(text, bytes)
+        return parse(text)
+
+    def stop(self, k: int, restart: bool = False) -> None:
+        """Worker ``k`` exits, and the supervisor marks it down (and counts a restart)."""
+        self.ask(k, "exit")
+        proc, conn = self.procs.pop(k)
+        proc.join(30)
+        conn.close()
+        self.host.set_up(k, False)
+        if restart:
+            self.host.add_restart(k)
+
+    def close(self) -> None:
+        for proc, conn in self.procs.values():
+            proc.kill()
+            proc.join(10)
+            conn.close()
+        self.host.close()
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(tmp_path / "run", 2)
+    try:
+        yield w
+    finally:
+        w.close()
+
+
+def test_a_scrape_on_either_worker_reports_the_sum_of_both(workers: Workers) -> None:
+    workers.start(0)
+    workers.start(1)
+    workers.ask(0, "count", 3)
+    workers.ask(1, "count", 5)
+    scrapes = [workers.scrape(0), workers.scrape(1)]
+    # The per-scrape metrics move between the two scrapes; everything else is equal.
+    moving = {"evd_http_requests_total"}
+    assert {k: v for k, v in scrapes[0].items() if k[0] not in moving} == {
+        k: v for k, v in scrapes[1].items() if k[0] not in moving
+    }
+    for s in scrapes:
+        assert value(s, "evd_events_received_total") == 8
+        assert value(s, "evd_events_accepted_total") == 8
+        assert value(s, "evd_events_rejected_total", reason="invalid") == 8
+        assert value(s, "evd_events_rejected_total", reason="rate_limited") == 0
+        assert value(s, "evd_http_requests_total", path="/v1/events", status="200") == 8
+        assert value(s, "evd_request_duration_seconds_count") == 8
+        assert value(s, "evd_request_duration_seconds_bucket", le="0.005") == 8
+        assert value(s, "evd_request_duration_seconds_bucket", le="0.002") == 0
+        assert value(s, "evd_request_duration_seconds_sum") == pytest.approx(8 * 0.003)
+        assert value(s, "evd_log_append_seconds_count") == 2
+        assert value(s, "evd_log_append_seconds_bucket", le="0.001") == 2
+        assert value(s, "evd_log_written_bytes_total") == 8000
+        assert value(s, "evd_http_connections") == 2
+        assert value(s, "evd_ready") == 1
+        for k, received in ((0, 3), (1, 5)):
+            assert value(s, "evd_worker_up", worker=str(k)) == 1
+            assert value(s, "evd_worker_restarts_total", worker=str(k)) == 0
+            assert value(s, "evd_worker_events_received_total", worker=str(k)) == received
+            assert value(s, "evd_log_pending_bytes", worker=str(k)) == 100 + k
+
+
+def test_a_dead_workers_counts_stay_and_its_replacement_goes_on(workers: Workers) -> None:
+    workers.start(0)
+    workers.start(1)
+    workers.ask(0, "count", 2)
+    workers.ask(1, "count", 5)
+    workers.stop(1, restart=True)
+    s = workers.scrape(0)
+    assert value(s, "evd_events_received_total") == 7
+    assert value(s, "evd_worker_events_received_total", worker="1") == 5
+    # What only means something while a worker runs counts for live workers only.
+    assert value(s, "evd_worker_up", worker="1") == 0
+    assert value(s, "evd_http_connections") == 1
+    assert value(s, "evd_log_pending_bytes", worker="1") == 0
+    assert value(s, "evd_ready") == 0
+
+    workers.start(1)
+    workers.ask(1, "count", 1)
+    for k in (0, 1):
+        s = workers.scrape(k)
+        assert value(s, "evd_events_received_total") == 8
+        assert value(s, "evd_worker_events_received_total", worker="1") == 6
+        assert value(s, "evd_worker_restarts_total", worker="1") == 1
+        assert value(s, "evd_worker_up", worker="1") == 1
+        assert value(s, "evd_http_connections") == 2  # the dead worker's one is gone
+        assert value(s, "evd_ready") == 1
+
+
+def test_a_worker_not_started_yet_counts_as_down(workers: Workers) -> None:
+    workers.start(0)
+    workers.host.set_up(1, False)
+    workers.ask(0, "count", 1)
+    s = workers.scrape(0)
+    assert value(s, "evd_events_received_total") == 1
+    assert value(s, "evd_worker_up", worker="1") == 0
+    assert value(s, "evd_worker_events_received_total", worker="1") == 0
+    assert value(s, "evd_ready") == 0
+
+
+def test_without_a_run_dir_a_scrape_reads_this_process_alone() -> None:
+    before = parse(metrics.render())
+    metrics.HOT.counts[metrics.RECEIVED] += 4
+    metrics.HOT.request("other", 404)
+    after = parse(metrics.render())
+    assert value(after, "evd_events_received_total") == value(before, "evd_events_received_total") + 4
+    assert value(after, "evd_worker_up", worker="0") == 1
+    assert value(after, "evd_worker_events_received_total", worker="0") == value(
+        after, "evd_events_received_total"
+    )
+    assert ("evd_worker_up", (("worker", "1"),)) not in after
+
+
+def test_start_maps_the_workers_file_and_stop_goes_on_from_it(tmp_path: Path) -> None:
+    """start_worker counts from the file's counts; stop_worker goes on privately from there."""
+    run = tmp_path / "run"
+    HostState.create(run, 1).close()
+    received = metrics.HOT.counts[metrics.RECEIVED]
+    metrics.start_worker(run, 0, 1, pending_bytes=lambda: 0)
+    try:
+        metrics.HOT.counts[metrics.RECEIVED] += 2
+        assert metrics.worker_file(run, 0).exists()
+        assert value(parse(metrics.render()), "evd_events_received_total") == 2
+    finally:
+        metrics.stop_worker()
+    metrics.HOT.counts[metrics.RECEIVED] += 1
+    assert metrics.HOT.counts[metrics.RECEIVED] == 3
+    metrics.HOT.counts[metrics.RECEIVED] = received + 3  # as if counted here all along
+
+
+def test_every_label_the_edge_uses_has_its_slot() -> None:
+    assert set(_PATH_LABELS.values()) | {"other"} == set(metrics.PATHS)
+    assert set(STATUS_LINES) <= set(metrics.STATUSES)
+    text = Path(metrics.__file__).parent.parent.joinpath("edge", "ingest.py").read_text()
+    used = {line.split('reject("')[1].split('"')[0] for line in text.splitlines() if 'reject("' in line}
+    assert used == set(metrics.REJECT_REASONS)
