@@ -16,10 +16,12 @@ from pathlib import Path
 
 import uvloop
 
+from evd.core import metrics
 from evd.core.config import Config
 from evd.core.embedded import EmbeddedLog, recover_writers, upgrade_layout
 from evd.core.errors import ConfigError, EvdError
 from evd.core.host import HostState, run_dir
+from evd.edge.auth import RateLimiter
 from evd.edge.ingest import Ingest
 from evd.edge.server import Server
 
@@ -64,15 +66,27 @@ def prepare_data_dir(cfg: Config, workers: int) -> None:
     recover_writers(data_dir, cfg.log.partitions, workers, **_log_kwargs(cfg))
 
 
-async def serve(cfg: Config, index: int = 0, host: HostState | None = None) -> None:
-    """Run worker ``index`` until SIGTERM or SIGINT, then shut down in order."""
+async def serve(
+    cfg: Config, index: int = 0, host: HostState | None = None, run: Path | None = None
+) -> None:
+    """Run worker ``index`` until SIGTERM or SIGINT, then shut down in order.
+
+    ``run``: the server's run dir, where the workers share their metrics and
+    rate-limit buckets (none: this process alone).
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = host or HostState.alone()
     lg = open_log(cfg, writer=index)
-    server = Server(cfg, lg, Ingest(cfg, lg), host=host)
+    limiter = RateLimiter(cfg.limits, run, keys=len(cfg.auth.keys))
+    server = Server(cfg, lg, Ingest(cfg, lg, limiter), host=host)
+    metrics.start_worker(
+        run, index, host.workers,
+        pending_bytes=lambda: lg._pending_bytes,
+        ready=lambda: server.unready_reason() is None,
+    )
     await server.start(cfg.server.host, cfg.server.port)
     host.set_up(index, True)
     if index == 0 and cfg.auth.enabled and DEV_KEY in cfg.auth.keys:
@@ -90,6 +104,8 @@ async def serve(cfg: Config, index: int = 0, host: HostState | None = None) -> N
     log.info("worker %d shutting down: draining connections", index)
     await server.drain(cfg.server.drain_grace_s, cfg.server.drain_timeout_s)
     await lg.close()
+    metrics.stop_worker()
+    limiter.close()
     log.info("worker %d stopped", index)
 
 
@@ -108,9 +124,10 @@ def run_worker(cfg: Config, index: int, log_level: int) -> None:
     if os.getppid() != parent:
         os._exit(1)  # the supervisor is already gone
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
-    host = HostState.attach(run_dir(cfg.server.data_dir))
+    run = run_dir(cfg.server.data_dir)
+    host = HostState.attach(run)
     try:
-        uvloop.run(serve(cfg, index, host))
+        uvloop.run(serve(cfg, index, host, run))
         # Drained and closed: a signal still on its way (a Ctrl-C reaches the
         # whole process group, and the supervisor forwards it too) must not
         # turn this clean exit into death by signal.

@@ -4,17 +4,23 @@ Worker processes here are real (multiprocessing "spawn", as the supervisor
 starts them) and share a run dir the way a supervisor's workers do: each
 counts into its own mapped file, and a scrape on either sums both, keeps the
 counts of a worker that died, and lets a restarted worker go on from them.
+The last tests do the same through ``evd serve --workers 2``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import multiprocessing.connection
-from collections.abc import Iterator
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
+from evdtest import ServerFactory, batch, exchange, make_event, raw_post, request
 from prometheus_client.parser import text_string_to_metric_families
 
 from evd.core import metrics
@@ -232,3 +238,81 @@ def test_every_label_the_edge_uses_has_its_slot() -> None:
     text = Path(metrics.__file__).parent.parent.joinpath("edge", "ingest.py").read_text()
     used = {line.split('reject("')[1].split('"')[0] for line in text.splitlines() if 'reject("' in line}
     assert used == set(metrics.REJECT_REASONS)
+
+
+# -- through evd serve --workers 2 ---------------------------------------------------------
+
+TWO = ["--workers", "2"]
+
+
+def scrape(port: int) -> Samples:
+    """GET /metrics on a fresh connection (SO_REUSEPORT picks the worker)."""
+    r = request(port, "GET", "/metrics")
+    assert r.status == 200
+    return parse(r.body)
+
+
+async def post_spread(port: int, prefix: str, requests: int, events: int) -> list[int]:
+    """``requests`` POSTs of ``events`` events, each on a fresh connection (so they
+    spread over the workers), 16 at a time; their statuses."""
+    limit = asyncio.Semaphore(16)
+
+    async def one(i: int) -> int:
+        ids = [f"{prefix}-{i}-{j}" for j in range(events)]
+        body = batch(make_event(eid, user_id=f"u-{i}-{j}") for j, eid in enumerate(ids))
+        async with limit:
+            return (await exchange(port, raw_post(body, close=True))).status
+
+    return list(await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(requests))), 60))
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+def test_every_scrape_reports_the_servers_totals_whichever_worker_answers(
+    servers: ServerFactory,
+) -> None:
+    server = servers.start(args=TWO)
+    assert asyncio.run(post_spread(server.port, "total", 60, 3)) == [200] * 60
+    scrapes = [scrape(server.port) for _ in range(30)]
+    for s in scrapes:
+        assert value(s, "evd_events_received_total") == 180
+        assert value(s, "evd_events_accepted_total") == 180
+        assert value(s, "evd_http_requests_total", path="/v1/events", status="200") == 60
+        assert value(s, "evd_request_duration_seconds_count") == 60
+        assert value(s, "evd_ready") == 1
+        per_worker = [value(s, "evd_worker_events_received_total", worker=k) for k in "01"]
+        assert sum(per_worker) == 180
+        assert all(per_worker), per_worker  # the POSTs went to both workers
+        assert [value(s, "evd_worker_up", worker=k) for k in "01"] == [1, 1]
+    # Only scrapes came in between: both workers answered some of them.
+    for k in "01":
+        first = value(scrapes[0], "evd_worker_requests_total", worker=k)
+        assert value(scrapes[-1], "evd_worker_requests_total", worker=k) > first, k
+
+
+def test_a_killed_workers_counts_stay_and_its_restart_is_counted(servers: ServerFactory) -> None:
+    server = servers.start(args=TWO)
+    assert asyncio.run(post_spread(server.port, "kill", 40, 2)) == [200] * 40
+    before = scrape(server.port)
+    victim = server.worker_pids()[1]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: server.worker_pids()[1] != victim, 20, "a replacement for worker 1")
+    server.wait_ready()
+    for _ in range(10):
+        s = scrape(server.port)
+        assert value(s, "evd_events_received_total") == 80
+        assert value(s, "evd_events_accepted_total") == 80
+        for k in "01":
+            assert value(s, "evd_worker_events_received_total", worker=k) == value(
+                before, "evd_worker_events_received_total", worker=k
+            )
+            assert value(s, "evd_worker_up", worker=k) == 1
+        assert value(s, "evd_worker_restarts_total", worker="0") == 0
+        assert value(s, "evd_worker_restarts_total", worker="1") == 1

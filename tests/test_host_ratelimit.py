@@ -4,16 +4,21 @@ With a run dir the workers' RateLimiters share one bucket per key
 (``<run_dir>/ratelimit.bin``); these tests take tokens from real processes
 (multiprocessing "spawn", as the supervisor starts workers) at once, and check
 the total against the bucket's bound, with the per-process buckets as the
-negative control.
+negative control; the last test sends POSTs over many connections to
+``evd serve --workers 2``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import multiprocessing
 import time
 from pathlib import Path
 
 import pytest
+from evdtest import ServerFactory, batch, exchange, make_event, raw_post, request
+from prometheus_client.parser import text_string_to_metric_families
 
 from evd.core.config import LimitsConfig
 from evd.edge import auth
@@ -185,3 +190,56 @@ def test_negative_control_processes_without_a_run_dir_get_a_bucket_each() -> Non
     counts, span = allowed_by_processes(None, 2)
     assert all(c >= BURST for c in counts), counts
     assert sum(counts) > BURST + RATE * span + 1, (counts, span)
+
+
+# -- through evd serve --workers 2 ---------------------------------------------------------
+
+
+SERVER_RATE, SERVER_BURST, BATCH = 10, 100, 5
+
+
+def worker_metric(port: int, name: str) -> dict[str, float]:
+    """A per-worker series of /metrics: worker label -> value."""
+    text = request(port, "GET", "/metrics").body.decode()
+    return {
+        s.labels["worker"]: s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    }
+
+
+async def post_spread(port: int, requests: int) -> list[tuple[int, int, str | None]]:
+    """POSTs of BATCH events, each on a fresh connection (so they spread over the
+    workers), 16 at a time: (status, events accepted, Retry-After) of each."""
+    limit = asyncio.Semaphore(16)
+
+    async def one(i: int) -> tuple[int, int, str | None]:
+        body = batch(make_event(f"rl-{i}-{j}", user_id=f"u-{i}-{j}") for j in range(BATCH))
+        async with limit:
+            r = await exchange(port, raw_post(body, close=True))
+        accepted = json.loads(r.body)["accepted"] if r.status == 200 else 0
+        return r.status, accepted, r.headers.get("retry-after")
+
+    return list(await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(requests))), 60))
+
+
+def test_the_rate_limit_holds_for_the_server_over_many_connections_and_two_workers(
+    servers: ServerFactory,
+) -> None:
+    limits_ = {"rate_limit_events_per_s": SERVER_RATE, "rate_limit_burst": SERVER_BURST}
+    server = servers.start({"limits": limits_}, args=["--workers", "2"])
+    began = time.monotonic()
+    answers = asyncio.run(post_spread(server.port, 120))
+    span = time.monotonic() - began
+    accepted = sum(a for _, a, _ in answers)
+    # One bucket for the server: the burst and what the rate added meanwhile. A
+    # bucket per worker would let up to twice the burst through.
+    assert SERVER_BURST <= accepted <= SERVER_BURST + SERVER_RATE * span, (accepted, span)
+    assert span < SERVER_BURST / SERVER_RATE / 2, "too slow to tell one bucket from two"
+    statuses = {s for s, _, _ in answers}
+    assert statuses == {200, 429}, statuses
+    assert all(int(ra or 0) >= 1 for s, _, ra in answers if s == 429)
+    # The traffic reached both workers' buckets, not only one.
+    received = worker_metric(server.port, "evd_worker_events_received_total")
+    assert set(received) == {"0", "1"} and all(received.values()), received
