@@ -85,7 +85,7 @@ async def serve(
     metrics.start_worker(
         run, index, host.workers,
         pending_bytes=lambda: lg._pending_bytes,
-        ready=lambda: server.unready_reason() is None,
+        serving=lambda: not server.draining and lg.writable,
     )
     await server.start(cfg.server.host, cfg.server.port)
     host.set_up(index, True)

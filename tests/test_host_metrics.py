@@ -10,6 +10,7 @@ The last tests do the same through ``evd serve --workers 2``.
 from __future__ import annotations
 
 import asyncio
+import mmap
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -46,7 +47,9 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def worker(run_dir: Path, index: int, workers: int, conn: Connection) -> None:
     """A worker process: does what the parent asks, one command at a time."""
-    metrics.start_worker(run_dir, index, workers, pending_bytes=lambda: 100 + index)
+    metrics.start_worker(
+        run_dir, index, workers, pending_bytes=lambda: 100 + index, serving=lambda: True
+    )
     while True:
         command, arg = conn.recv()
         if command == "count":
@@ -71,7 +74,6 @@ def count(n: int) -> None:
     metrics.LOG_FLUSH_SECONDS.observe(0.0007)
     metrics.LOG_BYTES_WRITTEN.inc(1000 * n)
     metrics.CONNECTIONS.inc()
-    metrics.READY.set(1)
 
 
 class Workers:
@@ -215,21 +217,59 @@ def test_without_a_run_dir_a_scrape_reads_this_process_alone() -> None:
     assert ("evd_worker_up", (("worker", "1"),)) not in after
 
 
+@pytest.fixture
+def own_counts() -> Iterator[None]:
+    """This process's counts are put back after the test (it makes the process a worker)."""
+    saved = bytes(metrics.HOT.buffer[: metrics.SLOTS * 8])
+    try:
+        yield
+    finally:
+        metrics.stop_worker()
+        metrics.HOT.buffer[:] = saved
+
+
+@pytest.mark.usefixtures("own_counts")
 def test_start_maps_the_workers_file_and_stop_goes_on_from_it(tmp_path: Path) -> None:
     """start_worker counts from the file's counts; stop_worker goes on privately from there."""
     run = tmp_path / "run"
     HostState.create(run, 1).close()
-    received = metrics.HOT.counts[metrics.RECEIVED]
     metrics.start_worker(run, 0, 1, pending_bytes=lambda: 0)
-    try:
-        metrics.HOT.counts[metrics.RECEIVED] += 2
-        assert metrics.worker_file(run, 0).exists()
-        assert value(parse(metrics.render()), "evd_events_received_total") == 2
-    finally:
-        metrics.stop_worker()
+    metrics.HOT.counts[metrics.RECEIVED] += 2
+    assert metrics.worker_file(run, 0).exists()
+    assert value(parse(metrics.render()), "evd_events_received_total") == 2
+    metrics.stop_worker()
     metrics.HOT.counts[metrics.RECEIVED] += 1
     assert metrics.HOT.counts[metrics.RECEIVED] == 3
-    metrics.HOT.counts[metrics.RECEIVED] = received + 3  # as if counted here all along
+    assert not isinstance(metrics.HOT.buffer, mmap.mmap)
+
+
+@pytest.mark.usefixtures("own_counts")
+def test_ready_needs_every_worker_up_and_serving(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    host = HostState.create(run, 1)
+    serving = [True]
+    metrics.start_worker(run, 0, 1, pending_bytes=lambda: 0, serving=lambda: serving[0])
+    try:
+        assert value(parse(metrics.render()), "evd_ready") == 0  # not up yet
+        host.set_up(0, True)
+        assert value(parse(metrics.render()), "evd_ready") == 1
+        serving[0] = False  # draining, or the log turned read-only
+        assert value(parse(metrics.render()), "evd_ready") == 0
+    finally:
+        host.close()
+
+
+@pytest.mark.usefixtures("own_counts")
+def test_a_file_of_another_layout_is_neither_read_nor_continued(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    HostState.create(run, 1).close()
+    path = metrics.worker_file(run, 0)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"\x01" * metrics.FILE_SIZE)
+    assert metrics._read(path) is None
+    metrics.start_worker(run, 0, 1, pending_bytes=lambda: 0)
+    assert metrics.HOT.counts[metrics.RECEIVED] == 0
+    assert metrics._read(path) is not None
 
 
 def test_every_label_the_edge_uses_has_its_slot() -> None:

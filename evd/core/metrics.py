@@ -120,10 +120,15 @@ for _p, _path in enumerate(PATHS):
 _LATENCY = _LAYOUT.take(len(LATENCY_BUCKETS) + 1)
 _LATENCY_SUM = _LAYOUT.take_float()
 _CONNECTIONS = _LAYOUT.take()
+#: What /readyz or /metrics last saw here (READY): the server's readiness for a
+#: process that publishes no SERVING flag (a Server built in-process).
 _READY = _LAYOUT.take()
+#: 1 while the worker itself would serve (not draining, its log writable), as
+#: it publishes it; whether every worker is up is read at scrape time instead.
+_SERVING = _LAYOUT.take()
 _PENDING = _LAYOUT.take()
 #: Slots that describe a running worker, zeroed when a worker (re)starts.
-_GAUGES = (_CONNECTIONS, _READY, _PENDING)
+_GAUGES = (_CONNECTIONS, _READY, _SERVING, _PENDING)
 
 
 class Slots:
@@ -291,7 +296,7 @@ class _Worker:
     index: int = 0
     workers: int = 1
     pending_bytes: Callable[[], int] | None = None
-    ready: Callable[[], bool] | None = None
+    serving: Callable[[], bool] | None = None
     timer: asyncio.TimerHandle | None = None
     #: Which workers are up and how often each restarted (the supervisor's, or
     #: this process alone).
@@ -301,8 +306,8 @@ class _Worker:
         """Write the gauges that other workers read but only this one knows."""
         if self.pending_bytes is not None:
             HOT.counts[_PENDING] = self.pending_bytes()
-        if self.ready is not None:
-            HOT.counts[_READY] = int(self.ready())
+        if self.serving is not None:
+            HOT.counts[_SERVING] = int(self.serving())
 
     def tick(self) -> None:
         try:
@@ -318,7 +323,7 @@ class _Worker:
             self.timer.cancel()
         self.host.close()
         self.run_dir, self.index, self.workers = None, 0, 1
-        self.pending_bytes = self.ready = self.timer = None
+        self.pending_bytes = self.serving = self.timer = None
         self.host = HostState.alone()
 
 
@@ -330,14 +335,16 @@ def start_worker(
     index: int,
     workers: int,
     pending_bytes: Callable[[], int],
-    ready: Callable[[], bool] | None = None,
+    serving: Callable[[], bool] | None = None,
 ) -> None:
     """Make this process worker ``index`` of ``workers`` for the metrics.
 
     With a ``run_dir``, count into ``<run_dir>/metrics/w<index>.bin`` (going on
     from its counts when worker ``index`` ran before) and read the other
     workers' files at scrape time. ``pending_bytes`` (the log's bytes waiting
-    for a flush) and ``ready`` (whether /readyz would answer 200 here) are
+    for a flush) and ``serving`` (whether this worker would serve: not
+    draining, its log writable; that every worker is up is read from the
+    run dir's HostState at scrape time) are
     published every PUBLISH_INTERVAL_S for the other workers' scrapes (when
     called from the worker's event loop, as it should be, before it listens).
     ``stop_worker`` undoes it.
@@ -352,14 +359,14 @@ def start_worker(
     _WORKER.index = index
     _WORKER.workers = workers
     _WORKER.pending_bytes = pending_bytes
-    _WORKER.ready = ready
+    _WORKER.serving = serving
     _WORKER.tick()
 
 
 def stop_worker() -> None:
     """Stop publishing; count into a private buffer again (starting from the current counts)."""
     _WORKER.stop()
-    HOT.counts[_READY] = HOT.counts[_PENDING] = 0
+    HOT.counts[_READY] = HOT.counts[_SERVING] = HOT.counts[_PENDING] = 0
     if isinstance(HOT.buffer, mmap.mmap):
         old = HOT.use(bytearray(HOT.buffer[: SLOTS * 8]))
         assert isinstance(old, mmap.mmap)
@@ -464,8 +471,13 @@ class _Scrape(Collector):
             "evd_http_connections", "Open HTTP connections",
             sum(c[_CONNECTIONS] for c, _ in live),
         )
-        ready = all(up) and all(c[_READY] for c, _ in live)
-        yield GaugeMetricFamily("evd_ready", "1 when /readyz answers 200 on every worker", ready)
+        if self.worker.serving is not None:
+            ready = all(up) and all(c[_SERVING] for c, _ in live)
+        else:
+            ready = bool(HOT.counts[_READY])
+        yield GaugeMetricFamily(
+            "evd_ready", "1 when /readyz answers 200 (every worker up and serving)", ready
+        )
 
         worker_up = GaugeMetricFamily(
             "evd_worker_up", "1 while the worker serves", labels=["worker"]
