@@ -130,13 +130,13 @@ class SharedBuckets:
     """Buckets in a file every worker of a server maps: ``<u64 magic><u64 slots>``,
     then per key ``<i64 fingerprint><f64 arrival time>`` (fingerprint 0: free).
 
-    A bucket is read and written under an fcntl lock of its 16 bytes, so
-    workers take tokens one at a time. The arrival time is one aligned 8-byte
-    value, so ``peek`` reads it without the lock (it cannot tear). Arrival
-    times are ``time.monotonic()``, CLOCK_MONOTONIC, one clock for every
-    process of the host. fcntl locks belong to the process: two instances in
-    one process do not exclude each other (one event loop thread never
-    interleaves them anyway), and closing either releases both's locks.
+    Buckets are read and written under ``flock`` of the file, so workers take
+    tokens one at a time (it is held for a few microseconds, and costs half
+    what a byte-range ``lockf`` of the bucket does; flock belongs to the open
+    file, so two instances in one process exclude each other too). The arrival
+    time is one aligned 8-byte value, so ``peek`` reads it without the lock
+    (it cannot tear). Arrival times are ``time.monotonic()``, CLOCK_MONOTONIC,
+    one clock for every process of the host.
     """
 
     FILE = "ratelimit.bin"
@@ -150,14 +150,14 @@ class SharedBuckets:
         self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             # The first worker here sizes the file; the lock makes the others wait.
-            fcntl.lockf(self._fd, fcntl.LOCK_EX)
+            fcntl.flock(self._fd, fcntl.LOCK_EX)
             try:
                 if os.fstat(self._fd).st_size == 0:
                     os.ftruncate(self._fd, self.HEAD + self.SLOT * slots)
                     os.pwrite(self._fd, struct.pack("<qq", self.MAGIC, slots), 0)
                 magic, self.slots = struct.unpack("<qq", os.pread(self._fd, self.HEAD, 0))
             finally:
-                fcntl.lockf(self._fd, fcntl.LOCK_UN)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
             if magic != self.MAGIC:
                 raise ValueError(f"{path} is not an evd rate limit file")
             self._map = mmap.mmap(self._fd, self.HEAD + self.SLOT * self.slots)
@@ -179,7 +179,7 @@ class SharedBuckets:
         mark = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True)
         mark = mark or 1
         fd = self._fd
-        fcntl.lockf(fd, fcntl.LOCK_EX, self.HEAD, 0)
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             ints = self._ints
             found = -1
@@ -194,7 +194,7 @@ class SharedBuckets:
                     found = i
                     break
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, self.HEAD, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
         if found >= 0:
             self._index[key] = found
         return found
@@ -209,13 +209,13 @@ class SharedBuckets:
         index = self._find(key)
         if index < 0:
             return self._overflow.update(key, rule, events)
-        fd, start = self._fd, index * 8
-        fcntl.lockf(fd, fcntl.LOCK_EX, self.SLOT, start)
+        fd = self._fd
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             tat, wait = rule(self._floats[index + 1], events)
             self._floats[index + 1] = tat
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, self.SLOT, start)
+            fcntl.flock(fd, fcntl.LOCK_UN)
         return wait
 
     def close(self) -> None:
