@@ -341,13 +341,12 @@ def start_worker(
 
     With a ``run_dir``, count into ``<run_dir>/metrics/w<index>.bin`` (going on
     from its counts when worker ``index`` ran before) and read the other
-    workers' files at scrape time. ``pending_bytes`` (the log's bytes waiting
-    for a flush) and ``serving`` (whether this worker would serve: not
-    draining, its log writable; that every worker is up is read from the
-    run dir's HostState at scrape time) are
-    published every PUBLISH_INTERVAL_S for the other workers' scrapes (when
-    called from the worker's event loop, as it should be, before it listens).
-    ``stop_worker`` undoes it.
+    workers' files, and the supervisor's HostState, at scrape time.
+    ``pending_bytes`` (the log's bytes waiting for a flush) and ``serving``
+    (whether this worker would serve: not draining, its log writable) are
+    published now and every PUBLISH_INTERVAL_S for the other workers' scrapes,
+    when called from the worker's event loop (as it should be, before it
+    listens). ``stop_worker`` undoes it.
     """
     stop_worker()
     if run_dir is not None:
