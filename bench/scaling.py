@@ -282,6 +282,19 @@ def cpus_busy(cpus: Sequence[int]) -> tuple[float, float]:
     return busy / CLK_TCK, steal / CLK_TCK
 
 
+def wait_quiet(cpus: Sequence[int], timeout: float, busy: float = 0.1,
+               window: float = 2.0) -> bool:
+    """Until ``cpus`` were busy under ``busy`` cores for ``window`` s; False on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        before = cpus_busy(cpus)[0]
+        time.sleep(window)
+        if (cpus_busy(cpus)[0] - before) / window < busy:
+            return True
+        if time.monotonic() + window > deadline:
+            return False
+
+
 def cpu_delta(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
     """CPU seconds each process used between two samples (new processes from 0)."""
     return {pid: after[pid] - before.get(pid, 0.0) for pid in after}
@@ -627,6 +640,7 @@ class Settings:
     out: Path
     data_root: Path
     time_limit: float
+    wait_quiet: float = 0.0
 
 
 def run_one(s: Settings, place: Placement, batch: int, fsync: str, repeat: int) -> RunResult:
@@ -736,9 +750,15 @@ def diagnose(res: RunResult) -> list[str]:
     gen_usable = min(gen_capacity, res.gen_procs)
     if not res.shared and gen_usable and res.gen_cpu_cores >= BUSY * gen_usable:
         flags.append(f"generator busy ({res.gen_cpu_cores:.2f} of {gen_usable} cores)")
-    if res.server_cpu_cores < BUSY * res.workers:
+    if res.shared:
+        # Workers and generator share the cores: together they should fill them.
+        cores = len(set(parse_cpu_list(res.server_cores)) | set(parse_cpu_list(res.gen_cores)))
+        both = res.server_cpu_cores + res.gen_cpu_cores
+        if both < BUSY * cores:
+            flags.append(f"cores not busy (workers and generator {both:.2f} of {cores})")
+    elif res.server_cpu_cores < BUSY * res.workers:
         flags.append(f"workers not busy ({res.server_cpu_cores:.2f} of {res.workers} cores)")
-    if res.other_cpu_cores + res.stolen_cpu_cores >= NOISY:
+    if noisy(res):
         flags.append(f"machine not quiet (other {res.other_cpu_cores:.2f}, stolen "
                      f"{res.stolen_cpu_cores:.2f} cores)")
     others = {k: v for k, v in res.statuses.items() if k != "200"}
@@ -747,6 +767,11 @@ def diagnose(res: RunResult) -> list[str]:
     if res.events_per_s == 0:
         flags.append("nothing accepted")
     return flags
+
+
+def noisy(res: RunResult) -> bool:
+    """Other processes or the hypervisor took a share of the run's cores."""
+    return res.other_cpu_cores + res.stolen_cpu_cores >= NOISY
 
 
 # -- curves and reports ---------------------------------------------------------------------
@@ -767,7 +792,10 @@ class Point:
     of_linear: float | None
     #: Whether ratio >= 0.8 x workers (None above LINEAR_UP_TO workers or without a base).
     meets: bool | None
+    #: Events/s of every run of this point, and which of them had the machine to
+    #: themselves (the median is of those when there are any).
     runs: list[float]
+    quiet: list[bool]
     flags: list[str]
 
 
@@ -782,7 +810,11 @@ class Curve:
 
 
 def curves(results: Sequence[RunResult]) -> list[Curve]:
-    """One curve per (fsync, batch): the median run of each worker count, ratios, checks."""
+    """One curve per (fsync, batch): the median run of each worker count, ratios, checks.
+
+    With ``--repeat``, a run whose cores other processes (or the hypervisor) took a
+    share of (``noisy``) counts only when no run of that point was quiet.
+    """
     groups: dict[tuple[str, int], dict[int, list[RunResult]]] = {}
     for r in results:
         if r.error is None:
@@ -803,7 +835,7 @@ def curves(results: Sequence[RunResult]) -> list[Curve]:
             points.append(Point(
                 n, m.events_per_s, m.requests_per_s, m.p50_ms, m.p99_ms, m.server_cpu_cores,
                 m.gen_cpu_cores, _round(ratio), _round(of_linear), meets,
-                [r.events_per_s for r in by_n[n]], m.flags))
+                [r.events_per_s for r in by_n[n]], [not noisy(r) for r in by_n[n]], m.flags))
         checked = [p for p in points if p.meets is not None]
         if not checked:
             check = "not checked: no count above the base up to 8 workers"
@@ -820,7 +852,9 @@ def curves(results: Sequence[RunResult]) -> list[Curve]:
 
 
 def _median_run(runs: list[RunResult]) -> RunResult:
-    ordered = sorted(runs, key=lambda r: r.events_per_s)
+    """The median run by events/s, of the quiet runs when there are any."""
+    quiet = [r for r in runs if not noisy(r)]
+    ordered = sorted(quiet or runs, key=lambda r: r.events_per_s)
     return ordered[(len(ordered) - 1) // 2]
 
 
@@ -892,8 +926,9 @@ def markdown(report: dict[str, Any]) -> str:
             f"## fsync: {c['fsync']}, batch {c['batch']}",
             "",
             ("| workers | events/s | requests/s | x base | of linear | p50 ms | p99 ms "
-             "| server CPU (cores) | generator CPU (cores) | flags |"),
-            "|---|---|---|---|---|---|---|---|---|---|",
+             "| server CPU (cores) | generator CPU (cores) | flags |"
+             + (" runs (* not quiet) |" if st["repeat"] > 1 else "")),
+            "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if st["repeat"] > 1 else ""),
         ]
         for p in c["points"]:
             mark = {True: " ✓", False: " ✗", None: ""}[p["meets"]]
@@ -902,7 +937,10 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {_fmt_int(p['requests_per_s'])} | {_fmt(p['ratio'], '.2f')} "
                 f"| {_fmt(p['of_linear'], '.0%')}{mark} | {p['p50_ms']:.1f} | {p['p99_ms']:.1f} "
                 f"| {p['server_cpu_cores']:.2f} | {p['gen_cpu_cores']:.2f} "
-                f"| {'; '.join(p['flags'])} |")
+                f"| {'; '.join(p['flags'])} |" + (
+                    " " + " ".join(_fmt_int(v) + ("" if q else "*")
+                                   for v, q in zip(p["runs"], p["quiet"], strict=True)) + " |"
+                    if st["repeat"] > 1 else ""))
         lines += ["", f"0.8 x linear up to {LINEAR_UP_TO} workers: {c['linear_check']}.", ""]
     t = report["target"]
     lines += [(f"Target at batch 100, fsync always (16 cores): {TARGET_EVENTS_PER_S:,} "
@@ -965,6 +1003,9 @@ def _parser() -> argparse.ArgumentParser:
                         "on the disk under test, not tmpfs)")
     p.add_argument("--evd", default=f"{shlex.quote(sys.executable)} -m evd",
                    help="command that runs evd (e.g. another checkout's venv/bin/evd)")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="S",
+                   help="before each run, wait up to S seconds for the cores it uses to be "
+                        "idle (other processes under 0.1 cores for 2 s; on a shared machine)")
     p.add_argument("--time-limit", type=float, default=600.0,
                    help="seconds for the whole run: runs that would end later are skipped")
     return p
@@ -977,7 +1018,7 @@ def _settings(args: argparse.Namespace) -> Settings:
         raise ValueError("--gen-procs must be >= 1")
     if args.connections_per_worker is not None and args.connections_per_worker < 1:
         raise ValueError("--connections-per-worker must be >= 1")
-    out = Path(args.out)
+    out = Path(args.out).absolute()  # the servers run in their data directories
     return Settings(
         workers=parse_int_list(args.workers, "--workers"),
         batches=parse_int_list(args.batches, "--batches"),
@@ -985,8 +1026,8 @@ def _settings(args: argparse.Namespace) -> Settings:
         duration=args.duration, warmup=args.warmup, repeat=args.repeat,
         gen_procs=args.gen_procs, connections_per_worker=args.connections_per_worker,
         evd=shlex.split(args.evd), out=out,
-        data_root=Path(args.data_root) if args.data_root else out,
-        time_limit=args.time_limit)
+        data_root=Path(args.data_root).absolute() if args.data_root else out,
+        time_limit=args.time_limit, wait_quiet=args.wait_quiet)
 
 
 def _raise_fd_limit() -> None:
@@ -1063,6 +1104,11 @@ def main(argv: list[str] | None = None) -> int:
                 if elapsed + s.warmup + s.duration + max(overhead, 0.0) > s.time_limit:
                     skipped += 1
                     continue
+                if s.wait_quiet > 0:
+                    cores = sorted(set(place.server_cores) | set(place.gen_cores))
+                    limit = min(s.wait_quiet, s.time_limit - elapsed)
+                    if not wait_quiet(cores, limit):
+                        say(f"  (cores {format_cpu_list(cores)} still busy after {limit:.0f} s)")
                 r = run_one(s, place, batch, fsync, rep)
                 results.append(r)
                 if r.error:

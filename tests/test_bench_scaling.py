@@ -157,6 +157,15 @@ def test_median_of_repeats_and_failed_runs_left_out() -> None:
     assert curve.points[1].ratio == 2.5
 
 
+def test_the_median_is_of_the_quiet_runs_when_there_are_any() -> None:
+    runs = [_run(1, 100.0), _run(1, 90.0, other_cpu_cores=0.8), _run(1, 80.0, stolen_cpu_cores=0.5),
+            _run(2, 150.0, other_cpu_cores=0.9), _run(2, 140.0, other_cpu_cores=0.3)]
+    (curve,) = curves(runs)
+    one, two = curve.points
+    assert one.events_per_s == 100.0 and one.quiet == [True, False, False]
+    assert two.events_per_s == 140.0 and two.quiet == [False, False]  # none quiet: all count
+
+
 def test_without_a_one_worker_run_ratios_are_per_worker() -> None:
     (curve,) = curves([_run(2, 400.0), _run(4, 600.0)])
     assert [p.ratio for p in curve.points] == [2.0, 3.0]
@@ -172,11 +181,15 @@ def test_curves_are_kept_apart_by_batch_and_fsync() -> None:
 def test_flags_say_what_limited_a_run() -> None:
     assert diagnose(_run(4, 1.0, gen_cpu_cores=3.8)) == ["generator busy (3.80 of 4 cores)"]
     assert diagnose(_run(4, 1.0, server_cpu_cores=2.0)) == ["workers not busy (2.00 of 4 cores)"]
-    flags = diagnose(_run(1, 1.0, shared=True, statuses={"200": 5, "503": 1},
+    flags = diagnose(_run(2, 1.0, shared=True, gen_cores="0-1", statuses={"200": 5, "503": 1},
                           other_cpu_cores=0.5))
     assert flags[0] == "generator shares the workers' cores"
+    assert not any("busy" in f for f in flags)  # 2 + 1 cores' worth of CPU fill the 2 cores
     assert any(f.startswith("machine not quiet") for f in flags)
     assert any("503" in f for f in flags)
+    idle = diagnose(_run(2, 1.0, shared=True, gen_cores="0-1", server_cpu_cores=1.0,
+                         gen_cpu_cores=0.4))
+    assert idle[1] == "cores not busy (workers and generator 1.40 of 2)"
     assert diagnose(_run(1, 0.0, error="boom")) == ["failed"]
 
 
@@ -205,7 +218,8 @@ def processes_mentioning(text: str) -> list[int]:
 
 def test_a_short_run_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "scaling"
-    proc = scaling(out, "--workers", "1", "--batches", "5", "--fsync", "never",
+    # A relative --out: the servers run elsewhere, their paths must still hold.
+    proc = scaling(Path(os.path.relpath(out, ROOT)), "--workers", "1", "--batches", "5", "--fsync", "never",
                    "--duration", "0.6", "--warmup", "0.2")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((out / "scaling.json").read_text())
