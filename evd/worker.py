@@ -84,7 +84,7 @@ async def serve(
     server = Server(cfg, lg, Ingest(cfg, lg, limiter), host=host)
     metrics.start_worker(
         run, index, host.workers,
-        pending_bytes=lambda: lg._pending_bytes,
+        pending_bytes=lambda: lg.pending_bytes,
         serving=lambda: not server.draining and lg.writable,
     )
     await server.start(cfg.server.host, cfg.server.port)

@@ -446,6 +446,11 @@ class EmbeddedLog(Log):
         return self._failure is None and not self._closing
 
     @property
+    def pending_bytes(self) -> int:
+        """Bytes appended and waiting for a flush (bounded by max_pending_bytes)."""
+        return self._pending_bytes
+
+    @property
     def overloaded(self) -> bool:
         return self._pending_bytes > self.max_pending_bytes
 
