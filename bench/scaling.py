@@ -33,7 +33,6 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
-import itertools
 import json
 import os
 import platform
@@ -83,7 +82,6 @@ BUSY = 0.85
 NOISY = 0.25
 
 LISTENING_RE = re.compile(r"evd listening on http://127\.0\.0\.1:(\d+)")
-ACCEPTED_RE = re.compile(rb'"accepted":\s*(\d+)')
 
 
 # -- core lists and placement ---------------------------------------------------
@@ -482,79 +480,22 @@ def _generator_main(spec: dict[str, Any]) -> int:
 
 
 async def _generate(spec: dict[str, Any]) -> int:
-    from bench.seedload import STAMP, request_templates
-    from evd.bench.histogram import Histogram
-    from evd.bench.http import Connection, Target
+    from bench.seedload import ClosedLoop, Load, request_templates
+    from evd.bench.http import Target
 
     target = Target.parse(spec["target"])
     templates = request_templates(spec["batch"], spec["api_key"], target, spec["seed"])
     # Ids unique across the run's processes: the process's index and random bits.
     run_id = b"%02x%06x" % (spec["index"] % 256, random.getrandbits(24))
-    hist = Histogram()  # microseconds, responses completed in the window
-    statuses: Counter[int | str] = Counter()
-    outside: Counter[int | str] = Counter()
-    state = {"counter": 0, "accepted": 0}
-    conn_seeds = itertools.count(spec["seed"] * 100_003)
-    # Window bounds on the perf_counter clock, set once the start is known.
-    bounds = [0.0, 0.0]
-
-    class Client(Connection):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rng = random.Random(next(conn_seeds))
-            self.sent = 0.0
-            self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-        def send(self) -> None:
-            now = time.perf_counter()
-            if now >= bounds[1] or self._transport is None or self.closed:
-                self.finish()
-                return
-            state["counter"] += 1
-            data = self.rng.choice(templates).replace(
-                STAMP, run_id + b"%010d" % state["counter"])
-            self.sent = now
-            self._transport.write(data)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            pass  # (the base class looks for Retry-After in every header)
-
-        def on_message_complete(self) -> None:
-            now = time.perf_counter()
-            status = self._parser.get_status_code()
-            if bounds[0] <= now < bounds[1]:
-                statuses[status] += 1
-                hist.record(int((now - self.sent) * 1e6))
-                if status == 200:
-                    body = self._body
-                    m = ACCEPTED_RE.search(body[0] if len(body) == 1 else b"".join(body))
-                    state["accepted"] += int(m.group(1)) if m else 0
-            else:
-                outside[status] += 1
-            if self._parser.should_keep_alive():
-                self.send()
-            else:
-                self.finish()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            super().connection_lost(exc)
-            if not self.done.done():
-                (statuses if time.perf_counter() < bounds[1] else outside)[
-                    "connection_lost"] += 1
-                self.done.set_result(None)
-
-        def finish(self) -> None:
-            if not self.done.done():
-                self.done.set_result(None)
-            self.close()
-
+    load = Load(templates, run_id, spec["seed"] * 100_003, count_accepted=True)
     loop = asyncio.get_running_loop()
-    conns: list[Client] = []
     try:
         for _ in range(spec["connections"]):
             _, conn = await asyncio.wait_for(
-                loop.create_connection(Client, target.host, target.port), spec["timeout"])
-            conns.append(conn)
+                loop.create_connection(lambda: ClosedLoop(load, autostart=False),
+                                       target.host, target.port),
+                spec["timeout"])
+            load.conns.append(conn)
     except (OSError, TimeoutError) as exc:
         print(f"generator {spec['index']}: cannot connect: {exc!r}", file=sys.stderr)
         return 1
@@ -565,26 +506,27 @@ async def _generate(spec: dict[str, Any]) -> int:
     start_epoch = float(line)
     offset = time.time() - time.perf_counter()
     ready_late_s = max(0.0, time.time() - start_epoch)
-    bounds[:] = [start_epoch + spec["warmup"] - offset,
-                 start_epoch + spec["warmup"] + spec["duration"] - offset]
+    load.start = start_epoch + spec["warmup"] - offset
+    load.end = load.stop = start_epoch + spec["warmup"] + spec["duration"] - offset
     await asyncio.sleep(max(0.0, start_epoch - time.time()))
+    conns = load.conns
     for conn in conns:
         conn.send()
     try:
         await asyncio.wait_for(
             asyncio.gather(*(c.done for c in conns)),
-            max(0.0, bounds[1] - time.perf_counter()) + spec["timeout"])
+            max(0.0, load.end - time.perf_counter()) + spec["timeout"])
     except TimeoutError:
-        statuses["timeout"] += sum(not c.done.done() for c in conns)
+        load.statuses["timeout"] += sum(not c.done.done() for c in conns)
     for conn in conns:
         conn.close()
     print(json.dumps({
         "index": spec["index"],
-        "accepted": state["accepted"],
-        "requests": sum(statuses.values()),
-        "statuses": {str(k): v for k, v in statuses.items()},
-        "outside_window": {str(k): v for k, v in outside.items()},
-        "hist": hist.to_dict(),
+        "accepted": load.accepted,
+        "requests": sum(load.statuses.values()),
+        "statuses": dict(load.statuses),
+        "outside_window": dict(load.outside),
+        "hist": load.hist.to_dict(),
         "late_start_s": round(ready_late_s, 4),
     }), flush=True)
     return 0

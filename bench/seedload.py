@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -71,33 +73,83 @@ def request_templates(batch: int, key: str, target: Target, seed: int) -> list[b
     return out
 
 
-class _ClosedLoop(Connection):
-    """A connection that sends its next request from the callback that completes the last."""
+#: The accepted count of a 200 response's body (cheaper than decoding it).
+ACCEPTED_RE = re.compile(rb'"accepted":\s*(\d+)')
 
-    def __init__(self, load: _Load) -> None:
+
+class Load:
+    """Shared state of one closed-loop load: the templates, the id counter, the results.
+
+    Connections send until ``stop``; responses completing inside the window
+    [``start``, ``end``) are counted in ``statuses`` and ``hist``, the others in
+    ``outside``. With ``count_accepted`` the 200s' accepted events are summed.
+    """
+
+    def __init__(
+        self, templates: list[bytes], run_id: bytes, seed: int, count_accepted: bool = False
+    ) -> None:
+        self.templates = templates
+        self.run_id = run_id
+        self.seed = seed
+        self.count_accepted = count_accepted
+        self.hist = Histogram()  # microseconds
+        self.statuses: Counter[str] = Counter()
+        self.outside: Counter[str] = Counter()
+        self.accepted = 0
+        self.counter = 0
+        self.conns: list[ClosedLoop] = []
+        self.start = 0.0
+        self.end = math.inf
+        self.stop = 0.0
+
+
+class ClosedLoop(Connection):
+    """A connection that sends its next request from the callback that completes the last.
+
+    It starts sending once connected, or, with ``autostart=False``, when told to
+    (``send``), so that many processes can start together.
+    """
+
+    def __init__(self, load: Load, autostart: bool = True) -> None:
         super().__init__()
         self.load = load
+        self.autostart = autostart
         self.rng = random.Random(load.seed + len(load.conns))
         self.sent = 0.0
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self.send()
+        if self.autostart:
+            self.send()
 
     def send(self) -> None:
         load = self.load
-        if time.perf_counter() >= load.end or self._transport is None:
+        now = time.perf_counter()
+        if now >= load.stop or self._transport is None or self.closed:
             self.finish()
             return
         load.counter += 1
         data = self.rng.choice(load.templates).replace(STAMP, load.run_id + b"%010d" % load.counter)
-        self.sent = time.perf_counter()
+        self.sent = now
         self._transport.write(data)
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        pass  # the base class looks for Retry-After in every header; evd answers 200 here
+
     def on_message_complete(self) -> None:
-        self.load.hist.record(int((time.perf_counter() - self.sent) * 1e6))
-        self.load.statuses[str(self._parser.get_status_code())] += 1
+        load = self.load
+        now = time.perf_counter()
+        status = str(self._parser.get_status_code())
+        if load.start <= now < load.end:
+            load.statuses[status] += 1
+            load.hist.record(int((now - self.sent) * 1e6))
+            if load.count_accepted and status == "200":
+                body = self._body
+                m = ACCEPTED_RE.search(body[0] if len(body) == 1 else b"".join(body))
+                load.accepted += int(m.group(1)) if m else 0
+        else:
+            load.outside[status] += 1
         if self._parser.should_keep_alive():
             self.send()
         else:
@@ -106,27 +158,15 @@ class _ClosedLoop(Connection):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         if not self.done.done():
-            self.load.statuses["connection_lost"] += 1
+            load = self.load
+            (load.statuses if time.perf_counter() < load.end else load.outside)[
+                "connection_lost"] += 1
             self.done.set_result(None)
 
     def finish(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
         self.close()
-
-
-class _Load:
-    """Shared state of one run: the templates, the id counter, the results."""
-
-    def __init__(self, args: argparse.Namespace, target: Target) -> None:
-        self.templates = request_templates(args.batch, args.api_key, target, args.seed)
-        self.seed = args.seed
-        self.hist = Histogram()  # microseconds
-        self.statuses: Counter[str] = Counter()
-        self.run_id = b"%08x" % random.getrandbits(32)  # ids differ between runs
-        self.counter = 0
-        self.conns: list[_ClosedLoop] = []
-        self.end = 0.0
 
 
 class Result(NamedTuple):
@@ -140,12 +180,14 @@ class Result(NamedTuple):
 
 async def run(args: argparse.Namespace) -> Result:
     target = Target.parse(args.target)
-    load = _Load(args, target)
+    templates = request_templates(args.batch, args.api_key, target, args.seed)
+    run_id = b"%08x" % random.getrandbits(32)  # ids differ between runs
+    load = Load(templates, run_id, args.seed)
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
-    load.end = start + args.duration
+    load.stop = start + args.duration  # every response counts, the late ones too
     for _ in range(args.connections):
-        _, conn = await loop.create_connection(lambda: _ClosedLoop(load), target.host, target.port)
+        _, conn = await loop.create_connection(lambda: ClosedLoop(load), target.host, target.port)
         load.conns.append(conn)
     try:
         # Every connection stops sending at the end; one still waiting then is late.
