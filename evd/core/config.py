@@ -73,6 +73,19 @@ class AuthConfig(Base):
     keys: list[str] = msgspec.field(default_factory=lambda: ["evd-dev-key"])
 
 
+class RetentionConfig(Base):
+    """When segments of streams that no consumer has registered for are deleted.
+
+    A stream with registered consumers (a sink, the processor's snapshots) keeps
+    a segment until every one of them is past it, whatever these say.
+    """
+
+    #: Segments whose newest record is older than this are deleted (0: never).
+    max_age_s: float = 7 * 24 * 3600.0
+    #: Per sub-log, the oldest segments are deleted above this many bytes (0: no cap).
+    max_bytes: int = 0
+
+
 class LogConfig(Base):
     """The raw log and output streams."""
 
@@ -87,6 +100,12 @@ class LogConfig(Base):
     checkpoint_bytes: int = 8 * MiB
     #: Bytes accepted but not yet flushed; above it POSTs are shed with 503.
     max_pending_bytes: int = 64 * MiB
+    #: Disk the whole log (every stream, every writer) may use; above it POSTs
+    #: are shed with 503 + Retry-After until retention frees space. 0: no fixed cap.
+    max_bytes: int = 0
+    #: Free space the log always leaves on its filesystem (503 below it).
+    min_free_bytes: int = 1024 * MiB
+    retention: RetentionConfig = msgspec.field(default_factory=RetentionConfig)
 
 
 class IngestConfig(Base):
@@ -98,6 +117,43 @@ class IngestConfig(Base):
     edge_dedup_ids: int = 100_000
 
 
+class ProcessingConfig(Base):
+    """Stream processing: dedup, event-time watermarks, sessions (ARCHITECTURE.md)."""
+
+    #: An event id seen again within this long (by received_at) is a duplicate.
+    dedup_window_s: float = 24 * 3600.0
+    #: ... and at most this many ids are remembered per partition (oldest go first).
+    dedup_max_ids: int = 5_000_000
+    #: Watermark of a sub-log = newest event time seen minus this.
+    max_out_of_orderness_ms: int = 5_000
+    #: A sub-log with nothing to read for this long stops holding the watermark back;
+    #: a partition idle this long advances its watermark with the wall clock.
+    idle_timeout_ms: int = 10_000
+    #: Events older than watermark - allowed_lateness are late.
+    allowed_lateness_ms: int = 0
+    #: A gap between a user's events longer than this starts a new session.
+    session_gap_ms: int = 30 * 60 * 1000
+    #: Events the time-ordered buffer of one partition holds at most; above it
+    #: the watermark is forced forward (counted in evd_processor_forced_total).
+    max_buffered_events: int = 1_000_000
+
+
+class ChartsConfig(Base):
+    """Real-time charts: tumbling event-time windows of plays."""
+
+    #: Window length; the API's ``window`` is a multiple of it.
+    window_s: int = 60
+    #: Closed windows kept for the API (its largest ``window``).
+    retention_s: int = 24 * 3600
+
+
+class SnapshotConfig(Base):
+    """Processor state snapshots (state + the input offsets they cover)."""
+
+    #: Seconds between snapshots of each partition (and one at clean shutdown).
+    interval_s: float = 10.0
+
+
 class Config(Base):
     """The whole evd configuration."""
 
@@ -106,6 +162,9 @@ class Config(Base):
     auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
+    processing: ProcessingConfig = msgspec.field(default_factory=ProcessingConfig)
+    charts: ChartsConfig = msgspec.field(default_factory=ChartsConfig)
+    snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -152,6 +211,24 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("limits.linger_max_bytes: must be >= 0")
     if cfg.log.checkpoint_bytes < 4096:
         raise ConfigError("log.checkpoint_bytes: must be >= 4096")
+    for name in ("max_bytes", "min_free_bytes"):
+        if getattr(cfg.log, name) < 0:
+            raise ConfigError(f"log.{name}: must be >= 0")
+    pc = cfg.processing
+    for name in ("max_out_of_orderness_ms", "idle_timeout_ms", "allowed_lateness_ms"):
+        if getattr(pc, name) < 0:
+            raise ConfigError(f"processing.{name}: must be >= 0")
+    for name in ("dedup_max_ids", "session_gap_ms", "max_buffered_events"):
+        if getattr(pc, name) < 1:
+            raise ConfigError(f"processing.{name}: must be >= 1")
+    if pc.dedup_window_s <= 0:
+        raise ConfigError("processing.dedup_window_s: must be > 0")
+    if cfg.charts.window_s < 1:
+        raise ConfigError("charts.window_s: must be >= 1")
+    if cfg.charts.retention_s < cfg.charts.window_s or cfg.charts.retention_s % cfg.charts.window_s:
+        raise ConfigError("charts.retention_s: must be a positive multiple of charts.window_s")
+    if cfg.snapshot.interval_s <= 0:
+        raise ConfigError("snapshot.interval_s: must be > 0")
 
 
 def load_config(

@@ -187,3 +187,77 @@ def event_id_of(raw: bytes | msgspec.Raw) -> str | None:
 def epoch_ms(dt: datetime) -> int:
     """Integer epoch milliseconds of an aware datetime."""
     return int(dt.timestamp() * 1000)
+
+
+# -- output streams of the processor (evd.state) ---------------------------------
+
+
+class EventsBatch(msgspec.Struct, omit_defaults=True):
+    """One record of the ``events`` (or ``late``) stream: deduplicated events of one
+    raw record, enriched as in RawBatch, with the indexes of the late ones.
+
+    An event's time in the pipeline is ``epoch_ms(timestamp) + skew_ms``.
+    """
+
+    received_at: int
+    events: list[Event]
+    skew_ms: int = 0
+    #: Indexes into ``events`` of the late events (older than watermark - lateness).
+    late: list[int] = msgspec.field(default_factory=list)
+
+
+EndedBy = Literal["play", "skip", "end", "session_close"]
+
+
+class Play(msgspec.Struct, gc=False):
+    """One play of a session: a ``play`` event and the listening it led to."""
+
+    track_id: str
+    started_at: int
+    listened_ms: int
+    ended_by: EndedBy
+
+
+class Session(msgspec.Struct):
+    """A closed listening session (the ``sessions`` stream; ARCHITECTURE.md)."""
+
+    session_id: str
+    user_id: str
+    started_at: int
+    ended_at: int
+    event_count: int
+    play_count: int
+    stream_count: int
+    listened_ms: int
+    country: str | None
+    os: str | None
+    plays: list[Play]
+
+
+class SessionsBatch(msgspec.Struct):
+    """One record of the ``sessions`` stream."""
+
+    sessions: list[Session]
+
+
+class ChartRow(msgspec.Struct, gc=False):
+    """Plays of one track in one closed window of one partition; the id is
+    (window_start, country, track_id, partition). ``country`` None: no geo."""
+
+    window_start: int
+    country: str | None
+    track_id: str
+    plays: int
+
+
+class ChartsBatch(msgspec.Struct):
+    """One record of the ``charts`` stream: windows of ``partition`` that closed.
+
+    ``closed_until``: every window of this partition ending at or before it is
+    closed and already emitted (rows of a window with no plays: none), so a
+    record with no rows still tells readers that time moved on.
+    """
+
+    partition: int
+    closed_until: int
+    rows: list[ChartRow]

@@ -1,0 +1,128 @@
+"""The format of log records: a tag and version in front of every payload.
+
+Every record evd appends starts with a 12-byte header::
+
+    0xC1 'E' | kind (u8) | version (u8) | timestamp ms (i64)     little endian
+
+``0xC1`` is the one byte msgpack never uses, so a record written before
+records were tagged (a bare msgpack map, 0x8X) is told apart from a tagged
+one and read as version 0 of its stream's kind. ``kind`` names the payload's
+schema, ``version`` its revision, so a later evd reads an older log;
+``timestamp`` is when the record was produced (the edge's received_at), which
+is what consumer lag in seconds is measured against.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, NamedTuple
+
+import msgspec
+
+from evd.core.errors import LogError
+from evd.core.schema import (
+    ChartsBatch,
+    DeadLetter,
+    EventsBatch,
+    RawBatch,
+    SessionsBatch,
+)
+
+__all__ = [
+    "HEADER",
+    "KIND_OF_STREAM",
+    "Kind",
+    "RecordFormatError",
+    "decode",
+    "encode",
+    "header_of",
+]
+
+HEADER = struct.Struct("<2sBBq")
+MAGIC = b"\xc1E"
+
+
+class Kind:
+    """Payload kinds (one per output schema)."""
+
+    RAW = 1
+    DEAD_LETTER = 2
+    EVENTS = 3
+    LATE = 4
+    SESSIONS = 5
+    CHARTS = 6
+
+
+#: The newest version of each kind's schema; what this evd writes.
+VERSION = 1
+
+_TYPES: dict[int, type[Any]] = {
+    Kind.RAW: RawBatch,
+    Kind.DEAD_LETTER: DeadLetter,
+    Kind.EVENTS: EventsBatch,
+    Kind.LATE: EventsBatch,
+    Kind.SESSIONS: SessionsBatch,
+    Kind.CHARTS: ChartsBatch,
+}
+_DECODERS = {kind: msgspec.msgpack.Decoder(t) for kind, t in _TYPES.items()}
+_ENCODER = msgspec.msgpack.Encoder()
+
+#: The kind of an untagged (version 0) record, by the stream it is in.
+KIND_OF_STREAM = {
+    "raw": Kind.RAW,
+    "dead_letter": Kind.DEAD_LETTER,
+    "events": Kind.EVENTS,
+    "late": Kind.LATE,
+    "sessions": Kind.SESSIONS,
+    "charts": Kind.CHARTS,
+}
+
+
+class RecordFormatError(LogError):
+    """A record whose tag, kind or version this evd cannot read."""
+
+
+class Header(NamedTuple):
+    kind: int
+    version: int
+    #: Epoch ms when the record was produced; None for untagged (version 0) records.
+    timestamp: int | None
+    #: Where the payload starts.
+    start: int
+
+
+def encode(kind: int, timestamp: int, value: object) -> bytes:
+    """A tagged record of ``value`` (a Struct of ``kind``'s schema)."""
+    buf = bytearray(HEADER.pack(MAGIC, kind, VERSION, timestamp))
+    _ENCODER.encode_into(value, buf, HEADER.size)
+    return bytes(buf)
+
+
+def header_of(payload: bytes, stream: str) -> Header:
+    """The header of a record of ``stream`` (tagged or version 0)."""
+    if payload[:2] == MAGIC:
+        if len(payload) < HEADER.size:
+            raise RecordFormatError(f"{stream} record of {len(payload)} bytes is shorter than its header")
+        _, kind, version, timestamp = HEADER.unpack_from(payload)
+        return Header(kind, version, timestamp, HEADER.size)
+    kind = KIND_OF_STREAM.get(stream)
+    if kind is None:
+        raise RecordFormatError(f"untagged record in stream {stream!r}, which never had them")
+    return Header(kind, 0, None, 0)
+
+
+def decode(payload: bytes, stream: str) -> Any:
+    """The Struct a record of ``stream`` holds; RecordFormatError if unreadable."""
+    head = header_of(payload, stream)
+    if head.version > VERSION:
+        raise RecordFormatError(
+            f"{stream} record has version {head.version} of kind {head.kind}; this evd reads"
+            f" up to {VERSION} (written by a newer evd?)"
+        )
+    decoder = _DECODERS.get(head.kind)
+    if decoder is None:
+        raise RecordFormatError(f"{stream} record has unknown kind {head.kind}")
+    try:
+        return decoder.decode(memoryview(payload)[head.start :])
+    except msgspec.DecodeError as exc:
+        raise RecordFormatError(f"{stream} record does not decode: {exc}") from None
