@@ -1,0 +1,526 @@
+"""The streaming processor equals a batch computation of the contract.
+
+``batchref`` computes sessions and charts from all the data at once, straight from
+ARCHITECTURE.md ("Processing semantics"). Hypothesis generates listening histories
+of a few users, splits them over sub-logs and records with disorder inside the
+out-of-orderness bound, feeds them to one ``PartitionProcessor`` and checks that
+what it emits, once everything has closed, equals the reference. A second property
+snapshots the processor at a random point, restores it from msgpack and checks
+that it goes on exactly as the uninterrupted one.
+
+The first tests check the reference itself on hand-computed examples.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections import Counter
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgspec
+import pytest
+from batchref import BatchResult, compute, session_id, sum_chart_rows
+from evdtest import track_id
+from hypothesis import given, note, seed, settings
+from hypothesis import strategies as st
+
+from evd.core.config import ProcessingConfig
+from evd.core.schema import (
+    ChartRow,
+    Device,
+    Event,
+    EventsBatch,
+    Geo,
+    Play,
+    Playback,
+    RawBatch,
+    Session,
+    epoch_ms,
+)
+
+HYPOTHESIS_SEED = int(os.environ.get("EVD_TEST_SEED") or 20240611)
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+#: A multiple of every chart window used here, so window starts are easy to read.
+BASE = 1_699_999_980_000
+MIN = 60_000
+TRACKS = [track_id(1000 + n) for n in range(4)]
+A, B = TRACKS[0], TRACKS[1]
+PARTITION = 3
+#: Wall clock of every process() call: constant, so no sub-log ever goes idle.
+NOW = BASE
+#: Far enough past every generated event time for all sessions and windows to close.
+FAR_FUTURE = BASE + 10**12
+
+HAS_PROCESSOR = importlib.util.find_spec("evd.state.processor") is not None
+needs_processor = pytest.mark.skipif(
+    not HAS_PROCESSOR, reason="evd/state/processor.py does not exist yet"
+)
+
+
+def at(t: int) -> datetime:
+    """The aware datetime of epoch milliseconds ``t`` (exact, unlike fromtimestamp)."""
+    return _EPOCH + timedelta(milliseconds=t)
+
+
+def ev(
+    event_id: str,
+    t: int,
+    kind: str = "play",
+    track: str = A,
+    pos: int = 0,
+    dur: int = 200_000,
+    user: str = "u1",
+    geo: str | None = None,
+    device: Device | None = None,
+    skew: int = 0,
+) -> Event:
+    """An event whose pipeline time is BASE + ``t`` in a record with ``skew``."""
+    return Event(
+        event_id=event_id,
+        timestamp=at(BASE + t - skew),
+        user_id=user,
+        track_id=track,
+        playback=Playback(position_ms=pos, duration_ms=dur),
+        event_type=kind,  # type: ignore[arg-type]
+        device=device,
+        geo=Geo(country=geo) if geo is not None else None,
+    )
+
+
+def rb(*events: Event, skew: int = 0) -> RawBatch:
+    return RawBatch(received_at=NOW, events=list(events), skew_ms=skew)
+
+
+def only_session(result: BatchResult) -> Session:
+    assert len(result.sessions) == 1
+    return result.sessions[0]
+
+
+# -- the reference on hand-computed examples ----------------------------------------------
+
+
+def test_reference_pause_resume_seek_skip() -> None:
+    result = compute(
+        [
+            rb(
+                ev("e1", 0, "play", pos=0, dur=200_000),
+                ev("e2", 40_000, "pause", pos=40_000),
+                ev("e3", 100_000, "resume", pos=40_000),
+            ),
+            rb(ev("e4", 110_000, "seek", pos=150_000), ev("e5", 130_000, "skip", pos=170_000)),
+        ],
+        ProcessingConfig(),
+        MIN,
+    )
+    # 40 s until the pause, 10 s after the resume, 20 s after the seek.
+    assert only_session(result) == Session(
+        session_id=session_id("u1", "e1"),
+        user_id="u1",
+        started_at=BASE,
+        ended_at=BASE + 130_000,
+        event_count=5,
+        play_count=1,
+        stream_count=1,
+        listened_ms=70_000,
+        country=None,
+        os=None,
+        plays=[Play(A, BASE, 70_000, "skip")],
+    )
+    assert result.charts == {(BASE, None, A): 1}
+    assert result.duplicates == 0
+
+
+def test_reference_other_track_and_play_closing_play() -> None:
+    result = compute(
+        [
+            rb(
+                ev("e1", 0, "play", A, pos=0, dur=200_000),
+                ev("e2", 10_000, "pause", B, dur=100_000),  # other track: session only
+                ev("e3", 20_000, "play", B, pos=0, dur=100_000),  # closes A after 20 s
+                ev("e4", 30_000, "end", A),  # other track again
+                ev("e5", 40_000, "seek", B, pos=90_000, dur=100_000),
+            )
+        ],
+        ProcessingConfig(),
+        MIN,
+    )
+    # B: 20 s played, then 10 s left to the end of the track at session close.
+    session = only_session(result)
+    assert session.plays == [
+        Play(A, BASE, 20_000, "play"),
+        Play(B, BASE + 20_000, 30_000, "session_close"),
+    ]
+    assert (session.event_count, session.play_count, session.stream_count) == (5, 2, 1)
+    assert session.listened_ms == 50_000
+    assert session.ended_at == BASE + 40_000
+
+
+def test_reference_gap_boundary_and_close_accrual() -> None:
+    gap = MIN
+    result = compute(
+        [
+            rb(
+                ev("a1", 0, "play", pos=0, dur=200_000),
+                ev("a2", 10_000, "pause", pos=10_000),
+                ev("a3", 10_000 + gap, "resume", pos=10_000),  # exactly the gap: same session
+                ev("a4", 10_000 + 2 * gap + 1, "seek", pos=5_000),  # above it: a new one
+                ev("b1", 0, "play", user="u2", pos=0, dur=200_000),
+                ev("b2", 5_000, "pause", user="u2"),
+                ev("c1", 0, "play", user="u3", pos=180_000, dur=200_000),
+            )
+        ],
+        ProcessingConfig(session_gap_ms=gap),
+        MIN,
+    )
+    by_first = {s.session_id: s for s in result.sessions}
+    first = by_first[session_id("u1", "a1")]
+    # 10 s before the pause, then playing at close: min(190 s left, gap 60 s).
+    assert first.plays == [Play(A, BASE, 70_000, "session_close")]
+    assert (first.ended_at, first.event_count, first.stream_count) == (BASE + 70_000, 3, 1)
+    second = by_first[session_id("u1", "a4")]
+    assert second.plays == [] and second.event_count == 1 and second.listened_ms == 0
+    assert second.started_at == second.ended_at == BASE + 130_001
+    # Paused at close: nothing more accrues.
+    assert by_first[session_id("u2", "b1")].plays == [Play(A, BASE, 5_000, "session_close")]
+    # Playing at close with 20 s left: 20 s, not the gap.
+    assert by_first[session_id("u3", "c1")].plays == [Play(A, BASE, 20_000, "session_close")]
+    assert [s.session_id for s in result.sessions] == sorted(by_first)
+
+
+def test_reference_ties_first_geo_and_os_and_duplicates() -> None:
+    result = compute(
+        [
+            rb(
+                ev("e2", 0, "play", geo=None, device=None),
+                ev("e1", 0, "pause", B, geo="SE", device=Device(client_version="1.0")),
+            ),
+            rb(
+                ev("e3", 1_000, "seek", A, pos=100_000, geo="US", device=Device(os="android")),
+                ev("e4", 2_000, "pause", A, device=Device(os="ios")),
+            ),
+            # e2 again, resent through a record with another skew: the same event time.
+            rb(ev("e2", 0, "play", skew=90_000), skew=90_000),
+        ],
+        ProcessingConfig(),
+        MIN,
+    )
+    session = only_session(result)
+    # (t, event_id) order: e1 first, so it names the session and gives the country.
+    assert session.session_id == session_id("u1", "e1")
+    assert (session.country, session.os) == ("SE", "android")
+    assert session.event_count == 4
+    # e3 moves position to 100 s after 1 s of play; paused at 2 s: 2 s listened.
+    assert session.plays == [Play(A, BASE, 2_000, "session_close")]
+    assert result.duplicates == 1
+    assert [e.event_id for _, e in result.events] == ["e2", "e1", "e3", "e4"]
+
+
+def test_reference_charts() -> None:
+    result = compute(
+        [
+            rb(
+                ev("p1", 0, geo="SE"),
+                ev("p2", MIN - 1, geo="SE", user="u2"),
+                ev("p3", MIN, geo="SE"),
+                ev("p4", 1_000, geo=None, user="u3"),
+                ev("p5", 2_000, track=B, geo="SE"),
+                ev("x1", 3_000, "pause", geo="SE"),
+                ev("x2", 4_000, "resume", geo="SE"),
+            ),
+            # Event time = timestamp + skew: lands in the second window.
+            rb(ev("p6", 30_000, geo="US", skew=90_000), skew=90_000),
+        ],
+        ProcessingConfig(),
+        MIN,
+    )
+    assert result.charts == {
+        (BASE, "SE", A): 2,
+        (BASE + MIN, "SE", A): 1,
+        (BASE, None, A): 1,
+        (BASE, "SE", B): 1,
+        (BASE, "US", A): 1,
+    }
+
+
+# -- generated scenarios ------------------------------------------------------------------
+
+
+@dataclass
+class Scenario:
+    processing: ProcessingConfig
+    window_ms: int
+    sources: int
+    #: (source, record) in the order the processor reads them.
+    feed: list[tuple[int, RawBatch]]
+    #: After which feed steps a tick(NOW, backlog) runs as well (the worker's timer).
+    ticks_after: set[int]
+    resent: int
+
+
+def _deltas(gap: int) -> st.SearchStrategy[int]:
+    """Time to a user's next event: mostly inside a session, sometimes at or past the gap."""
+    inside = st.one_of(
+        st.integers(0, 3_000), st.integers(3_000, 40_000), st.integers(30_000, 240_000)
+    )
+    boundary = st.sampled_from([gap, gap + 1])
+    past = st.integers(gap + 1, 2 * gap + 100_000)
+    return st.integers(0, 19).flatmap(
+        lambda n: boundary if n == 0 else past if n <= 2 else inside.filter(lambda d: d <= gap)
+    )
+
+
+_KINDS = st.sampled_from(["play", "play", "play", "pause", "resume", "seek", "skip", "end"])
+_DEVICES = st.sampled_from(
+    [None, Device(os="ios"), Device(os="android"), Device(client_version="9.1")]
+)
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> Scenario:
+    gap = draw(st.sampled_from([MIN, 30 * MIN]))
+    ooo = draw(st.sampled_from([0, 1_000, 5_000]))
+    window = draw(st.sampled_from([10_000, MIN]))
+    processing = ProcessingConfig(session_gap_ms=gap, max_out_of_orderness_ms=ooo)
+    durations = draw(
+        st.lists(st.sampled_from([8_000, 31_000, 45_000, 200_000]), min_size=4, max_size=4)
+    )
+    deltas = _deltas(gap)
+
+    # (t, user, kind, track, position, geo, device) in each user's own time order.
+    specs: list[tuple[int, str, str, int, int, str | None, Device | None]] = []
+    for user in range(draw(st.integers(1, 4))):
+        t = BASE + draw(st.integers(0, 120_000))
+        last_play: int | None = None
+        for i in range(draw(st.integers(1, 15))):
+            if i:
+                t += draw(deltas)
+            kind = draw(_KINDS)
+            same = kind != "play" and last_play is not None and draw(st.integers(0, 3)) > 0
+            track = last_play if same else draw(st.integers(0, 3))
+            assert track is not None
+            if kind == "play":
+                last_play = track
+            position = draw(st.one_of(st.just(0), st.integers(0, durations[track])))
+            geo = draw(st.sampled_from([None, None, "SE", "US"]))
+            specs.append((t, f"user-{user}", kind, track, position, geo, draw(_DEVICES)))
+    # Ids in an order unrelated to time, so ties at equal times test the event_id order.
+    ids = [f"e{n:03d}" for n in draw(st.permutations(range(len(specs))))]
+
+    sources = draw(st.integers(1, 3))
+    # Sorting a sub-log by t + jitter (jitter in [0, ooo]) keeps every event at or above
+    # (max t read before it in that sub-log) - ooo: t_b + r_b >= t_a + r_a.
+    lanes: list[list[tuple[int, int, int]]] = [[] for _ in range(sources)]
+    for i, spec in enumerate(specs):
+        src = draw(st.integers(0, sources - 1))
+        lanes[src].append((spec[0] + draw(st.integers(0, ooo)), i, spec[0]))
+    arrivals: list[list[int]] = []
+    for lane in lanes:
+        lane.sort()
+        arrivals.append([i for _, i, _ in lane])
+
+    # Resent events: a copy of an id later in the same sub-log, where it is still in bound.
+    resent = draw(st.sampled_from([0, 0, 1, 3]))
+    for _ in range(resent):
+        src = draw(st.integers(0, sources - 1))
+        order = arrivals[src]
+        if not order:
+            continue
+        k = draw(st.integers(0, len(order) - 1))
+        t_copy = specs[order[k]][0]
+        fits = []
+        newest = max(specs[i][0] for i in order[: k + 1])
+        for j in range(k + 1, len(order) + 1):
+            if t_copy >= newest - ooo:
+                fits.append(j)
+            if j < len(order):
+                newest = max(newest, specs[order[j]][0])
+        order.insert(draw(st.sampled_from(fits)), order[k])
+
+    per_source: list[list[RawBatch]] = []
+    for src, order in enumerate(arrivals):
+        records = []
+        pos = 0
+        while pos < len(order):
+            size = draw(st.integers(1, 4))
+            skew = draw(st.sampled_from([0, 0, -2_000, 90_000]))
+            events = []
+            for i in order[pos : pos + size]:
+                t, user_id, kind, track, position, geo, device = specs[i]
+                events.append(
+                    Event(
+                        event_id=ids[i],
+                        timestamp=at(t - skew),
+                        user_id=user_id,
+                        track_id=TRACKS[track],
+                        playback=Playback(position_ms=position, duration_ms=durations[track]),
+                        event_type=kind,  # type: ignore[arg-type]
+                        device=device,
+                        geo=Geo(country=geo) if geo is not None else None,
+                    )
+                )
+            records.append(RawBatch(received_at=0, events=events, skew_ms=skew))
+            pos += size
+        per_source.append(records)
+
+    slots = [src for src, records in enumerate(per_source) for _ in records]
+    feed: list[tuple[int, RawBatch]] = []
+    cursor = [0] * sources
+    for n, src in enumerate(draw(st.permutations(slots))):
+        record = per_source[src][cursor[src]]
+        cursor[src] += 1
+        record.received_at = NOW + n
+        feed.append((src, record))
+    ticks_after = set(draw(st.lists(st.integers(0, max(len(feed) - 1, 0)), max_size=4)))
+    return Scenario(processing, window, sources, feed, ticks_after, resent)
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=50, deadline=None, database=None)
+@given(scenarios())
+def test_generated_disorder_stays_within_the_bound(sc: Scenario) -> None:
+    """The premise of the equality: no event is late in its sub-log, ids repeat only when resent."""
+    ooo = sc.processing.max_out_of_orderness_ms
+    newest: dict[int, int] = {}
+    ids: Counter[str] = Counter()
+    for src, record in sc.feed:
+        for e in record.events:
+            t = epoch_ms(e.timestamp) + record.skew_ms
+            assert t >= newest.get(src, t) - ooo
+            newest[src] = max(newest.get(src, t), t)
+            ids[e.event_id] += 1
+    assert sum(ids.values()) - len(ids) <= sc.resent
+
+
+# -- driving the processor ----------------------------------------------------------------
+
+
+def _operations(sc: Scenario) -> list[tuple[str, Any, Any, int]]:
+    """The calls one worker would make: tick/process at NOW, then two closing ticks."""
+    remaining = Counter(src for src, _ in sc.feed)
+    ops: list[tuple[str, Any, Any, int]] = [("tick", None, tuple(sorted(remaining)), NOW)]
+    for n, (src, record) in enumerate(sc.feed):
+        ops.append(("process", src, record, NOW))
+        remaining[src] -= 1
+        if n in sc.ticks_after:
+            ops.append(("tick", None, tuple(s for s in sorted(remaining) if remaining[s]), NOW))
+    ops.append(("tick", None, (), NOW + sc.processing.idle_timeout_ms))
+    ops.append(("tick", None, (), FAR_FUTURE))
+    return ops
+
+
+@dataclass
+class CallOutput:
+    """What one call emitted, comparable across runs (sessions/rows in a stable order)."""
+
+    events: list[EventsBatch]
+    late: list[EventsBatch]
+    sessions: list[Session]
+    chart_rows: list[ChartRow]
+    closed_until: int | None
+    duplicates: int
+
+
+def _run(sc: Scenario, restore_before: int | None = None) -> list[CallOutput]:
+    from evd.state.processor import Outputs, PartitionProcessor
+
+    proc = PartitionProcessor(PARTITION, sc.processing, sc.window_ms, now_ms=NOW)
+    calls = []
+    for n, (op, src, arg, now) in enumerate(_operations(sc)):
+        if n == restore_before:
+            state = proc.snapshot()
+            decoded = msgspec.msgpack.Decoder(type(state)).decode(msgspec.msgpack.encode(state))
+            proc = PartitionProcessor(
+                PARTITION, sc.processing, sc.window_ms, state=decoded, now_ms=now
+            )
+        out = Outputs()
+        if op == "process":
+            proc.process(src, arg, now, out)
+        else:
+            proc.tick(now, arg, out)
+        calls.append(
+            CallOutput(
+                events=list(out.events),
+                late=list(out.late),
+                sessions=sorted(out.sessions, key=lambda s: s.session_id),
+                chart_rows=sorted(
+                    out.chart_rows, key=lambda r: (r.window_start, r.country or "", r.track_id)
+                ),
+                closed_until=out.closed_until,
+                duplicates=out.duplicates,
+            )
+        )
+    return calls
+
+
+def _describe(sc: Scenario) -> str:
+    header = (
+        f"gap={sc.processing.session_gap_ms} ooo={sc.processing.max_out_of_orderness_ms} "
+        f"window={sc.window_ms} sources={sc.sources} ticks_after={sorted(sc.ticks_after)}"
+    )
+    lines = [header]
+    for src, record in sc.feed:
+        lines.append(f"  source {src} skew {record.skew_ms}:")
+        for e in record.events:
+            t = int((e.timestamp - _EPOCH) / timedelta(milliseconds=1)) + record.skew_ms - BASE
+            lines.append(
+                f"    {e.event_id} t=+{t} {e.user_id} {e.event_type} T{TRACKS.index(e.track_id)} "
+                f"pos={e.playback.position_ms}/{e.playback.duration_ms} "
+                f"geo={e.geo and e.geo.country} os={e.device and e.device.os}"
+            )
+    return "\n".join(lines)
+
+
+def check_against_reference(sc: Scenario) -> None:
+    """The processor's outputs for ``sc`` equal the batch reference."""
+    ref = compute([record for _, record in sc.feed], sc.processing, sc.window_ms)
+    note(_describe(sc))
+    calls = _run(sc)
+
+    sessions = sorted((s for c in calls for s in c.sessions), key=lambda s: s.session_id)
+    assert [s.session_id for s in sessions] == [s.session_id for s in ref.sessions]
+    for got, want in zip(sessions, ref.sessions, strict=True):
+        assert msgspec.to_builtins(got) == msgspec.to_builtins(want)
+
+    assert sum_chart_rows(r for c in calls for r in c.chart_rows) == ref.charts
+
+    assert all(not c.late for c in calls)
+    batches = [b for c in calls for b in c.events]
+    assert all(not b.late for b in batches)
+    got_ids = Counter(e.event_id for b in batches for e in b.events)
+    assert got_ids == Counter(e.event_id for _, e in ref.events)
+    assert sum(c.duplicates for c in calls) == ref.duplicates
+
+    # Rows only for windows already closed; closed_until never goes back.
+    closed = [c.closed_until for c in calls if c.closed_until is not None]
+    assert closed == sorted(closed)
+    for c in calls:
+        for r in c.chart_rows:
+            assert c.closed_until is not None
+            assert r.window_start + sc.window_ms <= c.closed_until
+    if ref.charts:
+        assert closed and closed[-1] >= max(k[0] for k in ref.charts) + sc.window_ms
+
+
+@needs_processor
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=200, deadline=None, database=None)
+@given(scenarios())
+def test_processor_equals_batch_reference(sc: Scenario) -> None:
+    print(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
+    check_against_reference(sc)
+
+
+@needs_processor
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=100, deadline=None, database=None)
+@given(scenarios(), st.data())
+def test_snapshot_restore_continues_identically(sc: Scenario, data: st.DataObject) -> None:
+    print(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
+    n_ops = len(_operations(sc))
+    note(_describe(sc))
+    cut = data.draw(st.integers(0, n_ops - 1), label="restore before operation")
+    assert _run(sc, restore_before=cut) == _run(sc)
