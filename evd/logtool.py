@@ -8,9 +8,9 @@ from typing import Any
 
 import msgspec
 
+from evd.core import records as rec
 from evd.core.embedded import read_partition
-from evd.core.log import DEAD_LETTER
-from evd.core.schema import dead_letter_decoder, raw_batch_decoder
+from evd.core.schema import ChartsBatch, DeadLetter, EventsBatch, RawBatch, SessionsBatch
 from evd.core.sublog import writers_of
 
 
@@ -40,32 +40,42 @@ def _read_sublog(
         records = read_partition(data_dir, stream, partition, offset, writer=writer)
         if not records:
             return
-        for rec in records:
-            if stream == DEAD_LETTER:
-                letter = dead_letter_decoder.decode(rec.payload)
-                out.append({
-                    "partition": partition,
-                    "writer": writer,
-                    "offset": rec.offset,
-                    "received_at": letter.received_at,
-                    "index": letter.index,
-                    "error": letter.error,
-                    "event": msgspec.json.decode(letter.event),
-                })
-                continue
-            batch = raw_batch_decoder.decode(rec.payload)
-            for event in batch.events:
-                item = msgspec.to_builtins(event)
-                item.setdefault("event_type", event.event_type)
-                item.update(
-                    partition=partition,
-                    writer=writer,
-                    offset=rec.offset,
-                    received_at=batch.received_at,
-                    skew_ms=batch.skew_ms,
-                )
-                out.append(item)
+        for record in records:
+            where = {"partition": partition, "writer": writer, "offset": record.offset}
+            out.extend(_items(rec.decode(record.payload, stream), where))
         offset = records[-1].next_offset
+
+
+def _items(value: object, where: dict[str, Any]) -> list[dict[str, Any]]:
+    """One record's items: events one by one, sessions, chart rows, dead letters."""
+    if isinstance(value, DeadLetter):
+        return [{
+            **where,
+            "received_at": value.received_at,
+            "index": value.index,
+            "error": value.error,
+            "event": msgspec.json.decode(value.event),
+        }]
+    if isinstance(value, RawBatch | EventsBatch):
+        late = set(value.late) if isinstance(value, EventsBatch) else set()
+        items = []
+        for i, event in enumerate(value.events):
+            item = msgspec.to_builtins(event)
+            item.setdefault("event_type", event.event_type)
+            item.update(where, received_at=value.received_at, skew_ms=value.skew_ms)
+            if isinstance(value, EventsBatch):
+                item["late"] = i in late
+            items.append(item)
+        return items
+    if isinstance(value, SessionsBatch):
+        return [{**msgspec.to_builtins(s), **where} for s in value.sessions]
+    if isinstance(value, ChartsBatch):
+        rows = [
+            {**msgspec.to_builtins(r), **where, "closed_until": value.closed_until}
+            for r in value.rows
+        ]
+        return rows or [{**where, "closed_until": value.closed_until}]
+    raise TypeError(f"no items for {type(value).__name__}")
 
 
 def print_stream(data_dir: str, stream: str) -> int:

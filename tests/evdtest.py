@@ -25,8 +25,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Self
 
-from evd.core.log import DEAD_LETTER, RAW, Append
-from evd.core.schema import dead_letter_decoder, raw_batch_decoder
+from evd.core import records
+from evd.core.log import DEAD_LETTER, RAW, Append, Producer
 
 DEV_KEY = "evd-dev-key"
 HOST = "127.0.0.1"
@@ -92,17 +92,27 @@ def gzip_bytes(data: bytes) -> bytes:
 # -- an in-memory log --------------------------------------------------------------
 
 
-class MemoryLog:
-    """The part of Log that Ingest uses; appends complete at once."""
+class MemoryLog(Producer):
+    """A Producer in memory: appends complete (durable) at once, in ``appends``."""
 
     def __init__(self, partitions: int = 4, fail: BaseException | None = None) -> None:
         self.partitions = partitions
         self.fail = fail
         self.appends: list[tuple[str, int, bytes]] = []
-        self.writable = True
-        self.overloaded = False
+        self.is_writable = True
+        self.is_overloaded = False
 
-    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
+    @property
+    def writable(self) -> bool:
+        return self.is_writable
+
+    @property
+    def overloaded(self) -> bool:
+        return self.is_overloaded
+
+    def append_all(
+        self, records: Sequence[Append], *, internal: bool = False
+    ) -> asyncio.Future[None]:
         if self.fail is not None:
             raise self.fail
         self.appends.extend(records)
@@ -110,12 +120,30 @@ class MemoryLog:
         fut.set_result(None)
         return fut
 
+    def append(
+        self, stream: str, partition: int, payload: bytes, *, internal: bool = False
+    ) -> asyncio.Future[int]:
+        offset = sum(1 for s, p, _ in self.appends if (s, p) == (stream, partition))
+        self.append_all([(stream, partition, payload)], internal=internal)
+        fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        fut.set_result(offset)
+        return fut
+
+    async def flush(self) -> None:
+        pass
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.is_writable = False
+
     def raw_ids(self) -> list[str]:
         return [e.event_id for s, _, p in self.appends if s == RAW
-                for e in raw_batch_decoder.decode(p).events]
+                for e in records.decode(p, RAW).events]
 
     def dead_indices(self) -> list[int]:
-        return sorted(dead_letter_decoder.decode(p).index
+        return sorted(records.decode(p, DEAD_LETTER).index
                       for s, _, p in self.appends if s == DEAD_LETTER)
 
 

@@ -19,10 +19,10 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from strategies import error_of, events
 
+from evd.core import records
 from evd.core.config import AuthConfig, LimitsConfig, load_config
 from evd.core.errors import LogOverloaded, LogUnavailable
-from evd.core.log import RAW, Log
-from evd.core.schema import raw_batch_decoder
+from evd.core.log import RAW
 from evd.edge.auth import KeyRing, RateLimiter
 from evd.edge.ingest import Ingest, Pending, RecentIds, Reply, TooLarge, gunzip
 
@@ -111,9 +111,12 @@ def test_recent_ids_keeps_at_least_half_its_capacity() -> None:
 
 def make_ingest(log: MemoryLog, **limits: Any) -> Ingest:
     cfg = load_config(None, environ={})
+    cfg = msgspec.structs.replace(
+        cfg, log=msgspec.structs.replace(cfg.log, partitions=log.partitions)
+    )
     if limits:
         cfg = msgspec.structs.replace(cfg, limits=msgspec.structs.replace(cfg.limits, **limits))
-    return Ingest(cfg, cast(Log, log))
+    return Ingest(cfg, log)
 
 
 async def settle(result: Reply | Pending, ingest: Ingest) -> dict[str, Any]:
@@ -134,7 +137,7 @@ async def test_events_are_partitioned_by_user() -> None:
     assert body["accepted"] == 40
     for stream, partition, payload in log.appends:
         assert stream == RAW
-        for event in raw_batch_decoder.decode(payload).events:
+        for event in records.decode(payload, RAW).events:
             assert partition == zlib.crc32(event.user_id.encode()) % 4
     # One record per partition per request, not one per event.
     assert len(log.appends) == len({zlib.crc32(f"user-{i}".encode()) % 4 for i in range(7)})

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Any, cast
+from typing import Any
 
 import msgspec
 import pytest
 from evdtest import MemoryLog, Response, batch, make_event, parse_responses, raw_get, raw_post
 
 from evd.core.config import load_config
-from evd.core.log import Append, Log
+from evd.core.log import Append
 from evd.edge.http import HttpProtocol
 from evd.edge.ingest import Ingest, Pending
 from evd.edge.server import Server
@@ -74,7 +74,7 @@ async def connect(**limits: Any) -> tuple[HttpProtocol, FakeTransport, MemoryLog
         cfg, limits=msgspec.structs.replace(cfg.limits, max_header_bytes=MAX_HEADER, **limits)
     )
     log = MemoryLog()
-    server = Server(cfg, cast(Log, log), Ingest(cfg, cast(Log, log)))
+    server = Server(cfg, log, Ingest(cfg, log))
     proto = HttpProtocol(server)
     transport = FakeTransport()
     proto.connection_made(transport)
@@ -212,12 +212,12 @@ async def test_a_key_over_its_rate_is_refused_from_headers_alone() -> None:
 async def test_an_overloaded_log_sheds_posts_before_their_bodies() -> None:
     proto, transport, log = await connect()
     try:
-        log.overloaded = True
+        log.is_overloaded = True
         await feed(proto, raw_post(b"not json") + raw_get("/healthz"), [1 << 20])
         resps = parse_responses(bytes(transport.written))
         assert [r.status for r in resps] == [503, 200]
         assert resps[0].headers["retry-after"] == "1"
-        log.overloaded = False
+        log.is_overloaded = False
         await feed(proto, raw_post(batch([make_event("o-1")])), [1 << 20])
         assert parse_responses(bytes(transport.written))[-1].status == 200
         assert log.raw_ids() == ["o-1"]
@@ -245,7 +245,9 @@ class HeldLog(MemoryLog):
         super().__init__()
         self.commit: asyncio.Future[None] | None = None
 
-    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
+    def append_all(
+        self, records: Sequence[Append], *, internal: bool = False
+    ) -> asyncio.Future[None]:
         self.appends.extend(records)
         if self.commit is None:
             self.commit = asyncio.get_running_loop().create_future()
@@ -323,8 +325,8 @@ async def post_each_and_commit(
 def held_server() -> tuple[Server, Ingest, HeldLog]:
     cfg = load_config(None, environ={})
     log = HeldLog()
-    ingest = Ingest(cfg, cast(Log, log))
-    server = Server(cfg, cast(Log, log), ingest)
+    ingest = Ingest(cfg, log)
+    server = Server(cfg, log, ingest)
     return server, ingest, log
 
 

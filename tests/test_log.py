@@ -153,13 +153,13 @@ async def test_appends_arriving_on_the_next_loop_passes_join_the_flush(tmp_path:
     lg = open_log(tmp_path)
     loop = asyncio.get_running_loop()
     try:
-        futures = [lg.append(RAW, 0, b"first")]
+        futures = [lg.append_all([(RAW, 0, b"first")])]
         # Two later passes of the loop each append once more (a request arriving
         # while the first one is being answered): all three share one flush.
         loop.call_soon(
-            lambda: loop.call_soon(lambda: futures.append(lg.append(RAW, 1, b"third")))
+            lambda: loop.call_soon(lambda: futures.append(lg.append_all([(RAW, 1, b"third")])))
         )
-        loop.call_soon(lambda: futures.append(lg.append(RAW, 0, b"second")))
+        loop.call_soon(lambda: futures.append(lg.append_all([(RAW, 0, b"second")])))
         await asyncio.gather(*futures)
         assert len(futures) == 3 and futures[0] is futures[1] is futures[2]
     finally:
@@ -170,11 +170,11 @@ async def test_a_steady_stream_of_appends_does_not_hold_a_flush_back(tmp_path: P
     """Waiting for more appends is bounded in loop passes: a flush starts anyway."""
     lg = open_log(tmp_path)
     loop = asyncio.get_running_loop()
-    futures = [lg.append(RAW, 0, b"0")]
+    futures = [lg.append_all([(RAW, 0, b"0")])]
     done = loop.create_future()
 
     def append_next(i: int) -> None:
-        futures.append(lg.append(RAW, 0, str(i).encode()))
+        futures.append(lg.append_all([(RAW, 0, str(i).encode())]))
         if i < 50:
             loop.call_soon(append_next, i + 1)
         else:
@@ -282,27 +282,6 @@ async def test_record_larger_than_a_segment_gets_its_own(tmp_path: Path) -> None
         assert await read_all(lg, RAW, 0, max_bytes=100) == [b"small", big, b"after"]
     finally:
         await lg.close()
-
-
-async def test_consumer_offsets_commit_and_survive_reopen(tmp_path: Path) -> None:
-    lg = open_log(tmp_path)
-    try:
-        assert lg.committed("sink-a", RAW) == {}
-        await lg.commit("sink-a", RAW, {0: 10, 1: 20})
-        await lg.commit("sink-a", RAW, {1: 25, 3: 5})
-        await lg.commit("sink_b", RAW, {0: 1})
-        assert lg.committed("sink-a", RAW) == {0: 10, 1: 25, 3: 5}
-        with pytest.raises(ValueError):
-            await lg.commit("../escape", RAW, {0: 1})
-    finally:
-        await lg.close()
-    reopened = open_log(tmp_path)
-    try:
-        assert reopened.committed("sink-a", RAW) == {0: 10, 1: 25, 3: 5}
-        assert reopened.committed("sink_b", RAW) == {0: 1}
-        assert reopened.committed("sink-a", "dead_letter") == {}
-    finally:
-        await reopened.close()
 
 
 async def test_partition_out_of_range_is_refused(tmp_path: Path) -> None:

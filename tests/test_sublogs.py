@@ -217,7 +217,6 @@ async def test_upgrade_layout_moves_an_old_data_dir_to_writer_0_losing_nothing(
     try:
         for (stream, partition), payloads in records.items():
             assert await read_all(lg, stream, partition) == payloads
-        assert lg.committed("sink", RAW) == {0: 5}
     finally:
         await lg.close()
     assert [e for _, _, e in logged(tmp_path)] == ["old-a", "old-b", "old-c", "old-d"]

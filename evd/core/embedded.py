@@ -6,7 +6,7 @@ only ever writes its own files (evd.core.sublog). Layout under
 
     <stream>/<partition:04d>/w<writer:03d>/<base offset:020d>.seg   segments
     <stream>/<partition:04d>/w<writer:03d>/durable   published durable end
-    <stream>/consumers/<name>.json                   committed offsets
+    <stream>/consumers/<name>/<partition:04d>.json  a consumer's committed offsets
     _journal/w<writer:03d>/<sequence:020d>.journal   write-ahead journal (fsync=always)
     _wake                                            written after each flush
 
@@ -48,15 +48,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-import orjson
-
 from evd.core import metrics
 from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
+from evd.core.framing import HEADER as FRAME_HEADER
 from evd.core.framing import IOV_MAX, frame, fsync_dir, scan_frames
 from evd.core.journal import DIRNAME as JOURNAL_DIR
 from evd.core.journal import SUFFIX as JOURNAL_SUFFIX
 from evd.core.journal import Journal, entry_head
-from evd.core.log import Append, Log, Record
+from evd.core.log import Append, Producer, Record
 from evd.core.sublog import (
     SEGMENT_SUFFIX,
     OffsetOutOfRange,
@@ -106,6 +105,9 @@ class _Partition:
         self.seg_size = 0
         #: Offset after the last record covered by a completed flush.
         self.durable_end = 0
+        #: Offset after the last record appended (queued or flushing); a queued
+        #: record's offset is known when it is appended (one writer per file).
+        self.queued_end = 0
         #: Where durable_end is published to readers in other processes (see publish);
         #: end_view is its mapped value (a scratch buffer until recover() maps it).
         self.published: PublishedEnd | None = None
@@ -247,22 +249,12 @@ def _make_dirs(path: Path) -> list[Path]:
     return [directory.parent for directory in reversed(missing)]
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-class EmbeddedLog(Log):
+class EmbeddedLog(Producer):
     """One writer's segment-file log: the only writer of its own files (``w<writer>``).
 
-    ``read`` and ``end_offset`` see this writer's own sub-logs; readers of
-    other writers' sub-logs, in any process, use evd.core.sublog.SubLogReader.
+    The Producer of a worker. ``read`` and ``end_offset`` see this writer's own
+    sub-logs (for tools and tests); consumers of every writer's sub-logs, in
+    any process, use evd.core.consumer.EmbeddedConsumer.
     """
 
     def __init__(
@@ -276,9 +268,12 @@ class EmbeddedLog(Log):
         segment_bytes: int = 64 * 1024 * 1024,
         max_pending_bytes: int = 64 * 1024 * 1024,
         checkpoint_bytes: int = CHECKPOINT_BYTES,
+        stream_partitions: dict[str, int] | None = None,
     ) -> None:
         self.root = Path(root) / "log"
+        #: Partitions of every stream, except those named in stream_partitions.
         self.partitions = partitions
+        self.stream_partitions = dict(stream_partitions or {})
         self.writer = writer
         self._writer_dir = writer_name(writer)  # validates the id
         self.fsync_policy = fsync
@@ -311,6 +306,9 @@ class EmbeddedLog(Log):
         self._fsync_pool = ThreadPoolExecutor(
             min(partitions, FSYNC_THREADS), thread_name_prefix="evd-fsync"
         )
+        #: Why the edge's appends are refused for disk space (log.max_bytes,
+        #: log.min_free_bytes), set by evd.core.retention; None while there is room.
+        self.disk_full: str | None = None
         #: Called once with the exception when the log turns read-only.
         self.on_failure: Callable[[BaseException], None] | None = None
         #: The fsync to use; tests swap it to inject I/O errors.
@@ -330,20 +328,28 @@ class EmbeddedLog(Log):
         if self.fsync_policy == "interval":
             self._spawn(self._interval_fsync())
 
+    async def start(self) -> None:
+        self.open()
+
+    def partitions_of(self, stream: str) -> int:
+        """How many partitions ``stream`` has."""
+        return self.stream_partitions.get(stream, self.partitions)
+
     def _recover(self) -> Journal:
         """Everything open() does before appends are taken; returns the journal."""
         if self.writer == 0:
             upgrade_layout(self.root.parent)
         self.root.mkdir(parents=True, exist_ok=True)
         found = _partition_dirs(self.root)
-        most = max((partition + 1 for _, partition, _ in found), default=0)
-        if most > self.partitions:
-            # Users are mapped by crc32(user_id) % partitions: a smaller count
-            # would move users away from their history.
-            raise ConfigError(
-                f"log.partitions: {self.partitions} is fewer than the {most} partitions"
-                f" already in {self.root}; the partition count of a data_dir cannot shrink"
-            )
+        for stream, partition, _ in found:
+            if partition >= self.partitions_of(stream):
+                # Users are mapped by crc32(user_id) % partitions: a smaller count
+                # would move users away from their history.
+                raise ConfigError(
+                    f"log.partitions: {self.partitions_of(stream)} is fewer than the"
+                    f" {partition + 1} partitions of {stream} already in {self.root}; the"
+                    " partition count of a data_dir cannot shrink"
+                )
         if self.writer != 0 and _old_layout(self.root, found):
             raise ConfigError(
                 f"{self.root} still has the single-writer layout: upgrade_layout must move"
@@ -397,7 +403,7 @@ class EmbeddedLog(Log):
                 continue
             tail = entry.frames[skip:]
             part.write([tail])
-            part.durable_end = end + len(tail)
+            part.durable_end = part.queued_end = end + len(tail)
             replayed += 1
         for part in covered:
             part.sync_now()
@@ -411,8 +417,9 @@ class EmbeddedLog(Log):
         key = (stream, partition)
         part = self._parts.get(key)
         if part is None:
-            if not 0 <= partition < self.partitions:
-                raise ValueError(f"partition {partition} out of range 0..{self.partitions - 1}")
+            count = self.partitions_of(stream)
+            if not 0 <= partition < count:
+                raise ValueError(f"partition {partition} of {stream} out of range 0..{count - 1}")
             if stream.startswith("_"):
                 raise ValueError(f"{stream!r} is not a stream name (a leading _ is reserved)")
             directory = sublog_dir(self.root, stream, partition, self.writer)
@@ -436,6 +443,7 @@ class EmbeddedLog(Log):
                     " (writer %d)",
                     stream, partition, dropped, part.durable_end, self.writer,
                 )
+            part.queued_end = part.durable_end
             if self._recovered:
                 part.publish()
             self._parts[key] = part
@@ -452,19 +460,24 @@ class EmbeddedLog(Log):
 
     @property
     def overloaded(self) -> bool:
-        return self._pending_bytes > self.max_pending_bytes
+        return self._pending_bytes > self.max_pending_bytes or self.disk_full is not None
 
     # -- appends -----------------------------------------------------------------
 
-    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
+    def append_all(
+        self, records: Sequence[Append], *, internal: bool = False
+    ) -> asyncio.Future[None]:
         if self._failure is not None:
             raise LogUnavailable(f"log is read-only after a failed flush: {self._failure}")
         if self._closing:
             raise LogUnavailable("log is closing")
-        if self.overloaded:
-            raise LogOverloaded(
-                f"{self._pending_bytes} bytes wait for a flush (log.max_pending_bytes)"
-            )
+        if not internal:
+            if self._pending_bytes > self.max_pending_bytes:
+                raise LogOverloaded(
+                    f"{self._pending_bytes} bytes wait for a flush (log.max_pending_bytes)"
+                )
+            if self.disk_full is not None:
+                raise LogOverloaded(self.disk_full)
         parts, pending = self._parts, self._pending
         for stream, partition, _ in records:
             if (stream, partition) not in parts:
@@ -477,11 +490,13 @@ class EmbeddedLog(Log):
         # Admitted: from here on nothing raises, so all of them are queued.
         for stream, partition, payload in records:
             data = frame(payload)
-            frames = pending.get((stream, partition))
+            key = (stream, partition)
+            frames = pending.get(key)
             if frames is None:
-                pending[(stream, partition)] = [data]
+                pending[key] = [data]
             else:
                 frames.append(data)
+            parts[key].queued_end += len(data)
             self._pending_bytes += len(data)
         fut = self._flush_future
         if fut is None:
@@ -490,6 +505,27 @@ class EmbeddedLog(Log):
             self._flushing = True
             self._spawn(self._flush_loop())
         return fut
+
+    def append(
+        self, stream: str, partition: int, payload: bytes, *, internal: bool = False
+    ) -> asyncio.Future[int]:
+        durable = self.append_all(((stream, partition, payload),), internal=internal)
+        part = self._parts[(stream, partition)]
+        offset = part.queued_end - len(payload) - FRAME_HEADER.size
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        def complete(fut: asyncio.Future[None]) -> None:
+            if done.cancelled():
+                return
+            if fut.cancelled():
+                done.cancel()
+            elif (exc := fut.exception()) is not None:
+                done.set_exception(exc)
+            else:
+                done.set_result(offset)
+
+        durable.add_done_callback(complete)
+        return done
 
     def _spawn(self, coro: object) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -704,25 +740,19 @@ class EmbeddedLog(Log):
         part = self._parts.get((stream, partition))
         return 0 if part is None else part.durable_end
 
-    def _offsets_path(self, consumer: str, stream: str) -> Path:
-        if not consumer.replace("-", "").replace("_", "").isalnum():
-            raise ValueError(f"consumer name {consumer!r}: use letters, digits, '-' and '_'")
-        return self.root / stream / "consumers" / f"{consumer}.json"
+    # -- retention ------------------------------------------------------------
 
-    async def commit(self, consumer: str, stream: str, offsets: dict[int, int]) -> None:
-        path = self._offsets_path(consumer, stream)
-        merged = self.committed(consumer, stream) | offsets
-        data = orjson.dumps({str(p): o for p, o in sorted(merged.items())})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        await asyncio.get_running_loop().run_in_executor(self._io, write_atomic, path, data)
+    def own_sublogs(self) -> list[tuple[str, int, Segments]]:
+        """(stream, partition, segments) of every sub-log this writer has."""
+        return [(stream, p, part.segments) for (stream, p), part in self._parts.items()]
 
-    def committed(self, consumer: str, stream: str) -> dict[int, int]:
-        path = self._offsets_path(consumer, stream)
-        try:
-            raw = orjson.loads(path.read_bytes())
-        except FileNotFoundError:
-            return {}
-        return {int(p): int(o) for p, o in raw.items()}
+    def delete_segments(self, stream: str, partition: int, before: int) -> int:
+        """Delete this writer's segments of a partition that end at or before
+        ``before`` (never the last one); the bytes freed."""
+        part = self._parts.get((stream, partition))
+        if part is None:
+            return 0
+        return part.segments.delete_before(before)
 
 
 def read_partition(

@@ -1,13 +1,15 @@
-"""The log interface every stage is written against.
+"""The two roles every stage is written against: a Producer and a Consumer.
 
-A log holds named streams (``raw``, ``dead_letter``, later ``events``,
-``sessions``...), each split into a fixed number of partitions. Appends return
-an awaitable that completes once the record is durable under the configured
-fsync policy; readers read from any offset; consumers commit offsets by name.
-The embedded (segment files) and Kafka implementations offer the same methods.
+Shaped after aiokafka's producer and consumer, so that the Kafka backend drops
+in behind the same calls. A log holds named streams (``raw``, ``dead_letter``,
+``events``, ``sessions``, ``charts``, ``late``), each split into partitions
+(streams may have different partition counts). A partition is one or more
+*sub-logs*: in the embedded log, one per writer process that appended to it
+(evd.core.sublog); with Kafka, the Kafka partition itself (source 0).
 
-Offsets are opaque increasing integers within a partition: ``Record.next_offset``
-is where the following read starts, and what a consumer commits.
+Offsets are positions within a sub-log: ``Record.next_offset`` is where the
+following read starts, and what a consumer commits. An offset that is not a
+record boundary is an error (InvalidOffset), never "no data yet".
 """
 
 from __future__ import annotations
@@ -15,11 +17,42 @@ from __future__ import annotations
 import asyncio
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import NamedTuple
+
+from evd.core.errors import LogError
+
+__all__ = [
+    "CHARTS",
+    "DEAD_LETTER",
+    "EVENTS",
+    "LATE",
+    "RAW",
+    "SESSIONS",
+    "Append",
+    "Consumer",
+    "ConsumerRecord",
+    "InvalidOffset",
+    "Lag",
+    "Producer",
+    "Record",
+    "SubLog",
+    "TopicPartition",
+    "partition_for",
+    "partitions_for",
+]
 
 RAW = "raw"
 DEAD_LETTER = "dead_letter"
+EVENTS = "events"
+SESSIONS = "sessions"
+CHARTS = "charts"
+LATE = "late"
+
+
+class InvalidOffset(LogError):
+    """An offset that is no record's start in a sub-log: past its durable end,
+    inside a record, or before the oldest retained segment."""
 
 
 class Record(NamedTuple):
@@ -50,58 +83,142 @@ def partition_for(key: str, partitions: int) -> int:
 Append = tuple[str, int, bytes]
 
 
-class Log(ABC):
-    """Partitioned, durable, replayable streams of records."""
+class TopicPartition(NamedTuple):
+    """One partition of one stream (Kafka's topic-partition)."""
 
-    partitions: int
+    stream: str
+    partition: int
+
+
+class SubLog(NamedTuple):
+    """One sub-log of a partition: ``source`` is the writer id (embedded) or 0 (Kafka)."""
+
+    stream: str
+    partition: int
+    source: int
+
+
+class ConsumerRecord(NamedTuple):
+    """A record fetched by a Consumer (its payload starts with evd.core.records' header)."""
+
+    sublog: SubLog
+    offset: int
+    next_offset: int
+    payload: bytes
+
+
+class Lag(NamedTuple):
+    """How far a consumer is behind: bytes not yet consumed, and the age in
+    seconds of the oldest record not yet consumed (0 when caught up)."""
+
+    bytes: int
+    seconds: float
+
+
+class Producer(ABC):
+    """Appends records to partitions; what the edge and every stage write through."""
 
     @property
     @abstractmethod
     def writable(self) -> bool:
-        """False once the log refuses appends (I/O failure, closing)."""
+        """False once appends are refused (I/O failure, closing)."""
 
     @property
     @abstractmethod
     def overloaded(self) -> bool:
-        """True while appends would be refused with LogOverloaded (shed before decoding)."""
+        """True while the edge's appends would be refused with LogOverloaded
+        (too much waiting for a flush, or the log's disk cap reached)."""
 
     @abstractmethod
-    def append_all(self, records: Sequence[Append]) -> asyncio.Future[None]:
+    def append_all(
+        self, records: Sequence[Append], *, internal: bool = False
+    ) -> asyncio.Future[None]:
         """Queue every record of ``records``, or none of them.
 
         Admission is decided once, for all of them (one request's records): when
-        the log cannot take them it raises LogUnavailable or LogOverloaded at
-        once and nothing is queued, so a refused request leaves nothing behind
-        that a retry would duplicate. The future completes when all are durable
-        per the fsync policy and fails with LogUnavailable if they never will be.
+        they cannot be taken, LogUnavailable or LogOverloaded is raised at once
+        and nothing is queued, so a refused request leaves nothing behind that a
+        retry would duplicate. The future completes when all are durable per the
+        fsync policy and fails with LogUnavailable if they never will be.
+        ``internal``: a stage's outputs, which are what lets retention free the
+        disk: never refused for overload (the stage bounds itself by awaiting
+        its previous appends).
         """
 
-    def append(self, stream: str, partition: int, payload: bytes) -> asyncio.Future[None]:
-        """Queue one record (see append_all)."""
-        return self.append_all(((stream, partition, payload),))
-
     @abstractmethod
-    async def read(
-        self, stream: str, partition: int, offset: int, max_bytes: int = 1 << 20
-    ) -> list[Record]:
-        """Records from ``offset`` on, at most about ``max_bytes``; [] at the end."""
-
-    @abstractmethod
-    def end_offset(self, stream: str, partition: int) -> int:
-        """Offset after the last durable record of the partition."""
-
-    @abstractmethod
-    async def commit(self, consumer: str, stream: str, offsets: dict[int, int]) -> None:
-        """Durably store ``consumer``'s next offsets for the given partitions."""
-
-    @abstractmethod
-    def committed(self, consumer: str, stream: str) -> dict[int, int]:
-        """The offsets ``consumer`` last committed for ``stream`` (0 where none)."""
+    def append(
+        self, stream: str, partition: int, payload: bytes, *, internal: bool = False
+    ) -> asyncio.Future[int]:
+        """Queue one record; the future carries its offset once it is durable."""
 
     @abstractmethod
     async def flush(self) -> None:
         """Wait until every append queued so far is durable."""
 
     @abstractmethod
+    async def start(self) -> None:
+        """Recover and get ready for appends."""
+
+    @abstractmethod
     async def close(self) -> None:
-        """Flush and release files; further appends raise LogUnavailable."""
+        """Flush and release; later appends raise LogUnavailable."""
+
+
+class Consumer(ABC):
+    """Reads assigned partitions from positions it keeps, and commits them by name.
+
+    Promises: records of one sub-log come in offset order, each once per pass
+    (a seek repeats them); ``fetch`` waits for data (no polling) until its
+    timeout; commits of one consumer happen one at a time, in call order.
+    """
+
+    @abstractmethod
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Read these partitions (and only these) from now on."""
+
+    @abstractmethod
+    def assignment(self) -> set[TopicPartition]:
+        """The partitions assigned."""
+
+    @abstractmethod
+    async def fetch(self, max_bytes: int = 1 << 20, timeout: float = 1.0) -> list[ConsumerRecord]:
+        """Records after the positions, about ``max_bytes`` at most, spread over
+        the sub-logs that have data; waits up to ``timeout`` seconds for some,
+        then returns [] (nothing new). Raises InvalidOffset for a position that
+        is no record boundary."""
+
+    @abstractmethod
+    def seek(self, sublog: SubLog, offset: int) -> None:
+        """Read ``sublog`` from ``offset`` next (checked at the next fetch)."""
+
+    @abstractmethod
+    def seek_to_beginning(self, sublog: SubLog) -> None:
+        """Read ``sublog`` from its oldest retained record next."""
+
+    @abstractmethod
+    def positions(self) -> dict[SubLog, int]:
+        """Where the next fetch starts, per sub-log known so far."""
+
+    @abstractmethod
+    def backlog(self) -> set[SubLog]:
+        """The sub-logs with durable records after their position."""
+
+    @abstractmethod
+    async def end_offsets(self) -> dict[SubLog, int]:
+        """The offset after the last durable record, per known sub-log."""
+
+    @abstractmethod
+    async def commit(self, offsets: Mapping[SubLog, int] | None = None) -> None:
+        """Durably store these offsets (default: the positions) under the consumer's name."""
+
+    @abstractmethod
+    async def committed(self) -> dict[SubLog, int]:
+        """The offsets last committed for the assigned partitions (absent: none)."""
+
+    @abstractmethod
+    def lag(self, now: float | None = None) -> Lag:
+        """How far the positions are behind the durable ends (``now``: epoch seconds)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Release files and watches."""

@@ -128,7 +128,7 @@ _READY = _LAYOUT.take()
 _SERVING = _LAYOUT.take()
 _PENDING = _LAYOUT.take()
 #: Slots that describe a running worker, zeroed when a worker (re)starts.
-_GAUGES = (_CONNECTIONS, _READY, _SERVING, _PENDING)
+_GAUGES = [_CONNECTIONS, _READY, _SERVING, _PENDING]
 
 
 class Slots:
@@ -167,15 +167,37 @@ class Slots:
 
 
 class Counter:
-    """A counter in the worker's slots (the log's metrics; one writer thread)."""
+    """A counter in the worker's slots (one writer thread); reported summed over workers."""
 
     def __init__(self, name: str, documentation: str) -> None:
         self.name = name
         self.documentation = documentation
         self.slot = _LAYOUT.take()
+        _COUNTERS.append(self)
 
     def inc(self, amount: int = 1) -> None:
         HOT.counts[self.slot] += amount
+
+
+_COUNTERS: list[Counter] = []
+
+
+class WorkerGauge:
+    """A gauge each live worker sets for itself; reported per worker (label
+    ``worker``) and, with ``total``, summed or maxed over live workers too."""
+
+    def __init__(self, name: str, documentation: str, total: str | None = None) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.total = total  # "sum", "max" or None
+        self.slot = _LAYOUT.take()
+        _WORKER_GAUGES.append(self)
+
+    def set(self, value: float) -> None:
+        HOT.counts[self.slot] = int(value)
+
+
+_WORKER_GAUGES: list[WorkerGauge] = []
 
 
 class Gauge:
@@ -225,9 +247,39 @@ LOG_FLUSH_BYTES = Histogram(
     "evd_log_flush_bytes", "Bytes written by one group-commit flush", FLUSH_BYTES_BUCKETS
 )
 LOG_BYTES_WRITTEN = Counter("evd_log_written_bytes", "Bytes written to log segment files")
+LOG_RETENTION_BYTES = Counter(
+    "evd_log_retention_freed_bytes", "Bytes of log segments deleted by retention"
+)
+LOG_DISK_BYTES = WorkerGauge(
+    "evd_log_disk_bytes", "Bytes the whole log uses on disk, as the worker last measured", "max"
+)
+PROCESSED = Counter("evd_processor_events", "Raw events the processors took in (duplicates too)")
+PROCESSOR_DUPLICATES = Counter(
+    "evd_processor_duplicates", "Events dropped by the processors' dedup window"
+)
+PROCESSOR_LATE = Counter("evd_processor_late", "Events older than the watermark (late stream)")
+PROCESSOR_FORCED = Counter(
+    "evd_processor_forced",
+    "Events released before the watermark passed them (ordering buffer full)",
+)
+SESSIONS_CLOSED = Counter("evd_sessions_closed", "Sessions closed and emitted")
+CHART_ROWS = Counter("evd_chart_rows", "Chart rows emitted for closed windows")
+SNAPSHOTS = Counter("evd_snapshots", "Processor snapshots written")
+PROCESSOR_LAG_BYTES = WorkerGauge(
+    "evd_processor_lag_bytes", "Raw log bytes the worker's processors have not read", "sum"
+)
+PROCESSOR_LAG_SECONDS = WorkerGauge(
+    "evd_processor_lag_seconds",
+    "Age of the oldest raw record the worker's processors have not read", "max",
+)
+OPEN_SESSIONS = WorkerGauge("evd_open_sessions", "Sessions open in the processors", "sum")
+BUFFERED_EVENTS = WorkerGauge(
+    "evd_processor_buffered_events", "Events waiting for the watermark", "sum"
+)
 CONNECTIONS = Gauge(_CONNECTIONS)
 READY = Gauge(_READY)
 
+_GAUGES += [gauge.slot for gauge in _WORKER_GAUGES]
 SLOTS = _LAYOUT.size
 FLOAT_SLOTS = tuple(_LAYOUT.floats)
 #: Slot 0 of every file: "evdm", then the layout's size (a file of another
@@ -462,10 +514,24 @@ class _Scrape(Collector):
         )
         for histogram in (LOG_FLUSH_SECONDS, LOG_FSYNC_SECONDS, LOG_FLUSH_BYTES):
             yield histogram.family(counts, floats)
-        yield CounterMetricFamily(
-            LOG_BYTES_WRITTEN.name, LOG_BYTES_WRITTEN.documentation,
-            counts[LOG_BYTES_WRITTEN.slot],
-        )
+        for counter in _COUNTERS:
+            yield CounterMetricFamily(counter.name, counter.documentation, counts[counter.slot])
+        live_index = [k for k, alive in enumerate(up) if alive and views[k] is not None]
+        for gauge in _WORKER_GAUGES:
+            family = GaugeMetricFamily(gauge.name, gauge.documentation, labels=["worker"])
+            values = []
+            for k in live_index:
+                view = views[k]
+                assert view is not None
+                values.append(view[0][gauge.slot])
+                family.add_metric([str(k)], view[0][gauge.slot])
+            yield family
+            if gauge.total is not None:
+                total = sum(values) if gauge.total == "sum" else max(values, default=0)
+                yield GaugeMetricFamily(
+                    f"{gauge.name}_{gauge.total}", f"{gauge.documentation} ({gauge.total} over workers)",
+                    total,
+                )
         yield GaugeMetricFamily(
             "evd_http_connections", "Open HTTP connections",
             sum(c[_CONNECTIONS] for c, _ in live),

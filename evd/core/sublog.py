@@ -54,7 +54,8 @@ from typing import Self
 
 from evd.core.errors import LogError
 from evd.core.framing import HEADER, scan_frames
-from evd.core.log import Record
+from evd.core.log import InvalidOffset, Record
+from evd.core.records import header_of
 from evd.core.throttle import ThrottledLog
 
 __all__ = [
@@ -82,7 +83,7 @@ _END_BYTES = 8
 FALLBACK_POLL_S = 0.05
 
 
-class OffsetOutOfRange(LogError):
+class OffsetOutOfRange(InvalidOffset):
     """A read asked for an offset that is no record's start in the sub-log's durable part.
 
     Past the durable end, before the first segment, or inside a record: a
@@ -162,8 +163,46 @@ class Segments:
     def _fd(self, base: int) -> int:
         fd = self._fds.get(base)
         if fd is None:
-            fd = self._fds[base] = os.open(self.path(base), os.O_RDONLY)
+            try:
+                fd = self._fds[base] = os.open(self.path(base), os.O_RDONLY)
+            except FileNotFoundError:
+                # Retention deleted it since this reader listed the segments.
+                self.relist_all()
+                raise OffsetOutOfRange(
+                    f"segment {base} of {self.dir} was deleted by retention"
+                ) from None
         return fd
+
+    def relist_all(self) -> None:
+        """Forget segments deleted by retention and learn new ones."""
+        bases = list_bases(self.dir) or [self.bases[-1]]
+        for base in set(self._fds) - set(bases):
+            os.close(self._fds.pop(base))
+        self.bases[:] = bases
+
+    def delete_before(self, before: int) -> int:
+        """Delete the segments that end at or before ``before``, oldest first, never
+        the last one (it holds the sub-log's end); the bytes freed."""
+        freed = 0
+        bases = self.bases
+        while len(bases) > 1 and bases[1] <= before:
+            base = bases[0]
+            fd = self._fds.pop(base, None)
+            if fd is not None:
+                os.close(fd)
+            path = self.path(base)
+            try:
+                freed += path.stat().st_size
+                path.unlink()
+            except FileNotFoundError:
+                pass  # deleted by another sweep (a retired writer's files)
+            del bases[0]
+        return freed
+
+    def first(self) -> int:
+        """The offset of the oldest retained record (the first segment's base)."""
+        self.relist_all()
+        return self.bases[0]
 
     def read(self, offset: int, limit: int, max_bytes: int, *, strict: bool) -> list[Record]:
         """Whole records from ``offset`` that end at or before ``limit``, about ``max_bytes``.
@@ -337,6 +376,28 @@ class SubLogReader:
         if segments is None:
             segments = self._segments = Segments(self.dir)
         return segments.read(offset, end, max_bytes, strict=True)
+
+    def first_offset(self) -> int:
+        """The offset of the oldest record retention kept (0 before any segment)."""
+        if self._segments is None:
+            if not self.dir.is_dir():
+                return 0
+            self._segments = Segments(self.dir)
+        return self._segments.first()
+
+    def timestamp_at(self, offset: int) -> int | None:
+        """The producer's timestamp of the record at ``offset`` (records.HEADER), or
+        None when there is none (at the end, an untagged record, a deleted segment)."""
+        try:
+            records = self.read(offset, 1)
+        except InvalidOffset:
+            return None
+        if not records:
+            return None
+        try:
+            return header_of(records[0].payload, self.stream).timestamp
+        except LogError:
+            return None
 
     def close(self) -> None:
         self._closed = True

@@ -18,9 +18,10 @@ from typing import Any, NamedTuple
 import msgspec
 
 from evd.core import metrics
+from evd.core import records as rec
 from evd.core.config import Config
 from evd.core.errors import LogOverloaded, LogUnavailable, explain_validation
-from evd.core.log import DEAD_LETTER, RAW, Append, Log, partition_for, partitions_for
+from evd.core.log import DEAD_LETTER, RAW, Append, Producer, partition_for, partitions_for
 from evd.core.schema import (
     DeadLetter,
     Event,
@@ -34,7 +35,6 @@ from evd.core.schema import (
     event_decoder,
     event_id_of,
     json_encoder,
-    msgpack_encoder,
     raw_envelope_decoder,
 )
 from evd.edge.auth import RateLimiter
@@ -121,11 +121,11 @@ class RecentIds:
 class Ingest:
     """Turns one request body into log appends and the contract's response."""
 
-    def __init__(self, cfg: Config, log: Log, limiter: RateLimiter | None = None) -> None:
+    def __init__(self, cfg: Config, log: Producer, limiter: RateLimiter | None = None) -> None:
         """``limiter``: the per-key rate limit, this process's own unless given (a
         worker passes one shared with its siblings)."""
         self.log = log
-        self.partitions = log.partitions
+        self.partitions = cfg.log.partitions
         self.max_decompressed = cfg.limits.max_decompressed_bytes
         self.max_events = cfg.limits.max_events_per_batch
         self.skew_threshold_ms = cfg.ingest.clock_skew_threshold_ms
@@ -144,7 +144,9 @@ class Ingest:
         if not self.log.writable:
             return error_reply(503, "log unavailable", 5)
         if self.log.overloaded:
-            return error_reply(503, "overloaded: the log's flush queue is full", 1)
+            return error_reply(
+                503, "overloaded: the log's flush queue is full or its disk cap reached", 1
+            )
         return None
 
     def handle(self, body: bytes, encoding: bytes | None, key: bytes) -> Reply | Pending:
@@ -191,15 +193,16 @@ class Ingest:
                 skew = 0
 
         by_partition, accepted_ids, duplicates = self._split(events)
+        encode = rec.encode
         records: list[Append] = [
-            (RAW, p, msgpack_encoder.encode(RawBatch(received_at, batch, skew)))
+            (RAW, p, encode(rec.Kind.RAW, received_at, RawBatch(received_at, batch, skew)))
             for p, batch in by_partition.items()
         ]
         for letter in dead:
             records.append((
                 DEAD_LETTER,
                 partition_for(letter.event.decode(errors="replace"), self.partitions),
-                msgpack_encoder.encode(letter),
+                encode(rec.Kind.DEAD_LETTER, received_at, letter),
             ))
         durable: asyncio.Future[Any] | None = None
         try:

@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from evd.core import metrics
 from evd.core.config import Config
 from evd.core.host import HostState
-from evd.core.log import Log
+from evd.core.log import Producer
 from evd.core.throttle import ThrottledLog
 from evd.edge.auth import KeyRing
 from evd.edge.http import HttpProtocol, Slot, phase_timeouts
@@ -47,7 +47,7 @@ class Server:
     """Owns the listening socket and every connection of one worker."""
 
     def __init__(
-        self, cfg: Config, log_: Log, ingest: Ingest, host: HostState | None = None
+        self, cfg: Config, log_: Producer, ingest: Ingest, host: HostState | None = None
     ) -> None:
         self.cfg = cfg
         self.log = log_
