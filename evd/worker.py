@@ -24,6 +24,7 @@ from evd.core.host import HostState, run_dir
 from evd.edge.auth import RateLimiter
 from evd.edge.ingest import Ingest
 from evd.edge.server import Server
+from evd.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ DEV_KEY = "evd-dev-key"
 #: port): the supervisor gives up at once instead of restarting it.
 START_FAILED = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class StageFailed(Exception):
+    """A pipeline stage died; the worker exits 1 and the supervisor restarts it."""
 
 
 def _log_kwargs(cfg: Config) -> dict[str, object]:
@@ -82,6 +87,15 @@ async def serve(
     lg = open_log(cfg, writer=index)
     limiter = RateLimiter(cfg.limits, run, keys=len(cfg.auth.keys))
     server = Server(cfg, lg, Ingest(cfg, lg, limiter), host=host)
+    failures: list[BaseException] = []
+
+    def stage_failed(exc: BaseException) -> None:
+        failures.append(exc)
+        stop.set()
+
+    pipeline = Pipeline(cfg, lg, index, host.workers, stage_failed)
+    await pipeline.start()
+    server.charts = pipeline.charts
     metrics.start_worker(
         run, index, host.workers,
         pending_bytes=lambda: lg.pending_bytes,
@@ -103,9 +117,12 @@ async def serve(
     host.set_up(index, False)
     log.info("worker %d shutting down: draining connections", index)
     await server.drain(cfg.server.drain_grace_s, cfg.server.drain_timeout_s)
+    await pipeline.stop()
     await lg.close()
     metrics.stop_worker()
     limiter.close()
+    if failures:
+        raise StageFailed(f"worker {index} stopped: a stage failed: {failures[0]!r}")
     log.info("worker %d stopped", index)
 
 
@@ -133,6 +150,9 @@ def run_worker(cfg: Config, index: int, log_level: int) -> None:
         # turn this clean exit into death by signal.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except StageFailed as exc:
+        log.error("%s", exc)
+        sys.exit(1)
     except EvdError as exc:
         log.error("worker %d cannot start: %s", index, exc)
         sys.exit(START_FAILED)

@@ -76,7 +76,7 @@ FLUSH_BYTES_BUCKETS = (1e3, 1e4, 1e5, 1e6, 1e7, 1e8)
 #: ``evd_events_rejected_total{reason}``: every reason ingest counts.
 REJECT_REASONS = ("invalid", "too_many_events", "rate_limited", "overloaded", "log_unavailable")
 #: ``evd_http_requests_total{path}``: the server's path labels (server._PATH_LABELS) and "other".
-PATHS = ("/v1/events", "/healthz", "/readyz", "/metrics", "other")
+PATHS = ("/v1/events", "/healthz", "/readyz", "/metrics", "/v1/charts/top-tracks", "other")
 #: ``evd_http_requests_total{status}``: every status the edge can render (http.render).
 STATUSES = tuple(sorted(s.value for s in HTTPStatus))
 #: How often a worker publishes the gauges others read (pending bytes, readiness).

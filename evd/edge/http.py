@@ -299,7 +299,7 @@ class HttpProtocol(asyncio.Protocol):
             return
         path = self.path
         method = self.parser.get_method()
-        reply, ctype = self.server.route(method, path)
+        reply, ctype = self.server.route(method, path, self.url)
         self._finish(slot, reply, path, ctype, head=method == b"HEAD")
 
     # -- responses -----------------------------------------------------------

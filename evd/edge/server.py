@@ -18,6 +18,7 @@ from evd.core.throttle import ThrottledLog
 from evd.edge.auth import KeyRing
 from evd.edge.http import HttpProtocol, Slot, phase_timeouts
 from evd.edge.ingest import Ingest, Pending, Reply, error_reply
+from evd.state.charts_view import ChartsView, QueryError, parse_query
 
 Waiter = tuple[HttpProtocol, Slot, Pending]
 
@@ -28,11 +29,13 @@ SWEEP_INTERVAL_S = 0.25
 #: Pending connections the kernel queues before accept.
 BACKLOG = 2048
 
+CHARTS_PATH = b"/v1/charts/top-tracks"
 _PATH_LABELS = {
     b"/v1/events": "/v1/events",
     b"/healthz": "/healthz",
     b"/readyz": "/readyz",
     b"/metrics": "/metrics",
+    CHARTS_PATH: CHARTS_PATH.decode(),
 }
 _OK = Reply(200, b'{"status":"ok"}')
 _METRICS_TYPE = CONTENT_TYPE_LATEST.encode()
@@ -52,6 +55,8 @@ class Server:
         self.cfg = cfg
         self.log = log_
         self.ingest = ingest
+        #: The top-tracks charts (evd.state.charts_view), when this process follows them.
+        self.charts: ChartsView | None = None
         #: The server's workers: /readyz waits for all of them.
         self.host = host or HostState.alone()
         self.keys = KeyRing(cfg.auth)
@@ -91,8 +96,8 @@ class Server:
             return f"waiting for workers: {up} of {host.workers} up"
         return None
 
-    def route(self, method: bytes, path: bytes) -> tuple[Reply, bytes | None]:
-        """Every request except an authorized POST /v1/events."""
+    def route(self, method: bytes, path: bytes, url: bytes = b"") -> tuple[Reply, bytes | None]:
+        """Every request except an authorized POST /v1/events (``url``: with its query)."""
         if path == b"/v1/events":
             if method != b"POST":
                 return error_reply(405, "use POST"), None
@@ -113,7 +118,20 @@ class Server:
             # readiness as of now.
             metrics.READY.set(self.unready_reason() is None)
             return Reply(200, metrics.render()), _METRICS_TYPE
+        if path == CHARTS_PATH:
+            return self._charts(url), None
         return error_reply(404, "not found"), None
+
+    def _charts(self, url: bytes) -> Reply:
+        view = self.charts
+        if view is None:
+            return error_reply(404, "charts are not served by this process")
+        query = url.partition(b"?")[2].decode("latin-1")
+        try:
+            parsed = parse_query(query, view.window_ms, view.retention_ms)
+        except QueryError as exc:
+            return error_reply(400, str(exc))
+        return Reply(200, msgspec.json.encode(view.top(parsed)))
 
     def when_durable(self, conn: HttpProtocol, slot: Slot, pending: Pending) -> None:
         """Call ``conn.committed(slot, pending, future)`` once ``pending`` is durable.

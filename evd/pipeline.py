@@ -1,0 +1,129 @@
+"""The stages a worker runs beside its HTTP edge, wired to its log.
+
+Worker ``k`` of ``n`` owns the raw partitions ``p`` with ``p % n == k`` and runs
+their processors (evd.state.runner); every worker follows the ``charts``
+stream for the top-tracks API (evd.state.charts_view) and sweeps retention of
+its own sub-logs (evd.core.retention; worker 0 also those of writers that no
+longer run). Only offsets and wake-ups travel between workers, never events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from evd.core import metrics
+from evd.core.config import Config
+from evd.core.consumer import EmbeddedConsumer
+from evd.core.embedded import EmbeddedLog
+from evd.core.retention import Retention
+from evd.state.charts_view import ChartsView, make_view
+from evd.state.runner import CONSUMER_NAME, PartitionRunner
+from evd.state.snapshots import DirectoryStore
+
+__all__ = ["Pipeline", "owned_partitions"]
+
+log = logging.getLogger(__name__)
+
+#: How often the processors' gauges (lag, open sessions, buffer) are published.
+GAUGE_INTERVAL_S = 1.0
+
+
+def owned_partitions(partitions: int, index: int, workers: int) -> list[int]:
+    """The raw partitions worker ``index`` of ``workers`` processes."""
+    return [p for p in range(partitions) if p % workers == index]
+
+
+class Pipeline:
+    """Processors of the owned partitions, the charts view, retention: started
+    after the log is open, stopped (processors snapshot) before it closes.
+
+    ``on_failure`` is called with the exception if a stage dies; the worker
+    then stops and exits non-zero, and the supervisor restarts it from the
+    snapshots (crash-only: no half-working stage is kept).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        lg: EmbeddedLog,
+        index: int,
+        workers: int,
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        self.cfg = cfg
+        self.lg = lg
+        self.index = index
+        self.workers = workers
+        self.on_failure = on_failure
+        self.data_dir = Path(cfg.server.data_dir)
+        self.charts: ChartsView = make_view(cfg)
+        self.runners: list[PartitionRunner] = []
+        self._consumers: list[EmbeddedConsumer] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._runner_tasks: list[asyncio.Task[None]] = []
+        self.retention = Retention(
+            lg, cfg.log, self.data_dir, retired_from=workers if index == 0 else None
+        )
+
+    async def start(self) -> None:
+        store = DirectoryStore(self.data_dir / "state")
+        for p in owned_partitions(self.cfg.log.partitions, self.index, self.workers):
+            consumer = EmbeddedConsumer(self.data_dir, CONSUMER_NAME)
+            self._consumers.append(consumer)
+            runner = PartitionRunner(p, self.cfg, self.lg, consumer, store)
+            await runner.restore()
+            self.runners.append(runner)
+        for runner in self.runners:
+            self._runner_tasks.append(self._spawn(runner.run(), f"processor {runner.partition}"))
+        charts_consumer = EmbeddedConsumer(self.data_dir, None, reset="earliest")
+        self._consumers.append(charts_consumer)
+        self._spawn(self.charts.follow(charts_consumer), "charts view")
+        self._spawn(self._publish_gauges(), "processor gauges")
+        self.retention.start()
+
+    def _spawn(self, coro: object, what: str) -> asyncio.Task[None]:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                log.error("%s failed: %r", what, exc, exc_info=exc)
+                self.on_failure(exc)
+
+        task.add_done_callback(done)
+        return task
+
+    async def _publish_gauges(self) -> None:
+        while True:
+            lag_bytes, lag_seconds, sessions, buffered = 0, 0.0, 0, 0
+            for runner, consumer in zip(self.runners, self._consumers, strict=False):
+                lag = consumer.lag()
+                lag_bytes += lag.bytes
+                lag_seconds = max(lag_seconds, lag.seconds)
+                if runner.processor is not None:
+                    sessions += runner.processor.open_sessions
+                    buffered += runner.processor.buffered
+            metrics.PROCESSOR_LAG_BYTES.set(lag_bytes)
+            metrics.PROCESSOR_LAG_SECONDS.set(lag_seconds)
+            metrics.OPEN_SESSIONS.set(sessions)
+            metrics.BUFFERED_EVENTS.set(buffered)
+            await asyncio.sleep(GAUGE_INTERVAL_S)
+
+    async def stop(self) -> None:
+        """Processors finish their pass and snapshot; the rest is cancelled."""
+        for runner in self.runners:
+            runner.stop()
+        results = await asyncio.gather(*self._runner_tasks, return_exceptions=True)
+        for runner, result in zip(self.runners, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("processor %d did not snapshot at shutdown: %r", runner.partition, result)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.retention.stop()
+        for consumer in self._consumers:
+            await consumer.close()

@@ -1,0 +1,200 @@
+"""Runs the processor of one raw partition: consume, process, produce, snapshot.
+
+The loop, per fetch: decode the raw records of every sub-log of the partition,
+hand them to the PartitionProcessor (evd.state.processor), tick it with the
+wall clock and the sub-logs that still have data, and append what it produced
+to the output streams (``events``, ``late``, ``sessions``, ``charts``, same
+partition number) as one all-or-nothing group. One group is in flight at a time:
+the next fetch's outputs wait for the previous group to be durable, which
+bounds what the processor holds in the log's queue.
+
+Snapshots: every ``snapshot.interval_s`` and at a clean stop, once every output
+produced so far is durable, the processor's state is saved with the raw offsets
+it covers, then those offsets are committed as consumer ``processor`` (which
+lets retention delete raw segments below them). After a crash the partition
+restarts from its latest snapshot and replays the raw log after it, so it
+re-produces outputs already appended since that snapshot; they carry the same
+ids (event_id, session_id, the chart row's key), and idempotent sinks absorb
+them. Start-up replays at most about one snapshot interval of log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import msgspec
+
+from evd.core import metrics
+from evd.core import records as rec
+from evd.core.config import Config
+from evd.core.log import (
+    CHARTS,
+    EVENTS,
+    LATE,
+    RAW,
+    SESSIONS,
+    Append,
+    Consumer,
+    Producer,
+    SubLog,
+    TopicPartition,
+)
+from evd.core.schema import ChartsBatch, SessionsBatch
+from evd.state.processor import Outputs, PartitionProcessor, PartitionState
+from evd.state.snapshots import Snapshot, SnapshotStore
+
+__all__ = ["CONSUMER_NAME", "PartitionRunner"]
+
+log = logging.getLogger(__name__)
+
+#: The raw stream's consumer name of the processors (its commits are the
+#: snapshots' offsets).
+CONSUMER_NAME = "processor"
+#: Raw bytes one fetch takes at most: bounds one pass's decoded events and outputs.
+FETCH_BYTES = 1 << 20
+#: Longest wait for raw data before the processor ticks the wall clock anyway
+#: (idle sub-logs and partitions are noticed within this).
+TICK_S = 0.5
+
+_state_decoder = msgspec.msgpack.Decoder(PartitionState)
+_state_encoder = msgspec.msgpack.Encoder()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class PartitionRunner:
+    """The owner's processing of raw partition ``partition`` (one task)."""
+
+    def __init__(
+        self,
+        partition: int,
+        cfg: Config,
+        producer: Producer,
+        consumer: Consumer,
+        store: SnapshotStore,
+    ) -> None:
+        self.partition = partition
+        self.cfg = cfg
+        self.producer = producer
+        self.consumer = consumer
+        self.store = store
+        self.processor: PartitionProcessor | None = None
+        self.out = Outputs()
+        self._closed_until: int | None = None
+        self._in_flight: asyncio.Future[None] | None = None
+        self._stopping = False
+        self._last_snapshot = 0.0
+
+    async def restore(self) -> None:
+        """Load the latest snapshot (or start empty) and position the consumer after it."""
+        self.consumer.assign([TopicPartition(RAW, self.partition)])
+        snapshot = await self.store.load(self.partition)
+        now = _now_ms()
+        chart_ms = self.cfg.charts.window_s * 1000
+        if snapshot is None:
+            self.processor = PartitionProcessor(
+                self.partition, self.cfg.processing, chart_ms, now_ms=now
+            )
+            for sublog in self.consumer.positions():
+                self.consumer.seek_to_beginning(sublog)
+            return
+        state = _state_decoder.decode(snapshot.state)
+        self.processor = PartitionProcessor(
+            self.partition, self.cfg.processing, chart_ms, state=state, now_ms=now
+        )
+        for writer, offset in snapshot.offsets.items():
+            self.consumer.seek(SubLog(RAW, self.partition, writer), offset)
+        log.info(
+            "partition %d restored from its snapshot of %d (offsets %s)",
+            self.partition, snapshot.taken_at, snapshot.offsets,
+        )
+
+    def stop(self) -> None:
+        """Ask run() to end after its current pass (it snapshots first)."""
+        self._stopping = True
+
+    async def run(self) -> None:
+        """Process until stop(); then wait for the outputs and snapshot."""
+        loop = asyncio.get_running_loop()
+        interval = self.cfg.snapshot.interval_s
+        self._last_snapshot = loop.time()
+        while not self._stopping:
+            await self.step(TICK_S)
+            if loop.time() - self._last_snapshot >= interval:
+                await self.snapshot()
+        await self.snapshot()
+
+    async def step(self, timeout: float) -> int:
+        """One pass: fetch (waiting up to ``timeout``), process, append; raw records taken."""
+        proc = self.processor
+        assert proc is not None, "run() before restore()"
+        records = await self.consumer.fetch(FETCH_BYTES, timeout)
+        out = self.out
+        now = _now_ms()
+        events = 0
+        decode = rec.decode
+        for record in records:
+            batch = decode(record.payload, RAW)
+            events += len(batch.events)
+            proc.process(record.sublog.source, batch, now, out)
+        proc.tick(now, {s.source for s in self.consumer.backlog()}, out)
+        metrics.PROCESSED.inc(events)
+        await self._produce(now)
+        return len(records)
+
+    async def _produce(self, now: int) -> None:
+        out = self.out
+        p = self.partition
+        encode = rec.encode
+        appends: list[Append] = [
+            (EVENTS, p, encode(rec.Kind.EVENTS, batch.received_at, batch)) for batch in out.events
+        ]
+        appends += [(LATE, p, encode(rec.Kind.LATE, b.received_at, b)) for b in out.late]
+        if out.sessions:
+            appends.append(
+                (SESSIONS, p, encode(rec.Kind.SESSIONS, now, SessionsBatch(out.sessions)))
+            )
+            metrics.SESSIONS_CLOSED.inc(len(out.sessions))
+        if out.chart_rows or (
+            out.closed_until is not None and out.closed_until != self._closed_until
+        ):
+            closed = out.closed_until if out.closed_until is not None else self._closed_until
+            assert closed is not None, "chart rows before any window closed"
+            self._closed_until = closed
+            appends.append(
+                (CHARTS, p, encode(rec.Kind.CHARTS, now, ChartsBatch(p, closed, out.chart_rows)))
+            )
+            metrics.CHART_ROWS.inc(len(out.chart_rows))
+        metrics.PROCESSOR_DUPLICATES.inc(out.duplicates)
+        late = sum(len(b.events) for b in out.late)
+        if late:
+            metrics.PROCESSOR_LATE.inc(late)
+        out.clear()
+        if self._in_flight is not None:
+            await self._in_flight  # one group in flight: bounds what waits in the log
+            self._in_flight = None
+        if appends:
+            self._in_flight = self.producer.append_all(appends, internal=True)
+
+    async def snapshot(self) -> None:
+        """Save the state with the offsets it covers, after its outputs are durable."""
+        proc = self.processor
+        assert proc is not None
+        if self._in_flight is not None:
+            await self._in_flight
+            self._in_flight = None
+        positions = self.consumer.positions()
+        snapshot = Snapshot(
+            partition=self.partition,
+            taken_at=_now_ms(),
+            offsets={s.source: o for s, o in positions.items()},
+            state=msgspec.Raw(_state_encoder.encode(proc.snapshot())),
+        )
+        await self.store.save(snapshot)
+        await self.consumer.commit(positions)
+        metrics.SNAPSHOTS.inc()
+        self._last_snapshot = asyncio.get_running_loop().time()
