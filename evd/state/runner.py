@@ -106,8 +106,21 @@ class PartitionRunner:
         self.processor = PartitionProcessor(
             self.partition, self.cfg.processing, chart_ms, state=state, now_ms=now
         )
+        ends = await self.consumer.end_offsets()
         for writer, offset in snapshot.offsets.items():
-            self.consumer.seek(SubLog(RAW, self.partition, writer), offset)
+            sublog = SubLog(RAW, self.partition, writer)
+            end = ends.get(sublog, 0)
+            if offset > end:
+                # The raw log lost records this snapshot already covers (fsync:
+                # never or interval, then a power cut): appends go on from the
+                # sub-log's end, so that is where reading goes on.
+                log.error(
+                    "partition %d: the snapshot covers %s up to %d, but it ends at %d (records"
+                    " lost after they were processed); reading on from its end",
+                    self.partition, sublog, offset, end,
+                )
+                offset = end
+            self.consumer.seek(sublog, offset)
         log.info(
             "partition %d restored from its snapshot of %d (offsets %s)",
             self.partition, snapshot.taken_at, snapshot.offsets,
