@@ -109,6 +109,8 @@ class EmbeddedConsumer(Consumer):
         self._seeks: dict[SubLog, int | None] = {}
         self._watch: DurableWatch | None = None
         self._next_discover = 0.0
+        #: A wake-up came while discovery was rate-limited (a new sub-log may wait).
+        self._undiscovered_wake = False
         self._start = 0  # round-robin start among the sub-logs with data
         self._commit_lock = asyncio.Lock()
         self._closed = False
@@ -133,6 +135,7 @@ class EmbeddedConsumer(Consumer):
         if not force and now < self._next_discover:
             return
         self._next_discover = now + DISCOVER_INTERVAL_S
+        self._undiscovered_wake = False
         for stream, partition in self._assigned:
             for writer in writers_of(self.data_dir, stream, partition):
                 sublog = SubLog(stream, partition, writer)
@@ -182,7 +185,12 @@ class EmbeddedConsumer(Consumer):
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
-            await self._watch.wait(remaining)
+            if self._undiscovered_wake:
+                # No further wake-up may come for a sub-log that appeared since the
+                # last discovery: look again as soon as the interval allows.
+                remaining = min(remaining, max(self._next_discover - time.monotonic(), 0.0))
+            if await self._watch.wait(remaining):
+                self._undiscovered_wake = True
             self._discover()
 
     def _read_some(self, max_bytes: int) -> list[ConsumerRecord]:
