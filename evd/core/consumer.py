@@ -219,8 +219,12 @@ class EmbeddedConsumer(Consumer):
                     "consumer %s: %s offset %d was deleted by retention; reading on from %d",
                     self.name, sublog, position, first,
                 )
-                self._positions[sublog] = first
-                continue
+                self._positions[sublog] = position = first
+                try:
+                    # Read on now: the data is there, and no wake-up will say so.
+                    records = reader.read(position, min(share, budget))
+                except InvalidOffset:
+                    continue  # deleted again meanwhile: the next pass resets again
             for record in records:
                 out.append(ConsumerRecord(sublog, record.offset, record.next_offset, record.payload))
             if records:
