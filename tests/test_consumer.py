@@ -264,7 +264,7 @@ async def test_a_stream_has_its_own_partition_count(backend: Backend) -> None:
     with pytest.raises(ValueError):
         producer.append(CHARTS, CHARTS_PARTITIONS, payload("charts"))
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, PARTITIONS - 1)])
+    consumer.assign([TopicPartition(RAW, PARTITIONS - 1)])
     assert [r.sublog for r in await fetch_n(consumer, 1)] == [SubLog(RAW, PARTITIONS - 1, 0)]
 
 
@@ -272,9 +272,9 @@ async def test_assign_replaces_the_assignment(backend: Backend) -> None:
     producer = await backend.producer(0)
     await append_many(producer, [(RAW, p, payload(f"p{p}")) for p in range(PARTITIONS)])
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 1)])
+    consumer.assign([TopicPartition(RAW, 1)])
     assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["p1"]
-    consumer.assign([(RAW, 2), (RAW, 3)])
+    consumer.assign([TopicPartition(RAW, 2), TopicPartition(RAW, 3)])
     assert sorted(tag_of(r.payload) for r in await fetch_n(consumer, 2)) == ["p2", "p3"]
     await producer.append(RAW, 1, payload("late p1"))
     assert await consumer.fetch(timeout=0.3) == []  # partition 1 is no longer assigned
@@ -287,7 +287,7 @@ async def test_small_fetches_take_turns_between_sublogs_and_lose_nothing(
     for w, producer in enumerate(producers):
         await append_many(producer, [(RAW, 0, payload(f"{w}-{i}", pad=100)) for i in range(20)])
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 0)])
+    consumer.assign([TopicPartition(RAW, 0)])
     batches = []
     for _ in range(200):  # bounded: each fetch returns at least one record while any is left
         got = await consumer.fetch(max_bytes=1, timeout=0.2)
@@ -308,7 +308,7 @@ async def test_append_returns_the_offset_the_consumer_sees(backend: Backend) -> 
     offsets = [await producer.append(RAW, 2, payload(f"r{i}", pad=i * 50)) for i in range(10)]
     assert offsets == sorted(set(offsets))
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 2)])
+    consumer.assign([TopicPartition(RAW, 2)])
     fetched = await fetch_n(consumer, 10)
     assert [r.offset for r in fetched] == offsets
     assert [tag_of(r.payload) for r in fetched] == [f"r{i}" for i in range(10)]
@@ -324,7 +324,7 @@ async def test_fetch_waits_for_an_append_without_polling(
     producer = await backend.producer(0)
     await producer.append(RAW, 0, payload("first"))
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 0)])
+    consumer.assign([TopicPartition(RAW, 0)])
     assert len(await fetch_n(consumer, 1)) == 1
     if not wake:
         backend.disable_wakeups(monkeypatch)
@@ -351,7 +351,7 @@ async def test_fetch_with_nothing_to_read_returns_empty_after_its_timeout(
     if has_sublog:
         await producer.append(RAW, 0, payload("only"))
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 0)])
+    consumer.assign([TopicPartition(RAW, 0)])
     if has_sublog:
         await fetch_n(consumer, 1)
     got, elapsed = await timed(consumer.fetch(timeout=0.5))
@@ -373,7 +373,7 @@ async def test_a_writer_in_another_process_wakes_a_waiting_fetch(
         assert proc.stdin is not None and proc.stdout is not None
         assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"open\n"
         consumer = backend.consumer(None)
-        consumer.assign([(RAW, 1)])
+        consumer.assign([TopicPartition(RAW, 1)])
         # The writer's sub-log exists already: this is about waking, not discovery.
         assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["before"]
         timeout = 10.0 if wake else WAKE_BOUND_S + 1.0
@@ -403,7 +403,7 @@ async def test_a_sublog_that_appears_after_assign_is_found_at_once(backend: Back
     first = await backend.producer(0)
     await first.append(RAW, 3, payload("w0"))
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 3)])
+    consumer.assign([TopicPartition(RAW, 3)])
     assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["w0"]
     fetching = asyncio.ensure_future(consumer.fetch(timeout=5.0))
     await asyncio.sleep(0.05)
@@ -429,7 +429,7 @@ async def appended_sublog(
         producer, [(RAW, partition, payload(f"r{i}", pad=300)) for i in range(count)]
     )
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, partition)])
+    consumer.assign([TopicPartition(RAW, partition)])
     fetched = await fetch_n(consumer, count)
     return consumer, SubLog(RAW, partition, 0), fetched
 
@@ -480,7 +480,7 @@ async def test_seek_to_beginning_reads_everything_again(backend: Backend) -> Non
 async def test_a_seek_before_the_sublog_exists_applies_when_it_appears(backend: Backend) -> None:
     producer = await backend.producer(0)
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 0)])
+    consumer.assign([TopicPartition(RAW, 0)])
     offsets = await append_many(producer, [(RAW, 0, payload(f"r{i}")) for i in range(4)])
     # Seek before the consumer looked for the sub-log again.
     consumer.seek(SubLog(RAW, 0, 0), offsets[2])
@@ -499,7 +499,7 @@ async def test_commit_and_committed_survive_a_new_consumer_per_partition(
     for w, producer in enumerate(producers):
         await append_many(producer, [(RAW, p, payload(f"{w}{p}")) for p in (0, 1) for _ in "ab"])
     first = backend.consumer("sink-a")
-    first.assign([(RAW, 0), (RAW, 1)])
+    first.assign([TopicPartition(RAW, 0), TopicPartition(RAW, 1)])
     assert await first.committed() == {}
     await fetch_n(first, 8)
     await first.commit()  # the positions
@@ -513,12 +513,13 @@ async def test_commit_and_committed_survive_a_new_consumer_per_partition(
     await first.close()
 
     again = backend.consumer("sink-a")
-    again.assign([(RAW, 1)])  # committed() covers the assigned partitions only
+    # committed() covers the assigned partitions only.
+    again.assign([TopicPartition(RAW, 1)])
     assert await again.committed() == {s: o for s, o in after.items() if s.partition == 1}
-    again.assign([(RAW, 0), (RAW, 1)])
+    again.assign([TopicPartition(RAW, 0), TopicPartition(RAW, 1)])
     assert await again.committed() == after
     other = backend.consumer("sink-b")  # another name: its own offsets
-    other.assign([(RAW, 0), (RAW, 1)])
+    other.assign([TopicPartition(RAW, 0), TopicPartition(RAW, 1)])
     assert await other.committed() == {}
 
 
@@ -530,7 +531,7 @@ async def test_concurrent_commits_of_one_consumer_both_survive(
     for producer in producers:
         await producer.append(RAW, 0, payload("x", pad=40))
     consumer = backend.consumer("processor")
-    consumer.assign([(RAW, 0)])
+    consumer.assign([TopicPartition(RAW, 0)])
     await fetch_n(consumer, 2)
     a, b = SubLog(RAW, 0, 0), SubLog(RAW, 0, 1)
     # A slow disk makes the two commits overlap: each must merge into what the
@@ -557,7 +558,7 @@ def test_consumer_names_of_letters_digits_dashes_underscores_are_accepted(
 async def test_an_anonymous_consumer_cannot_commit(backend: Backend) -> None:
     await (await backend.producer(0)).append(RAW, 0, payload("x"))
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 0)])
+    consumer.assign([TopicPartition(RAW, 0)])
     await fetch_n(consumer, 1)
     with pytest.raises(RuntimeError):
         await consumer.commit()
@@ -577,7 +578,7 @@ async def test_end_offsets_backlog_and_lag_in_bytes_and_seconds(backend: Backend
         offsets[w] = await append_many(producer, items)
     s0, s1 = SubLog(RAW, 0, 0), SubLog(RAW, 0, 1)
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 0)])
+    consumer.assign([TopicPartition(RAW, 0)])
     ends = await consumer.end_offsets()
     assert set(ends) == {s0, s1}
     assert consumer.backlog() == {s0, s1}
@@ -593,7 +594,9 @@ async def test_end_offsets_backlog_and_lag_in_bytes_and_seconds(backend: Backend
 
     consumer.seek(s1, ends[s1])
     assert consumer.backlog() == {s0}
-    assert consumer.lag(now=now) == Lag(ends[s0] - offsets[0][3], pytest.approx(60.0 - 3.0))
+    lag = consumer.lag(now=now)
+    assert lag.bytes == ends[s0] - offsets[0][3]
+    assert lag.seconds == pytest.approx(60.0 - 3.0)
 
     assert len(await fetch_n(consumer, 2)) == 2
     assert consumer.backlog() == set()
@@ -605,14 +608,16 @@ async def test_end_offsets_backlog_and_lag_in_bytes_and_seconds(backend: Backend
     ends2 = await consumer.end_offsets()
     assert ends2[s0] == ends[s0] and ends2[s1] > ends[s1]
     assert consumer.backlog() == {s1}
-    assert consumer.lag(now=now) == Lag(ends2[s1] - ends[s1], pytest.approx(50.0))
+    lag = consumer.lag(now=now)
+    assert lag.bytes == ends2[s1] - ends[s1]
+    assert lag.seconds == pytest.approx(50.0)
 
 
 async def test_lag_counts_records_produced_now_as_almost_zero_seconds(backend: Backend) -> None:
     producer = await backend.producer(0)
     await producer.append(RAW, 0, payload("now", time.time_ns() // 1_000_000))
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 0)])
+    consumer.assign([TopicPartition(RAW, 0)])
     lag = consumer.lag()
     assert lag.bytes > 0 and 0.0 <= lag.seconds < 5.0
 
@@ -624,7 +629,7 @@ async def test_a_full_disk_refuses_every_append_except_internal_ones(backend: Ba
     producer = await backend.producer(0)
     await producer.append(RAW, 0, payload("before"))
     consumer = backend.consumer(None)
-    consumer.assign([(RAW, 0), (RAW, 1)])
+    consumer.assign([TopicPartition(RAW, 0), TopicPartition(RAW, 1)])
     await fetch_n(consumer, 1)
     ends = await consumer.end_offsets()
     assert not producer.overloaded
