@@ -73,7 +73,9 @@ class Pipeline:
         for p in owned_partitions(self.cfg.log.partitions, self.index, self.workers):
             consumer = EmbeddedConsumer(self.data_dir, CONSUMER_NAME)
             self._consumers.append(consumer)
-            runner = PartitionRunner(p, self.cfg, self.lg, consumer, store)
+            runner = PartitionRunner(
+                p, self.cfg, self.lg, consumer, store, sources=range(self.workers)
+            )
             await runner.restore()
             self.runners.append(runner)
         for runner in self.runners:

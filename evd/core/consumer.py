@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 
 CONSUMERS_DIR = "consumers"
 #: Most often the sub-log directories of the assigned partitions are listed
-#: while data keeps coming (a new writer's sub-log is found within this).
-DISCOVER_INTERVAL_S = 0.5
+#: while data keeps coming: a new writer's sub-log is found within this, which
+#: bounds how far (in wall-clock time) the other sub-logs can be read ahead of
+#: it; a listing costs a few microseconds per partition.
+DISCOVER_INTERVAL_S = 0.02
 #: Smallest share of a fetch's max_bytes one sub-log gets when several have data.
 MIN_SHARE_BYTES = 64 * 1024
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Collection
 
 import msgspec
 
@@ -76,8 +77,14 @@ class PartitionRunner:
         producer: Producer,
         consumer: Consumer,
         store: SnapshotStore,
+        sources: Collection[int] = (),
     ) -> None:
         self.partition = partition
+        #: The writers that may append to the partition (the running workers):
+        #: known as sources from the start, each holds the watermark until it
+        #: delivers or is idle for idle_timeout, so a writer whose sub-log is
+        #: not there yet cannot find its first events late.
+        self.sources = tuple(sources)
         self.cfg = cfg
         self.producer = producer
         self.consumer = consumer
@@ -99,8 +106,7 @@ class PartitionRunner:
             self.processor = PartitionProcessor(
                 self.partition, self.cfg.processing, chart_ms, now_ms=now
             )
-            for sublog in self.consumer.positions():
-                self.consumer.seek_to_beginning(sublog)
+            self.processor.tick(now, self.sources, self.out)
             return
         state = _state_decoder.decode(snapshot.state)
         self.processor = PartitionProcessor(
@@ -121,6 +127,7 @@ class PartitionRunner:
                 )
                 offset = end
             self.consumer.seek(sublog, offset)
+        self.processor.tick(now, self.sources, self.out)
         log.info(
             "partition %d restored from its snapshot of %d (offsets %s)",
             self.partition, snapshot.taken_at, snapshot.offsets,
