@@ -523,6 +523,23 @@ async def test_commit_and_committed_survive_a_new_consumer_per_partition(
     assert await other.committed() == {}
 
 
+async def test_a_consumer_starts_at_its_committed_offsets(backend: Backend) -> None:
+    """Like aiokafka's group consumer: committed offsets first, else the oldest record."""
+    producer = await backend.producer(0)
+    await append_many(producer, [(RAW, 0, payload(f"c{i}")) for i in range(4)])
+    first = backend.consumer("resumer")
+    first.assign([TopicPartition(RAW, 0)])
+    got = await fetch_n(first, 4)
+    await first.commit({got[1].sublog: got[1].next_offset})  # consumed two of four
+    await first.close()
+    again = backend.consumer("resumer")
+    again.assign([TopicPartition(RAW, 0)])
+    assert [tag_of(r.payload) for r in await fetch_n(again, 2)] == ["c2", "c3"]
+    fresh = backend.consumer("newcomer")
+    fresh.assign([TopicPartition(RAW, 0)])
+    assert len(await fetch_n(fresh, 4)) == 4
+
+
 @pytest.mark.parametrize("delay", [0.0, 0.2], ids=["fast-disk", "slow-disk"])
 async def test_concurrent_commits_of_one_consumer_both_survive(
     backend: Backend, monkeypatch: pytest.MonkeyPatch, delay: float

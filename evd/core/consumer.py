@@ -46,6 +46,8 @@ CONSUMERS_DIR = "consumers"
 #: bounds how far (in wall-clock time) the other sub-logs can be read ahead of
 #: it; a listing costs a few microseconds per partition.
 DISCOVER_INTERVAL_S = 0.02
+#: A pending seek to the oldest retained record (of a sub-log not found yet).
+_BEGINNING = -1
 #: Smallest share of a fetch's max_bytes one sub-log gets when several have data.
 MIN_SHARE_BYTES = 64 * 1024
 
@@ -90,8 +92,9 @@ class EmbeddedConsumer(Consumer):
     ``name`` None: an anonymous reader that cannot commit (nothing registered,
     retention ignores it). ``reset``: what a position that retention deleted
     does: ``"earliest"`` moves it to the oldest retained record (logged);
-    ``"error"`` raises InvalidOffset from fetch. A sub-log found without a
-    committed offset starts at its oldest retained record.
+    ``"error"`` raises InvalidOffset from fetch. A sub-log starts where a seek
+    put it, else at the consumer's committed offset, else at its oldest
+    retained record (aiokafka's group consumer with ``auto_offset_reset="earliest"``).
     """
 
     def __init__(
@@ -146,7 +149,11 @@ class EmbeddedConsumer(Consumer):
                 reader = SubLogReader(self.data_dir, stream, partition, writer)
                 self._readers[sublog] = reader
                 seek = self._seeks.pop(sublog, None)
-                self._positions[sublog] = reader.first_offset() if seek is None else seek
+                if seek is None and self.name is not None:
+                    seek = committed_offsets(self.data_dir, self.name, stream, partition).get(writer)
+                if seek is None or seek == _BEGINNING:
+                    seek = reader.first_offset()
+                self._positions[sublog] = seek
 
     def seek(self, sublog: SubLog, offset: int) -> None:
         sublog = SubLog(*sublog)
@@ -161,7 +168,7 @@ class EmbeddedConsumer(Consumer):
         sublog = SubLog(*sublog)
         reader = self._readers.get(sublog)
         if reader is None:
-            self._seeks.pop(sublog, None)  # found later: starts at its beginning anyway
+            self._seeks[sublog] = _BEGINNING
         else:
             self._positions[sublog] = reader.first_offset()
 

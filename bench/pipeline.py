@@ -1,0 +1,252 @@
+"""The whole embedded path on one worker: HTTP -> raw log -> processor -> output streams.
+
+Starts ``evd serve --workers 1`` (fsync ``always`` unless told otherwise) on one
+CPU, sends seed-shaped batches from this process on another CPU at a paced rate
+(or as fast as the server answers, ``--rate max``), and samples the server's
+``/metrics`` twice a second: events accepted and processed, the processors' lag
+in bytes and seconds. A rate is *sustained* when the lag does not grow: at the
+end of the run it is below ``--lag-bound`` seconds and the processors have taken
+in what the edge accepted up to that bound. ``--rates`` runs several rates in
+turn (a fresh server each) and reports the highest sustained one.
+
+Events carry the wall clock as their timestamp (stamped per request), users are
+spread over 100,000 ids, so the processor builds sessions and charts as in
+production rather than routing stale events to ``late``.
+
+    python -m bench.pipeline --rates 50000,100000,150000 --duration 20 --server-cpu 0 --load-cpu 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import uvloop
+
+from bench.seedload import STAMP, ClosedLoop, Load, batch_body
+from evd.bench.http import Target
+
+#: Placeholder for the per-request timestamp, as long as the ISO text it becomes.
+TIME_STAMP = "~" * 24
+METRIC_RE = re.compile(rb"^(evd_[a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", re.MULTILINE)
+SAMPLE_S = 0.5
+
+
+def templates(batch: int, key: str, target: Target, seed: int) -> list[bytes]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(64):
+        body = batch_body(batch, STAMP.decode(), lambda _: f"user-{rng.randrange(100_000)}")
+        body = re.sub(rb'"timestamp": "[^"]*"', f'"timestamp": "{TIME_STAMP}"'.encode(), body)
+        head = (
+            f"POST {target.prefix}/v1/events HTTP/1.1\r\nHost: {target.host_header()}\r\n"
+            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        ).encode()
+        out.append(head + body)
+    return out
+
+
+class Paced(ClosedLoop):
+    """A closed-loop connection that stamps the time and waits for its turn: request
+    ``i`` of the load goes out no earlier than ``start + i / rate``."""
+
+    slot: int | None = None
+
+    def send(self) -> None:
+        load = self.load
+        assert isinstance(load, PacedLoad)
+        now = time.perf_counter()
+        if now >= load.stop or self._transport is None or self.closed:
+            self.finish()
+            return
+        if self.slot is None:
+            self.slot = load.counter
+            load.counter += 1
+        due = load.t0 + self.slot * load.interval
+        if due > now:
+            asyncio.get_running_loop().call_later(due - now, self.send)
+            return
+        slot, self.slot = self.slot, None
+        self.sent = now
+        stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%f")[:23] + "Z"
+        data = self.rng.choice(load.templates)
+        data = data.replace(STAMP, load.run_id + b"%010d" % slot)
+        self._transport.write(data.replace(TIME_STAMP.encode(), stamp.encode()))
+
+
+class PacedLoad(Load):
+    t0 = 0.0
+    interval = 0.0
+
+
+def scrape(port: int) -> dict[str, float]:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(1 << 16):
+            data += chunk
+    return {m.group(1).decode(): float(m.group(2)) for m in METRIC_RE.finditer(data)}
+
+
+async def sample(port: int, stop: float, out: list[dict[str, float]]) -> None:
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    while time.perf_counter() < stop:
+        m = await loop.run_in_executor(None, scrape, port)
+        out.append({
+            "t": round(time.perf_counter() - start, 2),
+            "accepted": m.get("evd_events_accepted_total", 0),
+            "processed": m.get("evd_processor_events_total", 0),
+            "lag_bytes": m.get("evd_processor_lag_bytes_sum", 0),
+            "lag_seconds": m.get("evd_processor_lag_seconds_max", 0),
+            "sessions": m.get("evd_sessions_closed_total", 0),
+            "late": m.get("evd_processor_late_total", 0),
+        })
+        await asyncio.sleep(SAMPLE_S)
+
+
+async def drive(args: argparse.Namespace, port: int, rate: float) -> dict[str, Any]:
+    target = Target.parse(f"http://127.0.0.1:{port}")
+    load = PacedLoad(templates(args.batch, "evd-dev-key", target, args.seed),
+                     b"%08x" % random.getrandbits(32), args.seed, count_accepted=True)
+    loop = asyncio.get_running_loop()
+    start = time.perf_counter()
+    load.t0 = start
+    load.interval = 0.0 if rate <= 0 else args.batch / rate
+    load.start, load.stop = start + args.warmup, start + args.duration
+    load.end = load.stop
+    samples: list[dict[str, float]] = []
+    sampler = loop.create_task(sample(port, start + args.duration + args.settle, samples))
+    for _ in range(args.connections):
+        _, conn = await loop.create_connection(lambda: Paced(load), target.host, target.port)
+        load.conns.append(conn)
+    await asyncio.wait_for(
+        asyncio.gather(*(c.done for c in load.conns)), args.duration + 30
+    )
+    for conn in load.conns:
+        conn.close()
+    await sampler
+    window = args.duration - args.warmup
+    last = samples[-1] if samples else {}
+    at_end = [s for s in samples if s["t"] <= args.duration]
+    end_sample = at_end[-1] if at_end else last
+    return {
+        "rate_target": rate,
+        "accepted_per_s": round(load.accepted / window),
+        "statuses": dict(load.statuses),
+        "p99_ms": load.hist.percentile(99) / 1000,
+        "lag_seconds_at_end_of_load": end_sample.get("lag_seconds", 0),
+        "lag_bytes_at_end_of_load": end_sample.get("lag_bytes", 0),
+        "max_lag_seconds": max((s["lag_seconds"] for s in at_end), default=0),
+        "processed_at_end_of_load": end_sample.get("processed", 0),
+        "accepted_at_end_of_load": end_sample.get("accepted", 0),
+        "late": last.get("late", 0),
+        "samples": samples,
+    }
+
+
+def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, EVD_LOG__FSYNC=args.fsync)
+    own = os.sched_getaffinity(0)
+    if args.server_cpu is not None:
+        os.sched_setaffinity(0, {args.server_cpu})  # inherited by the server and its worker
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "evd", "serve", "--workers", "1", "--port", str(port),
+             "--data-dir", str(data_dir)],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+    finally:
+        os.sched_setaffinity(0, own)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            scrape(port)
+            return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("evd serve did not start")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run_rate(args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="evd-pipeline-") as tmp:
+        port = free_port()
+        proc = start_server(args, Path(tmp) / "data", port)
+        try:
+            result = uvloop.run(drive(args, port, rate))
+        finally:
+            proc.terminate()
+            proc.wait(30)
+    accepted = result["accepted_at_end_of_load"]
+    behind = accepted - result["processed_at_end_of_load"]
+    result["sustained"] = (
+        result["lag_seconds_at_end_of_load"] <= args.lag_bound
+        and set(result["statuses"]) == {"200"}
+    )
+    result["unprocessed_at_end_of_load"] = behind
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rates", default="max",
+                        help="comma-separated events/s to try in turn, or max")
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--warmup", type=float, default=3.0)
+    parser.add_argument("--settle", type=float, default=5.0,
+                        help="seconds of sampling after the load stops")
+    parser.add_argument("--lag-bound", type=float, default=2.0,
+                        help="seconds of processing lag at the end of the load that still count as bounded")
+    parser.add_argument("--fsync", default="always")
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--server-cpu", type=int)
+    parser.add_argument("--load-cpu", type=int)
+    parser.add_argument("--out", type=Path, default=Path("bench-out/pipeline"))
+    args = parser.parse_args(argv)
+    if args.load_cpu is not None:
+        os.sched_setaffinity(0, {args.load_cpu})
+    rates = [0.0 if r == "max" else float(r) for r in args.rates.split(",")]
+    results = []
+    for rate in rates:
+        result = run_rate(args, rate)
+        results.append(result)
+        print(
+            f"target {'max' if rate <= 0 else f'{rate:,.0f}'} ev/s: accepted "
+            f"{result['accepted_per_s']:,} ev/s, lag at end of load "
+            f"{result['lag_seconds_at_end_of_load']:.1f} s "
+            f"({result['lag_bytes_at_end_of_load'] / 1e6:.1f} MB), max "
+            f"{result['max_lag_seconds']:.1f} s, p99 {result['p99_ms']:.1f} ms, "
+            f"{'sustained' if result['sustained'] else 'NOT sustained'}",
+            flush=True,
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline.json").write_text(json.dumps(results, indent=1))
+    best = max((r["accepted_per_s"] for r in results if r["sustained"]), default=0)
+    print(f"highest sustained: {best:,} events/s ({args.out / 'pipeline.json'})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
