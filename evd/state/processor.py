@@ -1,0 +1,239 @@
+"""The processing of one raw-log partition, without I/O: dedup, watermarks, late
+routing, sessions and charts (ARCHITECTURE.md "Processing semantics").
+
+The runner feeds raw records with ``process`` and wall-clock progress with
+``tick``, appends what lands in ``Outputs`` to the output streams, and snapshots
+the processor together with the input offsets it covers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import msgspec
+
+from evd.core.config import ProcessingConfig
+from evd.core.errors import EvdError
+from evd.core.schema import ChartRow, Event, EventsBatch, RawBatch, Session, epoch_ms
+from evd.state.charts import ChartsState, ChartWindows
+from evd.state.dedup import DedupState, DedupWindow
+from evd.state.sessions import SessionTable, SessionTableState
+from evd.state.watermark import BufferedEvent, EventBuffer, Watermarks, WatermarkState
+
+__all__ = ["Outputs", "PartitionProcessor", "PartitionState", "StateVersionError"]
+
+#: The PartitionState layout this evd writes and reads.
+STATE_VERSION = 1
+
+
+class StateVersionError(EvdError):
+    """A snapshot written by a newer evd (or for another partition) cannot be restored."""
+
+
+class PartitionState(msgspec.Struct, kw_only=True):
+    """Snapshot of a PartitionProcessor (msgpack-encodable)."""
+
+    version: int = STATE_VERSION
+    partition: int
+    dedup: DedupState
+    watermarks: WatermarkState
+    #: Events waiting for the watermark, in release order.
+    buffer: list[BufferedEvent]
+    sessions: SessionTableState
+    charts: ChartsState
+    duplicates: int = 0
+    late: int = 0
+    forced: int = 0
+
+
+class Outputs:
+    """What processing produced since the last ``clear()``; the runner encodes and
+    appends it."""
+
+    __slots__ = ("chart_rows", "closed_until", "duplicates", "events", "late", "sessions")
+
+    def __init__(self) -> None:
+        #: Per processed raw record: its non-duplicate events in input order, with the
+        #: indexes of the late ones; records with none are left out.
+        self.events: list[EventsBatch] = []
+        #: Per raw record: only its late events (``late`` lists every index); records
+        #: with none are left out.
+        self.late: list[EventsBatch] = []
+        #: Sessions closed (emitted and evicted).
+        self.sessions: list[Session] = []
+        #: Rows of chart windows that closed.
+        self.chart_rows: list[ChartRow] = []
+        #: Set whenever the charts' closed_until advanced; else left as it was.
+        self.closed_until: int | None = None
+        #: Events dropped as duplicates.
+        self.duplicates = 0
+
+    def clear(self) -> None:
+        """Forget everything (after the runner appended it)."""
+        self.events = []
+        self.late = []
+        self.sessions = []
+        self.chart_rows = []
+        self.closed_until = None
+        self.duplicates = 0
+
+
+class PartitionProcessor:
+    """Dedup, watermarks, late routing, sessions and charts of one partition.
+
+    Per event of a record, in order: dedup (per partition, by received_at), the
+    source's watermark, late routing (older than the watermark minus the allowed
+    lateness: to ``events`` flagged late and to ``late``, never to sessions or
+    charts); otherwise it goes to ``events`` at once and waits in the time-ordered
+    buffer until the watermark passes it, then reaches sessions and charts in
+    (time, event_id) order. Above ``max_buffered_events`` the oldest events are
+    released anyway and the watermark moves past them.
+
+    Counters (cumulative, kept in the snapshot): ``duplicates``, ``late``, ``forced``.
+    """
+
+    __slots__ = (
+        "_buffer",
+        "_charts",
+        "_dedup",
+        "_max_buffered",
+        "_partition",
+        "_sessions",
+        "_watermarks",
+        "duplicates",
+        "forced",
+        "late",
+    )
+
+    def __init__(
+        self,
+        partition: int,
+        processing: ProcessingConfig,
+        chart_window_ms: int,
+        state: PartitionState | None = None,
+        now_ms: int = 0,
+    ) -> None:
+        if state is not None:
+            if state.version > STATE_VERSION:
+                raise StateVersionError(
+                    f"partition {partition}: snapshot version {state.version} is newer than"
+                    f" this evd reads ({STATE_VERSION})"
+                )
+            if state.partition != partition:
+                raise StateVersionError(
+                    f"partition {partition}: snapshot is of partition {state.partition}"
+                )
+        self._partition = partition
+        self._max_buffered = processing.max_buffered_events
+        self._dedup = DedupWindow(
+            int(processing.dedup_window_s * 1000),
+            processing.dedup_max_ids,
+            None if state is None else state.dedup,
+        )
+        self._watermarks = Watermarks(
+            processing.max_out_of_orderness_ms,
+            processing.idle_timeout_ms,
+            processing.allowed_lateness_ms,
+            now_ms,
+            None if state is None else state.watermarks,
+        )
+        self._buffer = EventBuffer(None if state is None else state.buffer)
+        self._sessions = SessionTable(
+            processing.session_gap_ms, None if state is None else state.sessions
+        )
+        self._charts = ChartWindows(chart_window_ms, None if state is None else state.charts)
+        self.duplicates = 0 if state is None else state.duplicates
+        self.late = 0 if state is None else state.late
+        self.forced = 0 if state is None else state.forced
+
+    @property
+    def watermark(self) -> int | None:
+        """The partition watermark (None until there is one)."""
+        return self._watermarks.watermark
+
+    @property
+    def open_sessions(self) -> int:
+        """Sessions open now."""
+        return len(self._sessions)
+
+    @property
+    def buffered(self) -> int:
+        """Events waiting for the watermark."""
+        return len(self._buffer)
+
+    def process(self, source: int, batch: RawBatch, now_ms: int, out: Outputs) -> None:
+        """One raw-log record read from sub-log ``source`` (a writer id; with Kafka always 0)."""
+        kept = self._dedup.filter(batch.received_at, batch.events)
+        dropped = len(batch.events) - len(kept)
+        if dropped:
+            self.duplicates += dropped
+            out.duplicates += dropped
+        skew = batch.skew_ms
+        times = [epoch_ms(ev.timestamp) + skew for ev in kept]
+        late = self._watermarks.observe(source, times, now_ms)
+        if kept:
+            out.events.append(EventsBatch(batch.received_at, kept, skew, late))
+        if late:
+            self.late += len(late)
+            late_events = [kept[i] for i in late]
+            out.late.append(
+                EventsBatch(batch.received_at, late_events, skew, list(range(len(late))))
+            )
+            is_late = set(late)
+            on_time = [i for i in range(len(kept)) if i not in is_late]
+            self._buffer.push([times[i] for i in on_time], [kept[i] for i in on_time])
+        else:
+            self._buffer.push(times, kept)
+        self._release(out)
+
+    def tick(self, now_ms: int, backlog: Collection[int], out: Outputs) -> None:
+        """Wall-clock progress. ``backlog``: sources that still have unread data (they
+        count as active now)."""
+        self._watermarks.tick(now_ms, backlog)
+        self._release(out)
+
+    def _release(self, out: Outputs) -> None:
+        """Hand what the watermark (or the buffer's bound) releases to sessions and
+        charts, then close the sessions and windows it passed."""
+        watermarks = self._watermarks
+        buffer = self._buffer
+        wm = watermarks.watermark
+        if wm is None and len(buffer) <= self._max_buffered:
+            return
+        released: list[tuple[int, str, Event]] = []
+        if wm is not None:
+            buffer.pop_before(wm, released)
+        excess = len(buffer) - self._max_buffered
+        if excess > 0:
+            buffer.pop_oldest(excess, released)
+            self.forced += excess
+            forced_until = released[-1][0] + 1
+            if wm is None or forced_until > wm:
+                wm = forced_until
+                watermarks.advance(wm)
+            # Events tied in time with the last forced one are now below the watermark.
+            buffer.pop_before(wm, released)
+        if wm is None:
+            return
+        if released:
+            self._sessions.apply(released, out.sessions)
+            self._charts.add(released)
+        self._sessions.close_before(wm, out.sessions)
+        until = self._charts.close(wm, out.chart_rows)
+        if until is not None:
+            out.closed_until = until
+
+    def snapshot(self) -> PartitionState:
+        """The whole state; ``PartitionProcessor(..., state=it, now_ms=...)`` produces what
+        this one would have from here on (every source counts as active at ``now_ms``)."""
+        return PartitionState(
+            partition=self._partition,
+            dedup=self._dedup.snapshot(),
+            watermarks=self._watermarks.snapshot(),
+            buffer=self._buffer.snapshot(),
+            sessions=self._sessions.snapshot(),
+            charts=self._charts.snapshot(),
+            duplicates=self.duplicates,
+            late=self.late,
+            forced=self.forced,
+        )
