@@ -48,6 +48,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import orjson
 
 from evd.bench.traffic import TrafficConfig, TrafficModel
@@ -56,11 +57,9 @@ from evd.core.config import ProcessingConfig
 from evd.core.log import partitions_for
 from evd.core.records import Kind
 from evd.core.schema import (
-    ChartsBatch,
     Event,
     RawBatch,
     Session,
-    SessionsBatch,
     batch_is_valid,
     envelope_decoder,
     epoch_ms,
@@ -251,7 +250,7 @@ def run_evd(recorded: Recorded, profile: Path | None = None) -> dict[str, Any]:
     decode and process each record, tick once, encode the outputs as records; then the
     partitions go idle and the closing ticks flush every session and window."""
     from evd.state.processor import Outputs, PartitionProcessor
-    from evd.state.runner import FETCH_BYTES
+    from evd.state.runner import FETCH_BYTES, output_records
 
     cfg = ProcessingConfig()
     plan = plan_fetches(recorded, FETCH_BYTES)
@@ -260,34 +259,26 @@ def run_evd(recorded: Recorded, profile: Path | None = None) -> dict[str, Any]:
              for p in range(recorded.partitions)]
     closed_until: list[int | None] = [None] * recorded.partitions
     out = Outputs()
-    decode = records.decode
-    encode = records.encode
+    decode = records.decode_raw
     clock = time.perf_counter_ns
     sessions: list[Session] = []
     late_events = 0
     emitted = {"records": 0, "bytes": 0, "events": 0}
     backlog_of = {True: frozenset((SOURCE,)), False: frozenset()}
 
+    forward: dict[int, msgspec.Raw] = {}
+
     def produce(p: int, now: int) -> None:
-        # The runner's _produce: one record per output batch, tagged; a charts
-        # record when rows closed or closed_until moved.
+        # The runner's own encoding of a pass's outputs (output_records).
         nonlocal late_events
-        payloads = [encode(Kind.EVENTS, b.received_at, b) for b in out.events]
-        payloads += [encode(Kind.LATE, b.received_at, b) for b in out.late]
-        if out.sessions:
-            payloads.append(encode(Kind.SESSIONS, now, SessionsBatch(out.sessions)))
-            sessions.extend(out.sessions)
-        if out.chart_rows or (out.closed_until is not None
-                              and out.closed_until != closed_until[p]):
-            closed = out.closed_until if out.closed_until is not None else closed_until[p]
-            closed_until[p] = closed
-            payloads.append(encode(Kind.CHARTS, now, ChartsBatch(p, closed or 0,
-                                                                 out.chart_rows)))
+        appends, closed_until[p] = output_records(p, out, now, forward, closed_until[p])
+        sessions.extend(out.sessions)
         emitted["events"] += sum(len(b.events) for b in out.events)
         late_events += sum(len(b.events) for b in out.late)
-        emitted["records"] += len(payloads)
-        emitted["bytes"] += sum(map(len, payloads))
+        emitted["records"] += len(appends)
+        emitted["bytes"] += sum(len(payload) for _, _, payload in appends)
         out.clear()
+        forward.clear()
 
     def loop() -> tuple[int, int, int, int, int]:
         t_decode = t_process = t_tick = t_encode = 0
@@ -298,9 +289,12 @@ def run_evd(recorded: Recorded, profile: Path | None = None) -> dict[str, Any]:
             now = fetch.now
             for payload in fetch.payloads:
                 t0 = clock()
-                raw = decode(payload, "raw")
+                raw, raw_events = decode(payload)
                 t1 = clock()
+                before = len(out.events)
                 proc.process(SOURCE, raw, now, out)
+                if len(out.events) > before and len(out.events[-1].events) == len(raw.events):
+                    forward[before] = raw_events
                 t_decode += t1 - t0
                 t_process += clock() - t1
             t0 = clock()

@@ -23,6 +23,7 @@ from evd.core.errors import LogError
 from evd.core.schema import (
     ChartsBatch,
     DeadLetter,
+    Event,
     EventsBatch,
     RawBatch,
     SessionsBatch,
@@ -34,7 +35,9 @@ __all__ = [
     "Kind",
     "RecordFormatError",
     "decode",
+    "decode_raw",
     "encode",
+    "encode_events",
     "header_of",
 ]
 
@@ -126,3 +129,58 @@ def decode(payload: bytes, stream: str) -> Any:
         return decoder.decode(memoryview(payload)[head.start :])
     except msgspec.DecodeError as exc:
         raise RecordFormatError(f"{stream} record does not decode: {exc}") from None
+
+
+class _LazyRaw(msgspec.Struct):
+    """A RawBatch whose events stay msgpack bytes until decoded on their own."""
+
+    received_at: int
+    events: msgspec.Raw
+    skew_ms: int = 0
+
+
+class _EventsRecord(msgspec.Struct, omit_defaults=True):
+    """EventsBatch with its events as msgpack bytes: the same fields, in the same
+    order, so it encodes to the same bytes as EventsBatch of those events."""
+
+    received_at: int
+    events: msgspec.Raw
+    skew_ms: int = 0
+    late: list[int] = msgspec.field(default_factory=list)
+
+
+_lazy_raw_decoder = msgspec.msgpack.Decoder(_LazyRaw)
+_event_list_decoder = msgspec.msgpack.Decoder(list[Event])
+
+
+def decode_raw(payload: bytes) -> tuple[RawBatch, msgspec.Raw]:
+    """A record of the raw stream, and its events array as the msgpack bytes it holds.
+
+    The processor forwards those bytes to the ``events`` stream when it keeps
+    every event of the record (encode_events), instead of encoding the events
+    again: the usual case, and about a fifth of the processing time.
+    """
+    head = header_of(payload, "raw")
+    if head.kind != Kind.RAW or head.version > VERSION:
+        raise RecordFormatError(
+            f"raw record of kind {head.kind} version {head.version}; this evd reads kind"
+            f" {Kind.RAW} up to version {VERSION}"
+        )
+    try:
+        lazy = _lazy_raw_decoder.decode(memoryview(payload)[head.start :])
+        events = _event_list_decoder.decode(lazy.events)
+    except msgspec.DecodeError as exc:
+        raise RecordFormatError(f"raw record does not decode: {exc}") from None
+    return RawBatch(lazy.received_at, events, lazy.skew_ms), lazy.events
+
+
+def encode_events(
+    kind: int, timestamp: int, batch: EventsBatch, events: msgspec.Raw | None = None
+) -> bytes:
+    """A tagged record of ``batch``; ``events``: the msgpack bytes of ``batch.events``
+    when the caller has them (decode_raw), encoded as they are."""
+    if events is None:
+        return encode(kind, timestamp, batch)
+    return encode(
+        kind, timestamp, _EventsRecord(batch.received_at, events, batch.skew_ms, batch.late)
+    )

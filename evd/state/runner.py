@@ -46,7 +46,7 @@ from evd.core.schema import ChartsBatch, SessionsBatch
 from evd.state.processor import Outputs, PartitionProcessor, PartitionState
 from evd.state.snapshots import Snapshot, SnapshotStore
 
-__all__ = ["CONSUMER_NAME", "PartitionRunner"]
+__all__ = ["CONSUMER_NAME", "PartitionRunner", "output_records"]
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +91,11 @@ class PartitionRunner:
         self.store = store
         self.processor: PartitionProcessor | None = None
         self.out = Outputs()
+        #: Index in out.events -> the msgpack bytes of that batch's events, for
+        #: records whose events were all kept (forwarded without encoding again).
+        self._forward: dict[int, msgspec.Raw] = {}
         self._closed_until: int | None = None
+        self._forced = 0
         self._in_flight: asyncio.Future[None] | None = None
         self._stopping = False
         self._last_snapshot = 0.0
@@ -113,6 +117,7 @@ class PartitionRunner:
             self.partition, self.cfg.processing, chart_ms, state=state, now_ms=now
         )
         ends = await self.consumer.end_offsets()
+        self._forced = self.processor.forced
         for writer, offset in snapshot.offsets.items():
             sublog = SubLog(RAW, self.partition, writer)
             end = ends.get(sublog, 0)
@@ -156,11 +161,15 @@ class PartitionRunner:
         out = self.out
         now = _now_ms()
         events = 0
-        decode = rec.decode
+        decode = rec.decode_raw
+        forward = self._forward
         for record in records:
-            batch = decode(record.payload, RAW)
+            batch, raw_events = decode(record.payload)
             events += len(batch.events)
+            before = len(out.events)
             proc.process(record.sublog.source, batch, now, out)
+            if len(out.events) > before and len(out.events[-1].events) == len(batch.events):
+                forward[before] = raw_events  # every event kept: forward the bytes
         proc.tick(now, {s.source for s in self.consumer.backlog()}, out)
         metrics.PROCESSED.inc(events)
         await self._produce(now)
@@ -168,32 +177,23 @@ class PartitionRunner:
 
     async def _produce(self, now: int) -> None:
         out = self.out
-        p = self.partition
-        encode = rec.encode
-        appends: list[Append] = [
-            (EVENTS, p, encode(rec.Kind.EVENTS, batch.received_at, batch)) for batch in out.events
-        ]
-        appends += [(LATE, p, encode(rec.Kind.LATE, b.received_at, b)) for b in out.late]
+        appends, self._closed_until = output_records(
+            self.partition, out, now, self._forward, self._closed_until
+        )
         if out.sessions:
-            appends.append(
-                (SESSIONS, p, encode(rec.Kind.SESSIONS, now, SessionsBatch(out.sessions)))
-            )
             metrics.SESSIONS_CLOSED.inc(len(out.sessions))
-        if out.chart_rows or (
-            out.closed_until is not None and out.closed_until != self._closed_until
-        ):
-            closed = out.closed_until if out.closed_until is not None else self._closed_until
-            assert closed is not None, "chart rows before any window closed"
-            self._closed_until = closed
-            appends.append(
-                (CHARTS, p, encode(rec.Kind.CHARTS, now, ChartsBatch(p, closed, out.chart_rows)))
-            )
+        if out.chart_rows:
             metrics.CHART_ROWS.inc(len(out.chart_rows))
         metrics.PROCESSOR_DUPLICATES.inc(out.duplicates)
         late = sum(len(b.events) for b in out.late)
         if late:
             metrics.PROCESSOR_LATE.inc(late)
+        forced = self.processor.forced if self.processor is not None else 0
+        if forced != self._forced:
+            metrics.PROCESSOR_FORCED.inc(forced - self._forced)
+            self._forced = forced
         out.clear()
+        self._forward.clear()
         if self._in_flight is not None:
             await self._in_flight  # one group in flight: bounds what waits in the log
             self._in_flight = None
@@ -218,3 +218,37 @@ class PartitionRunner:
         await self.consumer.commit(positions)
         metrics.SNAPSHOTS.inc()
         self._last_snapshot = asyncio.get_running_loop().time()
+
+
+def output_records(
+    partition: int,
+    out: Outputs,
+    now: int,
+    forward: dict[int, msgspec.Raw],
+    closed_until: int | None,
+) -> tuple[list[Append], int | None]:
+    """The records of one pass's outputs, and the charts' closed_until after them.
+
+    One ``events`` (and ``late``) record per raw record that kept events (the
+    raw bytes of its events forwarded where ``forward`` has them), one
+    ``sessions`` record with every session closed, one ``charts`` record when
+    rows closed or ``closed_until`` moved (a record with no rows still tells
+    readers that time moved on).
+    """
+    p = partition
+    encode = rec.encode
+    appends: list[Append] = [
+        (EVENTS, p, rec.encode_events(rec.Kind.EVENTS, b.received_at, b, forward.get(i)))
+        for i, b in enumerate(out.events)
+    ]
+    appends += [(LATE, p, encode(rec.Kind.LATE, b.received_at, b)) for b in out.late]
+    if out.sessions:
+        appends.append((SESSIONS, p, encode(rec.Kind.SESSIONS, now, SessionsBatch(out.sessions))))
+    if out.chart_rows or (out.closed_until is not None and out.closed_until != closed_until):
+        closed = out.closed_until if out.closed_until is not None else closed_until
+        assert closed is not None, "chart rows before any window closed"
+        closed_until = closed
+        appends.append(
+            (CHARTS, p, encode(rec.Kind.CHARTS, now, ChartsBatch(p, closed, out.chart_rows)))
+        )
+    return appends, closed_until
