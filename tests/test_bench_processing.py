@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -25,9 +24,7 @@ if str(ROOT) not in sys.path:
 from bench import processing
 
 RUN_TIMEOUT_S = 100
-HAVE_PROCESSOR = importlib.util.find_spec("evd.state.processor") is not None
 HAVE_BYTEWAX = processing.bytewax_version() is not None
-needs_processor = pytest.mark.skipif(not HAVE_PROCESSOR, reason="evd.state.processor missing")
 needs_bytewax = pytest.mark.skipif(
     not HAVE_BYTEWAX, reason="bytewax is not installed (pip install -e '.[bench]')"
 )
@@ -106,7 +103,6 @@ def test_bad_options_exit_2(tmp_path: Path) -> None:
     assert processing.main(["--engines", "flink", "--out", str(tmp_path)]) == 2
 
 
-@needs_processor
 def test_evd_alone(tmp_path: Path) -> None:
     rc, report, output = run_script(tmp_path, "--engines", "evd", "--repeat", "2")
     assert rc == 0, output
@@ -122,7 +118,6 @@ def test_evd_alone(tmp_path: Path) -> None:
     assert "bytewax" not in report and "ratio" not in report
 
 
-@needs_processor
 @needs_bytewax
 def test_against_bytewax_same_sessions(tmp_path: Path) -> None:
     rc, report, output = run_script(tmp_path, "--repeat", "1", "--profile", "--cpu", "0")

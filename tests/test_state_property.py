@@ -13,7 +13,6 @@ The first tests check the reference itself on hand-computed examples.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from collections import Counter
 from dataclasses import dataclass
@@ -21,7 +20,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
-import pytest
 from batchref import BatchResult, compute, session_id, sum_chart_rows
 from evdtest import track_id
 from hypothesis import currently_in_test_context, given, note, seed, settings
@@ -55,10 +53,6 @@ NOW = BASE
 #: Far enough past every generated event time for all sessions and windows to close.
 FAR_FUTURE = BASE + 10**12
 
-HAS_PROCESSOR = importlib.util.find_spec("evd.state.processor") is not None
-needs_processor = pytest.mark.skipif(
-    not HAS_PROCESSOR, reason="evd/state/processor.py does not exist yet"
-)
 
 
 def at(t: int) -> datetime:
@@ -538,7 +532,6 @@ def scenario(
     )
 
 
-@needs_processor
 def test_tie_at_the_watermark_waits_for_its_equals() -> None:
     # With no out-of-orderness the watermark reaches t=0 after the first record; e1
     # (t=0) is not late, and must still come before e2 in sessions: it names the session.
@@ -554,7 +547,6 @@ def test_tie_at_the_watermark_waits_for_its_equals() -> None:
     )
 
 
-@needs_processor
 def test_sub_logs_far_apart_hold_the_watermark() -> None:
     # Sub-log 1 runs an hour ahead; sub-log 0 holds the watermark back, so its events
     # are neither late nor out of order, and sessions spanning both come out whole.
@@ -573,7 +565,6 @@ def test_sub_logs_far_apart_hold_the_watermark() -> None:
     )
 
 
-@needs_processor
 @seed(HYPOTHESIS_SEED)
 @settings(max_examples=200, deadline=None, database=None)
 @given(scenarios())
@@ -582,7 +573,6 @@ def test_processor_equals_batch_reference(sc: Scenario) -> None:
     check_against_reference(sc)
 
 
-@needs_processor
 @seed(HYPOTHESIS_SEED)
 @settings(max_examples=100, deadline=None, database=None)
 @given(scenarios(), st.data())
