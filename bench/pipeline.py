@@ -160,6 +160,7 @@ async def drive(args: argparse.Namespace, port: int, rate: float) -> dict[str, A
 
 def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     env = dict(os.environ, EVD_LOG__FSYNC=args.fsync)
+    log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
     own = os.sched_getaffinity(0)
     if args.server_cpu is not None:
         os.sched_setaffinity(0, {args.server_cpu})  # inherited by the server and its worker
@@ -167,7 +168,7 @@ def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subproc
         proc = subprocess.Popen(
             [sys.executable, "-m", "evd", "serve", "--workers", "1", "--port", str(port),
              "--data-dir", str(data_dir)],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     finally:
         os.sched_setaffinity(0, own)
@@ -224,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-cpu", type=int)
     parser.add_argument("--load-cpu", type=int)
     parser.add_argument("--out", type=Path, default=Path("bench-out/pipeline"))
+    parser.add_argument("--server-log", type=Path, help="append the servers' logs here")
     args = parser.parse_args(argv)
     if args.load_cpu is not None:
         os.sched_setaffinity(0, {args.load_cpu})

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 
     read = sub.add_parser("log-read", help="print records of the embedded log as JSON lines")
     read.add_argument("--data-dir", default="./evd-data")
-    read.add_argument("--stream", default="raw", help="raw or dead_letter (default raw)")
+    read.add_argument("--stream", default="raw", help="any stream: raw (default), dead_letter, events, late, sessions, charts")
 
     sub.add_parser("bench", help="load-test a server (see evd bench --help)", add_help=False)
     return p

@@ -70,11 +70,13 @@ class Pipeline:
 
     async def start(self) -> None:
         store = DirectoryStore(self.data_dir / "state")
-        for p in owned_partitions(self.cfg.log.partitions, self.index, self.workers):
+        owned = owned_partitions(self.cfg.log.partitions, self.index, self.workers)
+        for i, p in enumerate(owned):
             consumer = EmbeddedConsumer(self.data_dir, CONSUMER_NAME)
             self._consumers.append(consumer)
             runner = PartitionRunner(
-                p, self.cfg, self.lg, consumer, store, sources=range(self.workers)
+                p, self.cfg, self.lg, consumer, store,
+                sources=range(self.workers), phase=i / len(owned),
             )
             await runner.restore()
             self.runners.append(runner)

@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 #: snapshots' offsets).
 CONSUMER_NAME = "processor"
 #: Raw bytes one fetch takes at most: bounds one pass's decoded events and outputs.
-FETCH_BYTES = 1 << 20
+FETCH_BYTES = 128 << 10
 #: Longest wait for raw data before the processor ticks the wall clock anyway
 #: (idle sub-logs and partitions are noticed within this).
 TICK_S = 0.5
@@ -78,6 +78,7 @@ class PartitionRunner:
         consumer: Consumer,
         store: SnapshotStore,
         sources: Collection[int] = (),
+        phase: float = 0.0,
     ) -> None:
         self.partition = partition
         #: The writers that may append to the partition (the running workers):
@@ -85,6 +86,10 @@ class PartitionRunner:
         #: delivers or is idle for idle_timeout, so a writer whose sub-log is
         #: not there yet cannot find its first events late.
         self.sources = tuple(sources)
+        #: Fraction of the snapshot interval this runner's snapshots are shifted by:
+        #: a worker's partitions snapshot one after the other, not all at once (a
+        #: snapshot encodes the partition's state on the event loop).
+        self.phase = phase
         self.cfg = cfg
         self.producer = producer
         self.consumer = consumer
@@ -146,7 +151,7 @@ class PartitionRunner:
         """Process until stop(); then wait for the outputs and snapshot."""
         loop = asyncio.get_running_loop()
         interval = self.cfg.snapshot.interval_s
-        self._last_snapshot = loop.time()
+        self._last_snapshot = loop.time() - interval * self.phase
         while not self._stopping:
             await self.step(TICK_S)
             if loop.time() - self._last_snapshot >= interval:
@@ -208,6 +213,8 @@ class PartitionRunner:
             await self._in_flight
             self._in_flight = None
         positions = self.consumer.positions()
+        # Encoded on the event loop, the partition's whole state: for a busy
+        # partition tens of milliseconds (docs/performance.md, "Snapshots").
         snapshot = Snapshot(
             partition=self.partition,
             taken_at=_now_ms(),

@@ -43,75 +43,42 @@ def session_id(user_id: str, first_event_id: str) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-class OpenSession(msgspec.Struct, kw_only=True):
-    """Snapshot of one open session, with its open play if ``track_id`` is set."""
+class OpenSession(msgspec.Struct, array_like=True, gc=False):
+    """One open session, as the table holds it and as its snapshot stores it.
+
+    ``track`` is the open play's track, None when no play is open. The play
+    clock: while ``playing``, listening up to ``clock`` has been counted. The
+    table keeps these Structs themselves (mutable, as fast as __slots__), so a
+    snapshot encodes them as they are instead of copying each one; gc=False: it
+    holds only strings, ints and a list of Plays, so it cannot be in a cycle.
+    """
 
     user_id: str
-    first_event_id: str
-    started_at: int
-    last_at: int
-    event_count: int
-    play_count: int
-    country: str | None
-    os: str | None
-    plays: list[Play]
-    track_id: str | None = None
-    play_started_at: int = 0
-    position_ms: int = 0
-    duration_ms: int = 0
-    listened_ms: int = 0
+    first_id: str
+    started: int
+    last: int
+    events: int = 0
+    play_count: int = 0
+    #: Ended plays as (track_id, started_at, listened_ms, ended_by): tuples, which
+    #: a snapshot encodes as arrays (Play Structs would repeat their field names).
+    plays: list[tuple[str, int, int, EndedBy]] = msgspec.field(default_factory=list)
+    country: str | None = None
+    os: str | None = None
+    track: str | None = None
+    play_started: int = 0
+    position: int = 0
+    duration: int = 0
+    listened: int = 0
     playing: bool = False
     clock: int = 0
 
 
 class SessionTableState(msgspec.Struct, kw_only=True):
-    """Snapshot of a SessionTable: open sessions, oldest last event first."""
+    """Snapshot of a SessionTable: open sessions, oldest last event first. It holds
+    the table's live sessions: encode it before the table changes again."""
 
     sessions: list[OpenSession] = msgspec.field(default_factory=list)
 
-
-class _Open:
-    """One open session; ``track`` is the open play's track, None when no play is open.
-
-    The play clock: while ``playing``, listening up to ``clock`` has been counted.
-    """
-
-    __slots__ = (
-        "clock",
-        "country",
-        "duration",
-        "events",
-        "first_id",
-        "last",
-        "listened",
-        "os",
-        "play_count",
-        "play_started",
-        "playing",
-        "plays",
-        "position",
-        "started",
-        "track",
-        "user_id",
-    )
-
-    def __init__(self, user_id: str, first_id: str, t: int) -> None:
-        self.user_id = user_id
-        self.first_id = first_id
-        self.started = t
-        self.last = t
-        self.events = 0
-        self.play_count = 0
-        self.plays: list[Play] = []
-        self.country: str | None = None
-        self.os: str | None = None
-        self.track: str | None = None
-        self.play_started = 0
-        self.position = 0
-        self.duration = 0
-        self.listened = 0
-        self.playing = False
-        self.clock = 0
 
 
 class SessionTable:
@@ -129,10 +96,10 @@ class SessionTable:
 
     def __init__(self, session_gap_ms: int, state: SessionTableState | None = None) -> None:
         self._gap_ms = session_gap_ms
-        self._open: OrderedDict[str, _Open] = OrderedDict()
+        self._open: OrderedDict[str, OpenSession] = OrderedDict()
         if state is not None:
             for s in state.sessions:
-                self._open[s.user_id] = _restore(s)
+                self._open[s.user_id] = s
 
     def __len__(self) -> int:
         """Open sessions."""
@@ -149,11 +116,11 @@ class SessionTable:
             uid = ev.user_id
             s = get(uid)
             if s is None:
-                s = table[uid] = _Open(uid, eid, t)
+                s = table[uid] = OpenSession(uid, eid, t, t)
             else:
                 if t - s.last > gap:
                     closed.append(self._close(s))
-                    s = table[uid] = _Open(uid, eid, t)
+                    s = table[uid] = OpenSession(uid, eid, t, t)
                 to_end(uid)
                 if s.playing:
                     # Accrue to t first, whatever the event: accrual is additive.
@@ -180,7 +147,7 @@ class SessionTable:
             kind = ev.event_type
             if kind == "play":
                 if s.track is not None:
-                    s.plays.append(Play(s.track, s.play_started, s.listened, "play"))
+                    s.plays.append((s.track, s.play_started, s.listened, "play"))
                 pb = ev.playback
                 s.track = ev.track_id
                 s.play_started = t
@@ -202,7 +169,7 @@ class SessionTable:
                 s.position = ev.playback.position_ms
             else:  # skip, end
                 ended_by: EndedBy = "skip" if kind == "skip" else "end"
-                s.plays.append(Play(s.track, s.play_started, s.listened, ended_by))
+                s.plays.append((s.track, s.play_started, s.listened, ended_by))
                 s.track = None
                 s.playing = False
 
@@ -222,8 +189,8 @@ class SessionTable:
             pop(last=False)
             closed.append(self._close(s))
 
-    def _close(self, s: _Open) -> Session:
-        plays = s.plays
+    def _close(self, s: OpenSession) -> Session:
+        plays = [Play(*p) for p in s.plays]
         if s.track is not None:
             listened = s.listened
             if s.playing:
@@ -250,46 +217,6 @@ class SessionTable:
         )
 
     def snapshot(self) -> SessionTableState:
-        """The open sessions in table order; ``SessionTable(..., state=it)`` continues
-        identically."""
-        return SessionTableState(
-            sessions=[
-                OpenSession(
-                    user_id=s.user_id,
-                    first_event_id=s.first_id,
-                    started_at=s.started,
-                    last_at=s.last,
-                    event_count=s.events,
-                    play_count=s.play_count,
-                    country=s.country,
-                    os=s.os,
-                    plays=list(s.plays),
-                    track_id=s.track,
-                    play_started_at=s.play_started,
-                    position_ms=s.position,
-                    duration_ms=s.duration,
-                    listened_ms=s.listened,
-                    playing=s.playing,
-                    clock=s.clock,
-                )
-                for s in self._open.values()
-            ]
-        )
-
-
-def _restore(o: OpenSession) -> _Open:
-    s = _Open(o.user_id, o.first_event_id, o.started_at)
-    s.last = o.last_at
-    s.events = o.event_count
-    s.play_count = o.play_count
-    s.plays = list(o.plays)
-    s.country = o.country
-    s.os = o.os
-    s.track = o.track_id
-    s.play_started = o.play_started_at
-    s.position = o.position_ms
-    s.duration = o.duration_ms
-    s.listened = o.listened_ms
-    s.playing = o.playing
-    s.clock = o.clock
-    return s
+        """The open sessions in table order (the live objects: encode the result before
+        the next apply); ``SessionTable(..., state=it decoded)`` continues identically."""
+        return SessionTableState(sessions=list(self._open.values()))
