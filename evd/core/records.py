@@ -69,6 +69,8 @@ _TYPES: dict[int, type[Any]] = {
 }
 _DECODERS = {kind: msgspec.msgpack.Decoder(t) for kind, t in _TYPES.items()}
 _ENCODER = msgspec.msgpack.Encoder()
+_pack = HEADER.pack
+_encode = _ENCODER.encode
 
 #: The kind of an untagged (version 0) record, by the stream it is in.
 KIND_OF_STREAM = {
@@ -96,9 +98,8 @@ class Header(NamedTuple):
 
 def encode(kind: int, timestamp: int, value: object) -> bytes:
     """A tagged record of ``value`` (a Struct of ``kind``'s schema)."""
-    buf = bytearray(HEADER.pack(MAGIC, kind, VERSION, timestamp))
-    _ENCODER.encode_into(value, buf, HEADER.size)
-    return bytes(buf)
+    # One concatenation: measured faster than encode_into a bytearray and bytes().
+    return _pack(MAGIC, kind, VERSION, timestamp) + _encode(value)
 
 
 def header_of(payload: bytes, stream: str) -> Header:
