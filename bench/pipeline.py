@@ -35,7 +35,7 @@ from typing import Any
 
 import uvloop
 
-from bench.seedload import STAMP, ClosedLoop, Load, batch_body
+from bench.seedload import STAMP, ClosedLoop, Load, request_templates, seed_event
 from evd.bench.http import Target
 
 #: Placeholder for the per-request timestamp, as long as the ISO text it becomes.
@@ -45,18 +45,14 @@ SAMPLE_S = 0.5
 
 
 def templates(batch: int, key: str, target: Target, seed: int) -> list[bytes]:
-    rng = random.Random(seed)
-    out = []
-    for _ in range(64):
-        body = batch_body(batch, STAMP.decode(), lambda _: f"user-{rng.randrange(100_000)}")
-        body = re.sub(rb'"timestamp": "[^"]*"', f'"timestamp": "{TIME_STAMP}"'.encode(), body)
-        head = (
-            f"POST {target.prefix}/v1/events HTTP/1.1\r\nHost: {target.host_header()}\r\n"
-            f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        out.append(head + body)
-    return out
+    """seedload's requests with the seed's timestamp turned into a placeholder of the
+    same length (so Content-Length holds), stamped at each send."""
+    seed_time = str(seed_event()["timestamp"]).encode()
+    assert len(seed_time) == len(TIME_STAMP), "the placeholder must keep Content-Length"
+    return [
+        t.replace(seed_time, TIME_STAMP.encode())
+        for t in request_templates(batch, key, target, seed)
+    ]
 
 
 class Paced(ClosedLoop):
