@@ -17,6 +17,16 @@ from evd.bench.screenshot import NoChromium, chromium
 REQUIRE_BROWSER = "EVD_REQUIRE_BROWSER"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """With EVD_TEST_WORKERS set, skip what that setting cannot change."""
+    if not os.environ.get("EVD_TEST_WORKERS"):
+        return
+    skip = pytest.mark.skip(reason="workers_independent: ran in the pass without EVD_TEST_WORKERS")
+    for item in items:
+        if item.get_closest_marker("workers_independent") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def servers(tmp_path: Path) -> Iterator[ServerFactory]:
     """Start ``evd serve`` processes for one test; all are stopped (killed if stuck) after it."""

@@ -23,6 +23,8 @@ if str(ROOT) not in sys.path:
 
 from bench import processing
 
+pytestmark = pytest.mark.workers_independent
+
 RUN_TIMEOUT_S = 100
 HAVE_BYTEWAX = processing.bytewax_version() is not None
 needs_bytewax = pytest.mark.skipif(

@@ -14,6 +14,8 @@ from evdtest import EvdServer, ServerFactory, batch, make_event, post, request, 
 from evd.core.schema import ChartRow, ChartsBatch
 from evd.state.charts_view import ChartsView, QueryError, parse_query
 
+pytestmark = pytest.mark.workers_independent
+
 MIN = 60_000
 DAY = 86_400_000
 

@@ -49,6 +49,8 @@ from evd.core.records import Kind
 from evd.core.schema import DeadLetter
 from evd.core.sublog import Waker
 
+pytestmark = pytest.mark.workers_independent
+
 #: Partitions of every stream but charts, which has CHARTS_PARTITIONS.
 PARTITIONS = 4
 CHARTS_PARTITIONS = 2

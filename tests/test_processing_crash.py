@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 from batchref import compute
 from evdtest import EvdServer, ServerFactory, batch, post, track_id
 
 from evd.core.config import ProcessingConfig
 from evd.core.schema import Event, RawBatch
 from evd.logtool import iter_stream
+
+pytestmark = pytest.mark.workers_independent
 
 SESSION_GAP_MS = 2_000
 IDLE_TIMEOUT_MS = 3_000

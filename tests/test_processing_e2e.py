@@ -18,6 +18,8 @@ from evd.core.config import ProcessingConfig
 from evd.core.schema import RawBatch, event_decoder
 from evd.logtool import iter_stream
 
+pytestmark = pytest.mark.workers_independent
+
 GAP_MS = 1_000
 CONFIG: dict[str, Any] = {
     "log": {"partitions": 4},

@@ -11,6 +11,8 @@ from evd.core import records
 from evd.core.records import Kind, RecordFormatError
 from evd.core.schema import Event, EventsBatch, RawBatch, event_decoder
 
+pytestmark = pytest.mark.workers_independent
+
 
 def events(n: int) -> list[object]:
     return [

@@ -32,6 +32,8 @@ from evd.state.dedup import DedupWindow
 from evd.state.processor import Outputs, PartitionProcessor
 from evd.state.sessions import SessionTable
 
+pytestmark = pytest.mark.workers_independent
+
 USERS = 1_000_000
 #: |RSS after - (RSS at start-up + dedup window)| must stay within this share of the latter.
 TOLERANCE = 0.20

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import msgspec
+import pytest
 from batchref import BatchResult, compute, session_id, sum_chart_rows
 from evdtest import track_id
 from hypothesis import currently_in_test_context, given, note, seed, settings
@@ -38,6 +39,8 @@ from evd.core.schema import (
     Session,
     epoch_ms,
 )
+
+pytestmark = pytest.mark.workers_independent
 
 HYPOTHESIS_SEED = int(os.environ.get("EVD_TEST_SEED") or 20240611)
 

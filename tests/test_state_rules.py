@@ -38,6 +38,8 @@ from evd.state.processor import (
 from evd.state.sessions import session_id
 from evd.state.watermark import BufferedEvent, EventBuffer
 
+pytestmark = pytest.mark.workers_independent
+
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 MIN = 60_000
 BASE = 1_700_000_040_000  # a multiple of MIN
