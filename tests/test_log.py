@@ -309,6 +309,24 @@ async def test_pending_bytes_bound_sheds_appends(tmp_path: Path) -> None:
         await lg.close()
 
 
+async def test_a_stages_own_appends_do_not_shed_the_edge(tmp_path: Path) -> None:
+    """max_pending_bytes bounds what the edge appended; the stages' appends
+    (internal) bound themselves and neither count nor are refused."""
+    lg = open_log(tmp_path, max_pending_bytes=1000)
+    try:
+        internal = [lg.append(RAW, 1, b"y" * 300, internal=True) for _ in range(10)]
+        assert lg.pending_bytes > 1000 and not lg.overloaded
+        edge = [lg.append(RAW, 0, b"x" * 300) for _ in range(4)]  # 1,232 bytes with frames
+        assert lg.overloaded
+        with pytest.raises(LogOverloaded):
+            lg.append(RAW, 0, b"x")
+        internal.append(lg.append(RAW, 1, b"y", internal=True))  # still taken
+        await asyncio.gather(*internal, *edge)
+        assert not lg.overloaded
+    finally:
+        await lg.close()
+
+
 def failing_fsync(fd: int) -> None:
     raise OSError(errno.EIO, "injected EIO")
 

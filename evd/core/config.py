@@ -98,7 +98,8 @@ class LogConfig(Base):
     #: the journal dropped. Smaller checkpoints are smaller fsync bursts: at
     #: 50k events/s, 8 MiB gave p99 8 ms where 64 MiB gave 39 ms.
     checkpoint_bytes: int = 8 * MiB
-    #: Bytes accepted but not yet flushed; above it POSTs are shed with 503.
+    #: Bytes the edge appended that wait for a flush; above it POSTs are shed with
+    #: 503 (the processors' own appends are bounded by them: one group in flight each).
     max_pending_bytes: int = 64 * MiB
     #: Disk the whole log (every stream, every writer) may use; above it POSTs
     #: are shed with 503 + Retry-After until retention frees space. 0: no fixed cap.

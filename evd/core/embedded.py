@@ -284,6 +284,10 @@ class EmbeddedLog(Producer):
         self._parts: dict[tuple[str, int], _Partition] = {}
         self._pending: dict[tuple[str, int], list[bytes]] = {}
         self._pending_bytes = 0
+        #: The part of _pending_bytes the edge appended (not internal): what
+        #: max_pending_bytes bounds. The stages bound their own appends (one
+        #: group in flight each), so a busy stage never sheds the edge's traffic.
+        self._edge_pending = 0
         self._flush_future: asyncio.Future[None] | None = None
         self._flushing = False
         self._failure: BaseException | None = None
@@ -460,7 +464,7 @@ class EmbeddedLog(Producer):
 
     @property
     def overloaded(self) -> bool:
-        return self._pending_bytes > self.max_pending_bytes or self.disk_full is not None
+        return self._edge_pending > self.max_pending_bytes or self.disk_full is not None
 
     # -- appends -----------------------------------------------------------------
 
@@ -472,9 +476,9 @@ class EmbeddedLog(Producer):
         if self._closing:
             raise LogUnavailable("log is closing")
         if not internal:
-            if self._pending_bytes > self.max_pending_bytes:
+            if self._edge_pending > self.max_pending_bytes:
                 raise LogOverloaded(
-                    f"{self._pending_bytes} bytes wait for a flush (log.max_pending_bytes)"
+                    f"{self._edge_pending} bytes wait for a flush (log.max_pending_bytes)"
                 )
             if self.disk_full is not None:
                 raise LogOverloaded(self.disk_full)
@@ -498,6 +502,8 @@ class EmbeddedLog(Producer):
                 frames.append(data)
             parts[key].queued_end += len(data)
             self._pending_bytes += len(data)
+            if not internal:
+                self._edge_pending += len(data)
         fut = self._flush_future
         if fut is None:
             fut = self._flush_future = asyncio.get_running_loop().create_future()
@@ -546,6 +552,7 @@ class EmbeddedLog(Producer):
                 batch, fut = self._pending, self._flush_future
                 self._pending, self._flush_future = {}, None
                 size, self._pending_bytes = self._pending_bytes, 0
+                self._edge_pending = 0
                 work = [(self._parts[key], frames) for key, frames in batch.items()]
                 started = time.perf_counter()
                 try:
@@ -674,7 +681,7 @@ class EmbeddedLog(Producer):
             log.error("log turned read-only after a failed flush: %r", exc, exc_info=exc)
         pending, self._flush_future = self._flush_future, None
         self._pending.clear()
-        self._pending_bytes = 0
+        self._pending_bytes = self._edge_pending = 0
         if pending is not None and not pending.done():
             pending.set_exception(LogUnavailable(f"log write failed: {exc}"))
             pending.exception()
