@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Collection
+from typing import Any
 
 import msgspec
 
@@ -213,18 +214,62 @@ class PartitionRunner:
             await self._in_flight
             self._in_flight = None
         positions = self.consumer.positions()
-        # Encoded on the event loop, the partition's whole state: for a busy
-        # partition tens of milliseconds (docs/performance.md, "Snapshots").
         snapshot = Snapshot(
             partition=self.partition,
             taken_at=_now_ms(),
             offsets={s.source: o for s, o in positions.items()},
-            state=msgspec.Raw(_state_encoder.encode(proc.snapshot())),
+            state=await encode_state(proc.snapshot()),
         )
         await self.store.save(snapshot)
         await self.consumer.commit(positions)
         metrics.SNAPSHOTS.inc()
         self._last_snapshot = asyncio.get_running_loop().time()
+
+
+#: Open sessions or dedup groups encoded between two yields to the event loop.
+ENCODE_CHUNK = 2000
+
+
+async def encode_state(state: PartitionState) -> msgspec.Raw:
+    """``state`` encoded, its two long lists (open sessions, dedup groups) a chunk at
+    a time with the event loop served in between.
+
+    Encoding a busy partition's whole state at once held the loop for tens to
+    hundreds of milliseconds (docs/performance.md, "Snapshots and latency"). The
+    state shares the processor's live objects, which nothing changes meanwhile:
+    only the runner, now awaiting here, processes the partition.
+    """
+    # Raw values in place of the lists: the encoder writes them as they are.
+    state.sessions.sessions = await _encode_list(state.sessions.sessions)  # type: ignore[assignment]
+    state.dedup.groups = await _encode_list(state.dedup.groups)  # type: ignore[assignment]
+    return msgspec.Raw(_state_encoder.encode(state))
+
+
+async def _encode_list(items: list[Any]) -> msgspec.Raw:
+    """A msgpack array of ``items``, encoded ENCODE_CHUNK at a time."""
+    encode = _state_encoder.encode
+    body: list[bytes] = []
+    for start in range(0, len(items), ENCODE_CHUNK):
+        chunk = encode(items[start : start + ENCODE_CHUNK])
+        body.append(chunk[_array_header_size(chunk[0]) :])
+        await asyncio.sleep(0)
+    return msgspec.Raw(_array_header(len(items)) + b"".join(body))
+
+
+def _array_header(n: int) -> bytes:
+    """The msgpack header of an array of ``n`` items."""
+    if n <= 15:
+        return bytes([0x90 | n])
+    if n <= 0xFFFF:
+        return b"\xdc" + n.to_bytes(2, "big")
+    return b"\xdd" + n.to_bytes(4, "big")
+
+
+def _array_header_size(first: int) -> int:
+    """The size of a msgpack array header from its first byte."""
+    if first & 0xF0 == 0x90:
+        return 1
+    return 3 if first == 0xDC else 5
 
 
 def output_records(
