@@ -116,6 +116,10 @@ class PartitionRunner:
             self.processor = PartitionProcessor(
                 self.partition, self.cfg.processing, chart_ms, now_ms=now
             )
+            # No state: read everything retained, not from offsets committed
+            # for a snapshot that is gone.
+            for sublog in self.consumer.positions():
+                self.consumer.seek_to_beginning(sublog)
             self.processor.tick(now, self.sources, self.out)
             return
         state = _state_decoder.decode(snapshot.state)
