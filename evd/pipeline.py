@@ -104,8 +104,8 @@ class Pipeline:
     async def _publish_gauges(self) -> None:
         while True:
             lag_bytes, lag_seconds, sessions, buffered = 0, 0.0, 0, 0
-            for runner, consumer in zip(self.runners, self._consumers, strict=False):
-                lag = consumer.lag()
+            for runner in self.runners:
+                lag = runner.consumer.lag()
                 lag_bytes += lag.bytes
                 lag_seconds = max(lag_seconds, lag.seconds)
                 if runner.processor is not None:
