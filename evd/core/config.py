@@ -155,6 +155,100 @@ class SnapshotConfig(Base):
     interval_s: float = 10.0
 
 
+#: Output streams a sink can take.
+SINK_STREAMS = ("events", "late", "sessions", "charts", "dead_letter")
+EVENT_TYPES = ("play", "pause", "resume", "seek", "skip", "end")
+#: Consumer names the pipeline uses itself; a sink may not take them.
+RESERVED_NAMES = ("processor", "audit")
+
+
+class BatchConfig(Base):
+    """When the delivery loop hands a sink what it gathered: the first bound reached."""
+
+    #: Items (events, sessions, chart rows, dead letters) in one write.
+    max_events: int = 10_000
+    #: Log bytes those items came from (bounds the memory a pending batch pins).
+    max_bytes: int = 8 * MiB
+    #: Seconds the oldest gathered item waits at most.
+    max_age_s: float = 1.0
+
+
+class RetryConfig(Base):
+    """Retries of a failed write: exponential back-off with full jitter."""
+
+    #: Writes of one batch before it goes to dead_letter (1: no retry).
+    max_attempts: int = 10
+    #: Back-off before the first retry; doubled at each retry ...
+    initial_backoff_s: float = 0.2
+    #: ... up to this.
+    max_backoff_s: float = 10.0
+
+
+class SinkConfig(Base, tag_field="type", kw_only=True):
+    """Common to every sink: a name (its consumer name: own offsets, own metrics),
+    the streams it takes, an optional event type filter, batching and retries."""
+
+    name: str
+    streams: list[str] = msgspec.field(default_factory=lambda: ["events"])
+    #: Only these event types of events/late (None: all).
+    event_types: list[str] | None = None
+    batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
+    retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
+
+
+def _lake_batch() -> BatchConfig:
+    # A write is one file per hour and stream: bigger and rarer than the others'.
+    return BatchConfig(max_events=200_000, max_bytes=64 * MiB, max_age_s=10.0)
+
+
+class FilesSinkConfig(SinkConfig, tag="files", kw_only=True):
+    """The data lake: Hive-style hourly directories of NDJSON (gzip/zstd) or Parquet."""
+
+    streams: list[str] = msgspec.field(default_factory=lambda: ["events", "sessions", "charts"])
+    batch: BatchConfig = msgspec.field(default_factory=_lake_batch)
+    #: Root of the lake ("": {data_dir}/lake).
+    path: str = ""
+    format: Literal["ndjson", "parquet"] = "ndjson"
+    #: NDJSON compression (Parquet is always zstd).
+    compression: Literal["gzip", "zstd", "none"] = "gzip"
+    #: An hour gets its _SUCCESS marker this long after everything up to its end
+    #: was delivered (stragglers after it go to the late layout).
+    success_grace_s: float = 60.0
+
+
+class SqliteSinkConfig(SinkConfig, tag="sqlite", kw_only=True):
+    """The embedded warehouse: one SQLite file in WAL mode."""
+
+    streams: list[str] = msgspec.field(
+        default_factory=lambda: ["events", "sessions", "charts", "dead_letter"]
+    )
+    #: The database file ("": {data_dir}/warehouse.sqlite3).
+    path: str = ""
+    #: How long a write waits for another worker's transaction.
+    busy_timeout_s: float = 30.0
+
+
+class HttpSinkConfig(SinkConfig, tag="http", kw_only=True):
+    """Webhooks: POST JSON batches to a URL."""
+
+    url: str
+    #: Extra request headers, e.g. {Authorization: "Bearer ..."}.
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    #: One request's time limit (connect + send + answer).
+    timeout_s: float = 10.0
+
+
+class StdoutSinkConfig(SinkConfig, tag="stdout", kw_only=True):
+    """NDJSON lines on standard output, for debugging and pipes."""
+
+
+AnySinkConfig = FilesSinkConfig | SqliteSinkConfig | HttpSinkConfig | StdoutSinkConfig
+
+
+def _default_sinks() -> list[AnySinkConfig]:
+    return [FilesSinkConfig(name="lake"), SqliteSinkConfig(name="warehouse")]
+
+
 class Config(Base):
     """The whole evd configuration."""
 
@@ -166,6 +260,7 @@ class Config(Base):
     processing: ProcessingConfig = msgspec.field(default_factory=ProcessingConfig)
     charts: ChartsConfig = msgspec.field(default_factory=ChartsConfig)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
+    sinks: list[AnySinkConfig] = msgspec.field(default_factory=_default_sinks)
 
 
 def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -230,6 +325,41 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("charts.retention_s: must be a positive multiple of charts.window_s")
     if cfg.snapshot.interval_s <= 0:
         raise ConfigError("snapshot.interval_s: must be > 0")
+    _validate_sinks(cfg.sinks)
+
+
+def _validate_sinks(sinks: list[AnySinkConfig]) -> None:
+    names: set[str] = set()
+    for i, sink in enumerate(sinks):
+        where = f"sinks[{i}]"
+        if not sink.name or not sink.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}.name: use letters, digits, '-' and '_'")
+        if sink.name in RESERVED_NAMES:
+            raise ConfigError(f"{where}.name: {sink.name!r} is used by evd itself")
+        if sink.name in names:
+            raise ConfigError(f"{where}.name: {sink.name!r} is used by another sink")
+        names.add(sink.name)
+        if not sink.streams:
+            raise ConfigError(f"{where}.streams: name at least one stream")
+        for stream in sink.streams:
+            if stream not in SINK_STREAMS:
+                raise ConfigError(
+                    f"{where}.streams: {stream!r} is not one of {', '.join(SINK_STREAMS)}"
+                )
+        if len(set(sink.streams)) != len(sink.streams):
+            raise ConfigError(f"{where}.streams: a stream is named twice")
+        for t in sink.event_types or ():
+            if t not in EVENT_TYPES:
+                raise ConfigError(f"{where}.event_types: {t!r} is not one of {', '.join(EVENT_TYPES)}")
+        b, r = sink.batch, sink.retry
+        if b.max_events < 1 or b.max_bytes < 1 or b.max_age_s <= 0:
+            raise ConfigError(f"{where}.batch: max_events, max_bytes and max_age_s must be > 0")
+        if r.max_attempts < 1:
+            raise ConfigError(f"{where}.retry.max_attempts: must be >= 1")
+        if r.initial_backoff_s < 0 or r.max_backoff_s < r.initial_backoff_s:
+            raise ConfigError(f"{where}.retry: need 0 <= initial_backoff_s <= max_backoff_s")
+        if isinstance(sink, HttpSinkConfig) and not sink.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL")
 
 
 def load_config(

@@ -148,6 +148,7 @@ class _EventsRecord(msgspec.Struct, omit_defaults=True):
     events: msgspec.Raw
     skew_ms: int = 0
     late: list[int] = msgspec.field(default_factory=list)
+    duplicates: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 _lazy_raw_decoder = msgspec.msgpack.Decoder(_LazyRaw)
@@ -183,5 +184,5 @@ def encode_events(
     if events is None:
         return encode(kind, timestamp, batch)
     return encode(
-        kind, timestamp, _EventsRecord(batch.received_at, events, batch.skew_ms, batch.late)
+        kind, timestamp, _EventsRecord(batch.received_at, events, batch.skew_ms, batch.late, batch.duplicates)
     )

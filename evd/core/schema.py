@@ -135,13 +135,20 @@ class RawBatch(msgspec.Struct, omit_defaults=True):
 
 
 class DeadLetter(msgspec.Struct):
-    """An event the edge rejected, with why; written to the ``dead_letter`` stream."""
+    """An item rejected, with why and where; written to the ``dead_letter`` stream.
+
+    The edge writes the events it rejects (``stage="edge"``, ``index`` in the
+    request); a sink writes the items of a batch it gave up on
+    (``stage="sink:<name>"``, ``stream`` the items came from, ``index`` -1).
+    """
 
     received_at: int
     index: int
     error: str
-    #: The event exactly as the client sent it (JSON text).
+    #: The item as JSON text (an event exactly as the client sent it).
     event: bytes
+    stage: str = "edge"
+    stream: str = "raw"
 
 
 class Rejection(msgspec.Struct):
@@ -204,6 +211,9 @@ class EventsBatch(msgspec.Struct, omit_defaults=True):
     skew_ms: int = 0
     #: Indexes into ``events`` of the late events (older than watermark - lateness).
     late: list[int] = msgspec.field(default_factory=list)
+    #: Events of the raw record the processor dropped as duplicates, per event
+    #: type (the audit's "duplicate" count; a record may hold only these).
+    duplicates: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 EndedBy = Literal["play", "skip", "end", "session_close"]
@@ -235,9 +245,15 @@ class Session(msgspec.Struct):
 
 
 class SessionsBatch(msgspec.Struct):
-    """One record of the ``sessions`` stream."""
+    """One record of the ``sessions`` stream.
+
+    ``complete_until``: when set, every session of this partition that started
+    before it has been emitted (in this record or earlier); the lake marks an
+    hour of sessions complete by it. A record may carry only this.
+    """
 
     sessions: list[Session]
+    complete_until: int | None = None
 
 
 class ChartRow(msgspec.Struct, gc=False):

@@ -8,6 +8,7 @@ the processor together with the input offsets it covers.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Collection
 
 import msgspec
@@ -24,6 +25,7 @@ __all__ = ["Outputs", "PartitionProcessor", "PartitionState", "StateVersionError
 
 #: The PartitionState layout this evd writes and reads.
 STATE_VERSION = 1
+HOUR_MS = 3_600_000
 
 
 class StateVersionError(EvdError):
@@ -50,7 +52,9 @@ class Outputs:
     """What processing produced since the last ``clear()``; the runner encodes and
     appends it."""
 
-    __slots__ = ("chart_rows", "closed_until", "duplicates", "events", "late", "sessions")
+    __slots__ = (
+        "chart_rows", "closed_until", "duplicates", "events", "late", "sessions", "sessions_until",
+    )
 
     def __init__(self) -> None:
         #: Per processed raw record: its non-duplicate events in input order, with the
@@ -65,6 +69,8 @@ class Outputs:
         self.chart_rows: list[ChartRow] = []
         #: Set whenever the charts' closed_until advanced; else left as it was.
         self.closed_until: int | None = None
+        #: Set when it advanced: every session starting before it was emitted.
+        self.sessions_until: int | None = None
         #: Events dropped as duplicates.
         self.duplicates = 0
 
@@ -75,6 +81,7 @@ class Outputs:
         self.sessions = []
         self.chart_rows = []
         self.closed_until = None
+        self.sessions_until = None
         self.duplicates = 0
 
 
@@ -99,6 +106,7 @@ class PartitionProcessor:
         "_max_buffered",
         "_partition",
         "_sessions",
+        "_sessions_until",
         "_watermarks",
         "duplicates",
         "forced",
@@ -125,6 +133,8 @@ class PartitionProcessor:
                 )
         self._partition = partition
         self._max_buffered = processing.max_buffered_events
+        #: Sessions starting before this were all emitted (None: not known yet).
+        self._sessions_until: int | None = None
         self._dedup = DedupWindow(
             int(processing.dedup_window_s * 1000),
             processing.dedup_max_ids,
@@ -165,14 +175,19 @@ class PartitionProcessor:
         """One raw-log record read from sub-log ``source`` (a writer id; with Kafka always 0)."""
         kept = self._dedup.filter(batch.received_at, batch.events)
         dropped = len(batch.events) - len(kept)
+        by_type: dict[str, int] = {}
         if dropped:
             self.duplicates += dropped
             out.duplicates += dropped
+            by_type = dict(Counter(ev.event_type for ev in batch.events))
+            for ev in kept:
+                by_type[ev.event_type] -= 1
+            by_type = {t: n for t, n in by_type.items() if n}
         skew = batch.skew_ms
         times = [epoch_ms(ev.timestamp) + skew for ev in kept]
         late = self._watermarks.observe(source, times, now_ms)
-        if kept:
-            out.events.append(EventsBatch(batch.received_at, kept, skew, late))
+        if kept or dropped:
+            out.events.append(EventsBatch(batch.received_at, kept, skew, late, by_type))
         if late:
             self.late += len(late)
             late_events = [kept[i] for i in late]
@@ -222,6 +237,14 @@ class PartitionProcessor:
         until = self._charts.close(wm, out.chart_rows)
         if until is not None:
             out.closed_until = until
+            # Once per closed window, and only while an hour may be left to finish:
+            # the scan over open sessions is O(sessions).
+            done = self._sessions_until
+            if done is None or done // HOUR_MS < wm // HOUR_MS:
+                started = self._sessions.oldest_start()
+                now_done = wm if started is None or started > wm else started
+                if done is None or now_done > done:
+                    self._sessions_until = out.sessions_until = now_done
 
     def snapshot(self) -> PartitionState:
         """The whole state; ``PartitionProcessor(..., state=it, now_ms=...)`` produces what

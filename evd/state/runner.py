@@ -298,8 +298,9 @@ def output_records(
         for i, b in enumerate(out.events)
     ]
     appends += [(LATE, p, encode(rec.Kind.LATE, b.received_at, b)) for b in out.late]
-    if out.sessions:
-        appends.append((SESSIONS, p, encode(rec.Kind.SESSIONS, now, SessionsBatch(out.sessions))))
+    if out.sessions or out.sessions_until is not None:
+        batch = SessionsBatch(out.sessions, out.sessions_until)
+        appends.append((SESSIONS, p, encode(rec.Kind.SESSIONS, now, batch)))
     if out.chart_rows or (out.closed_until is not None and out.closed_until != closed_until):
         closed = out.closed_until if out.closed_until is not None else closed_until
         assert closed is not None, "chart rows before any window closed"

@@ -173,6 +173,10 @@ class SessionTable:
                 s.track = None
                 s.playing = False
 
+    def oldest_start(self) -> int | None:
+        """The earliest ``started_at`` of the open sessions (a scan: O(open sessions))."""
+        return min((s.started for s in self._open.values()), default=None)
+
     def close_before(self, watermark: int, closed: list[Session]) -> None:
         """Close (append to ``closed`` and evict) the sessions whose last event + gap is
         older than ``watermark``."""

@@ -1,0 +1,250 @@
+"""Rows of the output streams as sinks write them, and the lake's hourly groups.
+
+Every sink writes the same row shapes, so a row in the lake, the warehouse, a
+webhook body and stdout reads the same:
+
+- ``events`` / ``late``: the event as the client sent it (every field of
+  ARCHITECTURE.md's event, ``event_type`` always present, ``timestamp`` the
+  RFC 3339 text), plus ``received_at`` and ``event_time`` (epoch ms; event_time
+  is the skew-corrected time the processor used) and ``late`` (bool).
+- ``sessions``: the session (evd.core.schema.Session), times in epoch ms.
+- ``charts``: ``window_start``, ``window_end``, ``country`` (null: no geo),
+  ``track_id``, ``plays``, ``partition``.
+- ``dead_letter``: ``received_at`` (when it was rejected), ``stage`` (``edge``
+  or ``sink:<name>``), ``stream`` it was in, ``index`` in its request (-1 for
+  sinks), ``error``, and ``event``: the item as JSON.
+
+Hours are UTC, epoch ms floored to the hour: events, late and dead letters by
+``received_at``, sessions by ``started_at``, charts by ``window_start``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any, NamedTuple
+
+import msgspec
+
+from evd.core.schema import (
+    ChartRow,
+    ChartsBatch,
+    DeadLetter,
+    Event,
+    EventsBatch,
+    Session,
+    SessionsBatch,
+    epoch_ms,
+)
+from evd.sinks.base import Batch
+
+__all__ = [
+    "HOUR_MS",
+    "EventRow",
+    "by_hour",
+    "chart_rows",
+    "dead_letters",
+    "event_rows",
+    "filter_event_types",
+    "hour_of",
+    "item_type",
+    "json_lines",
+    "sessions",
+    "tally",
+]
+
+HOUR_MS = 3_600_000
+#: Streams whose items are events (filtered by a sink's ``event_types``).
+EVENT_STREAMS = frozenset(("events", "late"))
+
+_json = msgspec.json.Encoder()
+_encode = _json.encode
+
+
+class EventRow(NamedTuple):
+    """One event of an events (or late) record with its enrichment."""
+
+    event: Event
+    received_at: int
+    event_time: int
+    late: bool
+
+
+def hour_of(ms: int) -> int:
+    """The start (epoch ms) of the UTC hour holding ``ms``."""
+    return ms - ms % HOUR_MS
+
+
+def event_rows(values: Sequence[EventsBatch], stream: str = "events") -> Iterator[EventRow]:
+    """Every event of ``values`` with its received_at, event time and late flag."""
+    all_late = stream == "late"
+    for b in values:
+        late = set(b.late) if b.late and not all_late else ()
+        skew = b.skew_ms
+        received_at = b.received_at
+        for i, ev in enumerate(b.events):
+            yield EventRow(ev, received_at, epoch_ms(ev.timestamp) + skew, all_late or i in late)
+
+
+def sessions(values: Sequence[SessionsBatch]) -> Iterator[Session]:
+    for b in values:
+        yield from b.sessions
+
+
+def chart_rows(values: Sequence[ChartsBatch]) -> Iterator[tuple[int, ChartRow]]:
+    """(partition, row) of every row."""
+    for b in values:
+        for row in b.rows:
+            yield b.partition, row
+
+
+def dead_letters(values: Sequence[DeadLetter]) -> Iterator[DeadLetter]:
+    return iter(values)
+
+
+def item_type(stream: str) -> str:
+    """The audit's "event type" of the items of a stream that is not events."""
+    return {"sessions": "session", "charts": "chart_row", "dead_letter": "dead_letter"}[stream]
+
+
+def filter_event_types(stream: str, value: Any, types: frozenset[str] | None) -> tuple[Any, int]:
+    """``value`` without the events whose type is not in ``types`` (None: all),
+    and how many were dropped. Only events and late records are filtered."""
+    if types is None or stream not in EVENT_STREAMS:
+        return value, 0
+    b: EventsBatch = value
+    keep = [i for i, ev in enumerate(b.events) if ev.event_type in types]
+    dropped = len(b.events) - len(keep)
+    if not dropped:
+        return b, 0
+    late = set(b.late)
+    events = [b.events[i] for i in keep]
+    new_late = [j for j, i in enumerate(keep) if i in late]
+    return EventsBatch(b.received_at, events, b.skew_ms, new_late), dropped
+
+
+def count_items(stream: str, value: Any) -> int:
+    """Items in one decoded record."""
+    if stream in EVENT_STREAMS:
+        return len(value.events)
+    if stream == "sessions":
+        return len(value.sessions)
+    if stream == "charts":
+        return len(value.rows)
+    return 1
+
+
+def tally(batch: Batch) -> Counter[tuple[int, str]]:
+    """Items per (hour, event type) of ``batch``: what the audit counts as delivered."""
+    out: Counter[tuple[int, str]] = Counter()
+    stream = batch.stream
+    if stream in EVENT_STREAMS:
+        for b in batch.values:
+            hour = hour_of(b.received_at)
+            for ev in b.events:
+                out[hour, ev.event_type] += 1
+    elif stream == "sessions":
+        for s in sessions(batch.values):
+            out[hour_of(s.started_at), "session"] += 1
+    elif stream == "charts":
+        for _, row in chart_rows(batch.values):
+            out[hour_of(row.window_start), "chart_row"] += 1
+    else:
+        for d in batch.values:
+            out[hour_of(d.received_at), "dead_letter"] += 1
+    return out
+
+
+def by_hour(batch: Batch) -> dict[int, Batch]:
+    """``batch`` split by UTC hour (the lake's ``dt=/hour=`` directories)."""
+    stream = batch.stream
+    groups: dict[int, list[Any]] = {}
+    counts: Counter[int] = Counter()
+    if stream in EVENT_STREAMS or stream == "dead_letter":
+        for v in batch.values:
+            hour = hour_of(v.received_at)
+            groups.setdefault(hour, []).append(v)
+            counts[hour] += count_items(stream, v)
+    elif stream == "sessions":
+        per: dict[int, list[Session]] = {}
+        for s in sessions(batch.values):
+            per.setdefault(hour_of(s.started_at), []).append(s)
+        for hour, items in per.items():
+            groups[hour] = [SessionsBatch(items)]
+            counts[hour] = len(items)
+    else:
+        rows: dict[tuple[int, int], list[ChartRow]] = {}
+        for b in batch.values:
+            for row in b.rows:
+                rows.setdefault((hour_of(row.window_start), b.partition), []).append(row)
+        for (hour, partition), items in rows.items():
+            groups.setdefault(hour, []).append(ChartsBatch(partition, 0, items))
+            counts[hour] += len(items)
+    share = batch.nbytes // max(1, batch.count)
+    return {
+        hour: Batch(stream, values, counts[hour], share * counts[hour])
+        for hour, values in sorted(groups.items())
+    }
+
+
+def json_lines(batch: Batch, window_ms: int = 60_000) -> bytes:
+    """NDJSON of every item of ``batch`` (one row per line, each ending in \\n).
+
+    ``window_ms``: the charts window, for ``window_end``.
+    """
+    stream = batch.stream
+    parts: list[bytes] = []
+    add = parts.append
+    if stream in EVENT_STREAMS:
+        all_late = stream == "late"
+        for b in batch.values:
+            late = set(b.late) if b.late and not all_late else ()
+            received = b.received_at
+            skew = b.skew_ms
+            for i, ev in enumerate(b.events):
+                enc = _encode(ev)
+                typed = b'"event_type":"play",' if ev.event_type == "play" else b""
+                flag = b"true" if all_late or i in late else b"false"
+                add(b'{%s%s,"received_at":%d,"event_time":%d,"late":%s}\n' % (
+                    typed, enc[1:-1], received, epoch_ms(ev.timestamp) + skew, flag,
+                ))
+    elif stream == "sessions":
+        for s in sessions(batch.values):
+            add(_encode(s))
+            add(b"\n")
+    elif stream == "charts":
+        for partition, row in chart_rows(batch.values):
+            add(_encode(chart_dict(partition, row, window_ms)))
+            add(b"\n")
+    else:
+        for d in batch.values:
+            add(_encode(dead_letter_dict(d)))
+            add(b"\n")
+    return b"".join(parts)
+
+
+def chart_dict(partition: int, row: ChartRow, window_ms: int) -> dict[str, Any]:
+    return {
+        "window_start": row.window_start,
+        "window_end": row.window_start + window_ms,
+        "country": row.country,
+        "track_id": row.track_id,
+        "plays": row.plays,
+        "partition": partition,
+    }
+
+
+def dead_letter_dict(d: DeadLetter) -> dict[str, Any]:
+    """A dead letter as a row; ``event`` is the item's JSON when it parses, else its text."""
+    try:
+        event: Any = msgspec.json.decode(d.event)
+    except msgspec.DecodeError:
+        event = d.event.decode(errors="replace")
+    return {
+        "received_at": d.received_at,
+        "stage": d.stage,
+        "stream": d.stream,
+        "index": d.index,
+        "error": d.error,
+        "event": event,
+    }
