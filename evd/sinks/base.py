@@ -99,7 +99,7 @@ class Sink(ABC):
     #: The streams this sink type can take; config naming others is an error.
     streams: tuple[str, ...] = ("events", "late", "sessions", "charts", "dead_letter")
 
-    async def start(self) -> None:  # noqa: B027 - most sinks need no start-up
+    async def start(self) -> None:  # most sinks need no start-up
         """Open connections or files; called before the first write."""
 
     @abstractmethod
@@ -110,10 +110,10 @@ class Sink(ABC):
         (``asyncio.to_thread`` or the sink's own executor).
         """
 
-    async def flush(self) -> None:  # noqa: B027 - nothing buffered by default
+    async def flush(self) -> None:
         """Make everything ``write`` returned for durable at the target."""
 
-    async def close(self) -> None:  # noqa: B027
+    async def close(self) -> None:
         """Release resources; called once, after the last write."""
 
     def describe(self) -> dict[str, Any]:
