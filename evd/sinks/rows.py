@@ -177,9 +177,9 @@ def by_hour(batch: Batch) -> dict[int, Batch]:
         for b in batch.values:
             for row in b.rows:
                 rows.setdefault((hour_of(row.window_start), b.partition), []).append(row)
-        for (hour, partition), items in rows.items():
-            groups.setdefault(hour, []).append(ChartsBatch(partition, 0, items))
-            counts[hour] += len(items)
+        for (hour, partition), chart_items in rows.items():
+            groups.setdefault(hour, []).append(ChartsBatch(partition, 0, chart_items))
+            counts[hour] += len(chart_items)
     share = batch.nbytes // max(1, batch.count)
     return {
         hour: Batch(stream, values, counts[hour], share * counts[hour])
