@@ -29,6 +29,16 @@ def _parser() -> argparse.ArgumentParser:
     read.add_argument("--data-dir", default="./evd-data")
     read.add_argument("--stream", default="raw", help="any stream: raw (default), dead_letter, events, late, sessions, charts")
 
+    audit = sub.add_parser(
+        "audit",
+        help="per hour and event type: accepted, rejected, duplicate, late, delivered per sink;"
+        " exit 1 when an hour does not add up",
+    )
+    audit.add_argument("--hour", help="one UTC hour, YYYY-MM-DDTHH (default: every hour)")
+    audit.add_argument("--data-dir", help="the server's data_dir (default: from --config, else ./evd-data)")
+    audit.add_argument("--config", help="the server's YAML config (for its data_dir)")
+    audit.add_argument("--json", action="store_true", help="one JSON object per row")
+
     sub.add_parser("bench", help="load-test a server (see evd bench --help)", add_help=False)
     return p
 
@@ -53,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         from evd.logtool import print_stream
 
         return print_stream(args.data_dir, args.stream)
+    if args.command == "audit":
+        return _audit(args)
     if args.command == "serve":
         logging.basicConfig(
             level=args.log_level.upper(),
@@ -77,3 +89,25 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, logging.getLogger().getEffectiveLevel())
     raise AssertionError(args.command)
 
+
+
+def _audit(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from evd.sinks.audit import parse_hour, render, report
+
+    try:
+        hour = None if args.hour is None else parse_hour(args.hour)
+        data_dir = args.data_dir
+        if data_dir is None:
+            data_dir = load_config(args.config).server.data_dir if args.config else "./evd-data"
+    except (ConfigError, ValueError) as exc:
+        print(f"evd audit: {exc}", file=sys.stderr)
+        return 2
+    rows = report(data_dir, hour)
+    if args.json:
+        for row in rows:
+            sys.stdout.write(msgspec.json.encode(row).decode() + "\n")
+    else:
+        sys.stdout.write(render(rows))
+    return 1 if any(row.discrepancies for row in rows) else 0

@@ -1,10 +1,12 @@
 """The stages a worker runs beside its HTTP edge, wired to its log.
 
-Worker ``k`` of ``n`` owns the raw partitions ``p`` with ``p % n == k`` and runs
-their processors (evd.state.runner); every worker follows the ``charts``
-stream for the top-tracks API (evd.state.charts_view) and sweeps retention of
-its own sub-logs (evd.core.retention; worker 0 also those of writers that no
-longer run). Only offsets and wake-ups travel between workers, never events.
+Worker ``k`` of ``n`` owns the partitions ``p`` with ``p % n == k``: it runs
+their processors (evd.state.runner), and for every configured sink a delivery
+loop over those partitions of the sink's streams (evd.sinks.delivery), plus
+the audit stage (evd.sinks.audit). Every worker follows the ``charts`` stream
+for the top-tracks API (evd.state.charts_view) and sweeps retention of its own
+sub-logs (evd.core.retention; worker 0 also those of writers that no longer
+run). Only offsets and wake-ups travel between workers, never events.
 """
 
 from __future__ import annotations
@@ -15,10 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from evd.core import metrics
-from evd.core.config import Config
+from evd.core.config import BatchConfig, Config, RetryConfig
 from evd.core.consumer import EmbeddedConsumer
 from evd.core.embedded import EmbeddedLog
 from evd.core.retention import Retention
+from evd.sinks import build_sink
+from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
+from evd.sinks.base import SinkContext
+from evd.sinks.delivery import DeliveryLoop
+from evd.sinks.ledger import Ledger
 from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import CONSUMER_NAME, PartitionRunner
 from evd.state.snapshots import DirectoryStore
@@ -29,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: How often the processors' gauges (lag, open sessions, buffer) are published.
 GAUGE_INTERVAL_S = 1.0
+#: The audit stage's batches: it writes nothing, so only the ledger's commits cost.
+AUDIT_BATCH = BatchConfig(max_events=100_000, max_bytes=8 * 1024 * 1024, max_age_s=1.0)
 
 
 def owned_partitions(partitions: int, index: int, workers: int) -> list[int]:
@@ -37,8 +46,9 @@ def owned_partitions(partitions: int, index: int, workers: int) -> list[int]:
 
 
 class Pipeline:
-    """Processors of the owned partitions, the charts view, retention: started
-    after the log is open, stopped (processors snapshot) before it closes.
+    """Processors and delivery loops of the owned partitions, the charts view,
+    retention: started after the log is open, stopped (processors snapshot,
+    sinks write what they gathered) before it closes.
 
     ``on_failure`` is called with the exception if a stage dies; the worker
     then stops and exits non-zero, and the supervisor restarts it from the
@@ -64,6 +74,9 @@ class Pipeline:
         self._consumers: list[EmbeddedConsumer] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._runner_tasks: list[asyncio.Task[None]] = []
+        self.deliveries: list[DeliveryLoop] = []
+        self._delivery_tasks: list[asyncio.Task[None]] = []
+        self.ledger = Ledger(self.data_dir)
         self.retention = Retention(
             lg, cfg.log, self.data_dir, retired_from=workers if index == 0 else None
         )
@@ -82,11 +95,41 @@ class Pipeline:
             self.runners.append(runner)
         for runner in self.runners:
             self._runner_tasks.append(self._spawn(runner.run(), f"processor {runner.partition}"))
+        await self._start_deliveries(owned)
         charts_consumer = EmbeddedConsumer(self.data_dir, None, reset="earliest")
         self._consumers.append(charts_consumer)
         self._spawn(self.charts.follow(charts_consumer), "charts view")
         self._spawn(self._publish_gauges(), "processor gauges")
         self.retention.start()
+
+    async def _start_deliveries(self, owned: list[int]) -> None:
+        """A delivery loop per sink, and the audit stage, over the owned partitions."""
+        cfg = self.cfg
+        ctx = SinkContext(
+            data_dir=self.data_dir, worker=self.index, workers=self.workers,
+            partitions=cfg.log.partitions, chart_window_ms=cfg.charts.window_s * 1000,
+        )
+        metrics.set_sinks([sink.name for sink in cfg.sinks])
+        for i, sink_cfg in enumerate(cfg.sinks):
+            consumer = EmbeddedConsumer(self.data_dir, sink_cfg.name)
+            self._consumers.append(consumer)
+            self.deliveries.append(DeliveryLoop(
+                name=sink_cfg.name, sink=build_sink(sink_cfg, ctx), consumer=consumer,
+                producer=self.lg, ledger=self.ledger, streams=sink_cfg.streams,
+                partitions=owned, batch=sink_cfg.batch, retry=sink_cfg.retry,
+                event_types=sink_cfg.event_types, sink_metrics=metrics.SinkMetrics(i),
+            ))
+        consumer = EmbeddedConsumer(self.data_dir, AUDIT_STAGE)
+        self._consumers.append(consumer)
+        self.deliveries.append(DeliveryLoop(
+            name=AUDIT_STAGE, sink=AuditStage(), consumer=consumer, producer=None,
+            ledger=self.ledger, streams=AUDIT_STREAMS, partitions=owned,
+            batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit",
+        ))
+        for delivery in self.deliveries:
+            await delivery.start()
+        for delivery in self.deliveries:
+            self._delivery_tasks.append(self._spawn(delivery.run(), f"sink {delivery.name}"))
 
     def _spawn(self, coro: object, what: str) -> asyncio.Task[None]:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -125,9 +168,16 @@ class Pipeline:
         for runner, result in zip(self.runners, results, strict=True):
             if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
                 log.error("processor %d did not snapshot at shutdown: %r", runner.partition, result)
+        for delivery in self.deliveries:
+            delivery.stop()
+        results = await asyncio.gather(*self._delivery_tasks, return_exceptions=True)
+        for delivery, result in zip(self.deliveries, results, strict=True):
+            if isinstance(result, BaseException) and not isinstance(result, asyncio.CancelledError):
+                log.error("sink %s did not finish at shutdown: %r", delivery.name, result)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.retention.stop()
         for consumer in self._consumers:
             await consumer.close()
+        await self.ledger.close()

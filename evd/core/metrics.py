@@ -62,8 +62,10 @@ __all__ = [
     "RECEIVED",
     "REJECT_REASONS",
     "STATUSES",
+    "SinkMetrics",
     "Slots",
     "render",
+    "set_sinks",
     "start_worker",
     "stop_worker",
     "worker_file",
@@ -278,6 +280,80 @@ BUFFERED_EVENTS = WorkerGauge(
 )
 CONNECTIONS = Gauge(_CONNECTIONS)
 READY = Gauge(_READY)
+LAKE_LATE_ROWS = Counter(
+    "evd_lake_late_rows",
+    "Rows the files sinks wrote to the late layout (their hour already had _SUCCESS)",
+)
+AUDIT_ROWS = Counter("evd_audit_events", "Raw events the audit counted as accepted")
+
+#: Sinks a config may list; each has its slots whatever the config (a fixed layout).
+MAX_SINKS = 16
+#: Batch write time and end-to-end delay (received_at -> delivered), seconds.
+DELIVERY_BUCKETS = (
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0,
+)
+_NB = len(DELIVERY_BUCKETS) + 1
+_SINK_DELIVERED = _LAYOUT.take(MAX_SINKS)
+_SINK_FAILED = _LAYOUT.take(MAX_SINKS)
+_SINK_RETRIES = _LAYOUT.take(MAX_SINKS)
+_SINK_DEAD = _LAYOUT.take(MAX_SINKS)
+_SINK_BATCHES = _LAYOUT.take(MAX_SINKS)
+_SINK_LAG_BYTES = _LAYOUT.take(MAX_SINKS)
+_SINK_LAG_SECONDS = _LAYOUT.take(MAX_SINKS)
+_SINK_WRITE = _LAYOUT.take(MAX_SINKS * _NB)
+_SINK_WRITE_SUM = [_LAYOUT.take_float() for _ in range(MAX_SINKS)]
+_SINK_DELAY = _LAYOUT.take(MAX_SINKS * _NB)
+_SINK_DELAY_SUM = [_LAYOUT.take_float() for _ in range(MAX_SINKS)]
+_GAUGES += [_SINK_LAG_BYTES + i for i in range(MAX_SINKS)]
+_GAUGES += [_SINK_LAG_SECONDS + i for i in range(MAX_SINKS)]
+#: The configured sinks' names, by index (label ``sink``); set by set_sinks().
+_SINK_NAMES: list[str] = []
+
+
+def set_sinks(names: Sequence[str]) -> None:
+    """Name the sinks (the config's order); every worker has the same config."""
+    if len(names) > MAX_SINKS:
+        raise ValueError(f"at most {MAX_SINKS} sinks")
+    _SINK_NAMES[:] = names
+
+
+class SinkMetrics:
+    """The counts of sink number ``index`` (its place in the config's list)."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int) -> None:
+        if not 0 <= index < MAX_SINKS:
+            raise ValueError(f"sink index {index}: at most {MAX_SINKS} sinks")
+        self.index = index
+
+    def delivered(self, items: int) -> None:
+        HOT.counts[_SINK_DELIVERED + self.index] += items
+        HOT.counts[_SINK_BATCHES + self.index] += 1
+
+    def failed(self, items: int) -> None:
+        HOT.counts[_SINK_FAILED + self.index] += items
+
+    def retry(self) -> None:
+        HOT.counts[_SINK_RETRIES + self.index] += 1
+
+    def dead_lettered(self, items: int) -> None:
+        HOT.counts[_SINK_DEAD + self.index] += items
+
+    def write_time(self, seconds: float) -> None:
+        i = self.index
+        HOT.counts[_SINK_WRITE + i * _NB + bisect_left(DELIVERY_BUCKETS, seconds)] += 1
+        HOT.floats[_SINK_WRITE_SUM[i]] += seconds
+
+    def delay(self, seconds: float, items: int) -> None:
+        """``items`` delivered ``seconds`` after they were received (one observation each)."""
+        i = self.index
+        HOT.counts[_SINK_DELAY + i * _NB + bisect_left(DELIVERY_BUCKETS, seconds)] += items
+        HOT.floats[_SINK_DELAY_SUM[i]] += seconds * items
+
+    def lag(self, nbytes: int, seconds: float) -> None:
+        HOT.counts[_SINK_LAG_BYTES + self.index] = nbytes
+        HOT.counts[_SINK_LAG_SECONDS + self.index] = int(seconds * 1000)
 
 _GAUGES += [gauge.slot for gauge in _WORKER_GAUGES]
 SLOTS = _LAYOUT.size
@@ -467,6 +543,57 @@ class _Scrape(Collector):
                 views.append(None)
         return views
 
+    @staticmethod
+    def _sinks(
+        counts: list[int], floats: list[float], live: list[tuple[list[int], list[float]]]
+    ) -> Iterator[Metric]:
+        """The sink families, labelled by sink name."""
+        names = list(enumerate(_SINK_NAMES))
+        for slot, name, doc in (
+            (_SINK_DELIVERED, "evd_sink_delivered", "Items the sink wrote (confirmed, committed)"),
+            (_SINK_FAILED, "evd_sink_failed", "Items of writes that failed (each try)"),
+            (_SINK_RETRIES, "evd_sink_retries", "Writes tried again after a failure"),
+            (_SINK_DEAD, "evd_sink_dead_lettered", "Items the sink gave up on (to dead_letter)"),
+            (_SINK_BATCHES, "evd_sink_batches", "Batches the sink wrote"),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["sink"])
+            for i, sink in names:
+                family.add_metric([sink], counts[slot + i])
+            yield family
+        lag_bytes = GaugeMetricFamily(
+            "evd_sink_lag_bytes", "Log bytes the sink has not delivered (sum over workers)",
+            labels=["sink"],
+        )
+        lag_seconds = GaugeMetricFamily(
+            "evd_sink_lag_seconds",
+            "Age of the oldest record the sink has not delivered (max over workers)",
+            labels=["sink"],
+        )
+        for i, sink in names:
+            lag_bytes.add_metric([sink], sum(c[_SINK_LAG_BYTES + i] for c, _ in live))
+            seconds = max((c[_SINK_LAG_SECONDS + i] for c, _ in live), default=0) / 1000
+            lag_seconds.add_metric([sink], seconds)
+        yield lag_bytes
+        yield lag_seconds
+        for base, sums, name, doc in (
+            (_SINK_WRITE, _SINK_WRITE_SUM, "evd_sink_write_seconds", "Time of one batch write"),
+            (
+                _SINK_DELAY, _SINK_DELAY_SUM, "evd_sink_delivery_delay_seconds",
+                "From received_at (or the record's append) to delivered, per item",
+            ),
+        ):
+            histogram = HistogramMetricFamily(name, doc, labels=["sink"])
+            for i, sink in names:
+                cumulative, buckets = 0, []
+                start = base + i * _NB
+                for bound, n in zip(
+                    (*map(str, DELIVERY_BUCKETS), "+Inf"), counts[start: start + _NB], strict=True
+                ):
+                    cumulative += n
+                    buckets.append((bound, cumulative))
+                histogram.add_metric([sink], buckets, floats[sums[i]])
+            yield histogram
+
     def collect(self) -> Iterator[Metric]:
         host = self.host
         views = self._per_worker()
@@ -532,6 +659,7 @@ class _Scrape(Collector):
                     f"{gauge.name}_{gauge.total}", f"{gauge.documentation} ({gauge.total} over workers)",
                     total,
                 )
+        yield from self._sinks(counts, floats, live)
         yield GaugeMetricFamily(
             "evd_http_connections", "Open HTTP connections",
             sum(c[_CONNECTIONS] for c, _ in live),

@@ -149,6 +149,8 @@ class _EventsRecord(msgspec.Struct, omit_defaults=True):
     skew_ms: int = 0
     late: list[int] = msgspec.field(default_factory=list)
     duplicates: dict[str, int] = msgspec.field(default_factory=dict)
+    raw_source: int = -1
+    raw_offset: int = -1
 
 
 _lazy_raw_decoder = msgspec.msgpack.Decoder(_LazyRaw)
@@ -184,5 +186,8 @@ def encode_events(
     if events is None:
         return encode(kind, timestamp, batch)
     return encode(
-        kind, timestamp, _EventsRecord(batch.received_at, events, batch.skew_ms, batch.late, batch.duplicates)
+        kind, timestamp, _EventsRecord(
+            batch.received_at, events, batch.skew_ms, batch.late, batch.duplicates,
+            batch.raw_source, batch.raw_offset,
+        )
     )

@@ -214,6 +214,12 @@ class EventsBatch(msgspec.Struct, omit_defaults=True):
     #: Events of the raw record the processor dropped as duplicates, per event
     #: type (the audit's "duplicate" count; a record may hold only these).
     duplicates: dict[str, int] = msgspec.field(default_factory=dict)
+    #: The raw record this came from: its writer (sub-log source) and offset.
+    #: A processor replaying after a crash emits the same records again; a
+    #: consumer that remembers the newest raw offset per (partition, source)
+    #: skips them (evd.sinks.delivery). -1: unknown (records of older versions).
+    raw_source: int = -1
+    raw_offset: int = -1
 
 
 EndedBy = Literal["play", "skip", "end", "session_close"]

@@ -16,10 +16,12 @@ once; ``retry_after`` asks for a specific delay (HTTP ``Retry-After``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from evd.core import records
 from evd.core.errors import EvdError
 
 __all__ = ["Batch", "PermanentSinkError", "Sink", "SinkContext", "SinkError"]
@@ -115,6 +117,15 @@ class Sink(ABC):
 
     async def close(self) -> None:
         """Release resources; called once, after the last write."""
+
+    def decode(self, stream: str, payload: bytes) -> Any:
+        """A record's value (the delivery loop calls it; a sink may read less)."""
+        return records.decode(payload, stream)
+
+    def counts(self, batch: Batch) -> Counter[tuple[int, str, str, str]] | None:
+        """What the audit ledger counts for a written batch, as (hour, stream,
+        event_type, metric) -> n; None: every item as ``delivered``."""
+        return None
 
     def describe(self) -> dict[str, Any]:
         """What ``evd audit`` and logs may say about the sink (e.g. its path)."""

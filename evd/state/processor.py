@@ -171,8 +171,11 @@ class PartitionProcessor:
         """Events waiting for the watermark."""
         return len(self._buffer)
 
-    def process(self, source: int, batch: RawBatch, now_ms: int, out: Outputs) -> None:
-        """One raw-log record read from sub-log ``source`` (a writer id; with Kafka always 0)."""
+    def process(
+        self, source: int, batch: RawBatch, now_ms: int, out: Outputs, offset: int = -1
+    ) -> None:
+        """One raw-log record read from sub-log ``source`` (a writer id; with Kafka always
+        0) at ``offset``; both are stamped on its outputs."""
         kept = self._dedup.filter(batch.received_at, batch.events)
         dropped = len(batch.events) - len(kept)
         by_type: dict[str, int] = {}
@@ -187,12 +190,17 @@ class PartitionProcessor:
         times = [epoch_ms(ev.timestamp) + skew for ev in kept]
         late = self._watermarks.observe(source, times, now_ms)
         if kept or dropped:
-            out.events.append(EventsBatch(batch.received_at, kept, skew, late, by_type))
+            out.events.append(
+                EventsBatch(batch.received_at, kept, skew, late, by_type, source, offset)
+            )
         if late:
             self.late += len(late)
             late_events = [kept[i] for i in late]
             out.late.append(
-                EventsBatch(batch.received_at, late_events, skew, list(range(len(late))))
+                EventsBatch(
+                    batch.received_at, late_events, skew, list(range(len(late))), {},
+                    source, offset,
+                )
             )
             is_late = set(late)
             on_time = [i for i in range(len(kept)) if i not in is_late]

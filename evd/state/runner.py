@@ -177,7 +177,7 @@ class PartitionRunner:
             batch, raw_events = decode(record.payload)
             events += len(batch.events)
             before = len(out.events)
-            proc.process(record.sublog.source, batch, now, out)
+            proc.process(record.sublog.source, batch, now, out, record.offset)
             if len(out.events) > before and len(out.events[-1].events) == len(batch.events):
                 forward[before] = raw_events  # every event kept: forward the bytes
         proc.tick(now, {s.source for s in self.consumer.backlog()}, out)

@@ -1,0 +1,337 @@
+"""The delivery loop: one per sink per worker, the same for every sink.
+
+It consumes the sink's streams (the worker's partitions of them) with the
+sink's own offsets, decodes and filters records, and gathers one pending batch
+per stream. A batch is written when it reaches ``batch.max_events`` items or
+``batch.max_bytes`` log bytes, or when its oldest record has waited
+``batch.max_age_s``. A failed write is retried with exponential back-off and
+full jitter (or after the target's ``Retry-After``) up to
+``retry.max_attempts`` writes; then, or at once for a PermanentSinkError, its
+items go to the ``dead_letter`` stream with the error, and the loop moves on.
+
+After a write is confirmed (or dead-lettered), the loop commits, in this
+order: the audit ledger (counts + offsets, one transaction; evd.sinks.ledger),
+then the consumer offsets (which register the sink for log retention). A crash
+between the write and the ledger makes the batch be written again after a
+restart (sinks are idempotent or say what duplicates they allow) but never
+counted twice. On restart the loop resumes from the ledger's offsets.
+
+Bounds: at most one pending batch per stream, each at most ``max_events`` /
+``max_bytes`` plus one record; nothing is fetched while a batch is being written, so
+a slow or failing sink only slows its own loop (its lag grows in the log, on
+disk, which retention keeps for it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections import Counter
+from typing import Any
+
+from evd.core import metrics, records
+from evd.core.config import BatchConfig, RetryConfig
+from evd.core.log import DEAD_LETTER, Consumer, Producer, SubLog, TopicPartition
+from evd.core.schema import DeadLetter
+from evd.sinks import rows
+from evd.sinks.base import Batch, Sink
+from evd.sinks.ledger import CountKey, Ledger, SeenKey
+
+__all__ = ["FETCH_BYTES", "DeliveryLoop"]
+
+log = logging.getLogger(__name__)
+
+#: Log bytes one fetch reads at most: what a pending batch may overshoot its bound by.
+FETCH_BYTES = 1 << 20
+#: Longest wait for data when nothing is pending (bounds how late a stop is seen).
+IDLE_WAIT_S = 0.5
+#: How often the lag gauges are published.
+LAG_INTERVAL_S = 1.0
+#: A Retry-After longer than this is cut to it (a target cannot park a sink for hours).
+MAX_RETRY_AFTER_S = 300.0
+
+
+class _Pending:
+    """What one stream gathered since its last write."""
+
+    __slots__ = (
+        "count", "filtered", "nbytes", "offsets", "partitions", "seen", "since", "stamps",
+        "values",
+    )
+
+    def __init__(self, now: float) -> None:
+        self.values: list[Any] = []
+        self.partitions: list[int] = []
+        self.count = 0
+        self.nbytes = 0
+        #: Next offset per sub-log once this batch is written.
+        self.offsets: dict[SubLog, int] = {}
+        #: Newest raw offsets taken (events/late), committed with the offsets.
+        self.seen: dict[SeenKey, int] = {}
+        #: Events dropped by the sink's event_types, per (hour, event type).
+        self.filtered: Counter[tuple[int, str]] = Counter()
+        #: (record timestamp ms, items) for the delay histogram.
+        self.stamps: list[tuple[int, int]] = []
+        self.since = now
+
+
+class DeliveryLoop:
+    """Feeds one sink from its streams; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        sink: Sink,
+        consumer: Consumer,
+        producer: Producer | None,
+        ledger: Ledger,
+        streams: list[str],
+        partitions: list[int],
+        batch: BatchConfig,
+        retry: RetryConfig,
+        event_types: list[str] | None = None,
+        sink_metrics: metrics.SinkMetrics | None = None,
+        kind: str = "sink",
+    ) -> None:
+        self.name = name
+        self.sink = sink
+        self.consumer = consumer
+        self.producer = producer
+        self.ledger = ledger
+        self.streams = list(streams)
+        self.partitions = list(partitions)
+        self.batch = batch
+        self.retry = retry
+        self.event_types = None if event_types is None else frozenset(event_types)
+        self.metrics = sink_metrics
+        self.kind = kind
+        self._pending: dict[str, _Pending] = {}
+        self._seen: dict[SeenKey, int] = {}
+        self._stopping = asyncio.Event()
+        self._started = False
+        self._lag_at = 0.0
+        #: Items written, retried, dead-lettered (also in the metrics; for tests and logs).
+        self.delivered = 0
+        self.retries = 0
+        self.dead_lettered = 0
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register with the ledger, resume from its offsets, start the sink."""
+        await self.ledger.register(self.name, self.kind, self.streams, self._types_list())
+        self.consumer.assign(
+            TopicPartition(stream, p) for stream in self.streams for p in self.partitions
+        )
+        offsets, seen = await self.ledger.offsets(self.name)
+        mine = {(s, p) for s in self.streams for p in self.partitions}
+        for sublog, offset in sorted(offsets.items()):
+            if (sublog.stream, sublog.partition) in mine:
+                self.consumer.seek(sublog, offset)
+        self._seen = {k: v for k, v in seen.items() if (k.stream, k.partition) in mine}
+        await self.sink.start()
+        self._started = True
+
+    def _types_list(self) -> list[str] | None:
+        return None if self.event_types is None else sorted(self.event_types)
+
+    def stop(self) -> None:
+        """Ask run() to write what it gathered and return."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        """Deliver until stop(); then write the pending batches and close the sink."""
+        if not self._started:
+            await self.start()
+        try:
+            while not self._stopping.is_set():
+                await self.step()
+            for stream in list(self._pending):
+                await self._deliver(stream)
+            await self.sink.flush()
+        finally:
+            await self.sink.close()
+
+    # -- one pass -------------------------------------------------------------------
+
+    async def step(self) -> None:
+        """Fetch once (waiting at most until the oldest pending batch is due), then
+        write every batch that is due."""
+        now = time.monotonic()
+        wait = IDLE_WAIT_S
+        for pend in self._pending.values():
+            wait = min(wait, max(0.0, pend.since + self.batch.max_age_s - now))
+        fetched = await self.consumer.fetch(FETCH_BYTES, wait)
+        now = time.monotonic()
+        b = self.batch
+        for record in fetched:
+            pend = self._add(record.sublog, record.next_offset, record.payload, now)
+            if pend.count >= b.max_events or pend.nbytes >= b.max_bytes:
+                await self._deliver(record.sublog.stream)
+        now = time.monotonic()
+        for stream, pend in list(self._pending.items()):
+            if now - pend.since >= b.max_age_s:
+                await self._deliver(stream)
+        if now - self._lag_at >= LAG_INTERVAL_S:
+            self._lag_at = now
+            self._publish_lag()
+
+    def _add(self, sublog: SubLog, next_offset: int, payload: bytes, now: float) -> _Pending:
+        """Take one record into its stream's pending batch (which it returns)."""
+        stream = sublog.stream
+        pend = self._pending.get(stream)
+        if pend is None:
+            pend = self._pending[stream] = _Pending(now)
+        pend.offsets[sublog] = next_offset
+        pend.nbytes += len(payload)
+        value = self.sink.decode(stream, payload)
+        if stream in rows.EVENT_STREAMS:
+            key = SeenKey(stream, sublog.partition, value.raw_source)
+            if value.raw_offset >= 0:
+                if value.raw_offset <= self._seen.get(key, -1):
+                    return pend  # emitted again by a processor replaying after a crash
+                self._seen[key] = pend.seen[key] = value.raw_offset
+            value, dropped = rows.filter_event_types(stream, value, self.event_types)
+            if dropped:
+                self._count_filtered(pend, payload, stream, value)
+        items = rows.count_items(stream, value)
+        pend.values.append(value)
+        pend.partitions.append(sublog.partition)
+        pend.count += items
+        if items:
+            stamp = records.header_of(payload, stream).timestamp
+            pend.stamps.append((int(time.time() * 1000) if stamp is None else stamp, items))
+        return pend
+
+    def _count_filtered(self, pend: _Pending, payload: bytes, stream: str, kept: Any) -> None:
+        whole = self.sink.decode(stream, payload)
+        hour = rows.hour_of(whole.received_at)
+        for ev in whole.events:
+            pend.filtered[hour, ev.event_type] += 1
+        for ev in kept.events:
+            pend.filtered[hour, ev.event_type] -= 1
+
+    # -- writing ----------------------------------------------------------------------
+
+    async def _deliver(self, stream: str) -> None:
+        pend = self._pending.pop(stream)
+        batch = Batch(stream, pend.values, pend.count, pend.nbytes, pend.partitions)
+        counts: Counter[CountKey] = Counter()
+        if pend.values:
+            written = await self._write(batch)
+            if written is None:
+                return  # stopping mid-retry: not committed, written again after a restart
+            if written:
+                counts.update(self._counts(batch))
+            else:
+                for (hour, event_type), n in rows.tally(batch).items():
+                    counts[CountKey(hour, stream, event_type, "dead_lettered")] += n
+        for (hour, event_type), n in pend.filtered.items():
+            counts[CountKey(hour, stream, event_type, "filtered")] += n
+        await self.ledger.commit(self.name, counts, pend.offsets, pend.seen)
+        await self.consumer.commit(pend.offsets)
+        if self.metrics is not None and pend.stamps:
+            now_ms = time.time() * 1000
+            for stamp, items in pend.stamps:
+                self.metrics.delay(max(0.0, (now_ms - stamp) / 1000), items)
+
+    def _counts(self, batch: Batch) -> Counter[CountKey]:
+        custom = self.sink.counts(batch)
+        if custom is not None:
+            return Counter({CountKey(*k): n for k, n in custom.items()})
+        return Counter({
+            CountKey(hour, batch.stream, event_type, "delivered"): n
+            for (hour, event_type), n in rows.tally(batch).items()
+        })
+
+    async def _write(self, batch: Batch) -> bool | None:
+        """True: written; False: dead-lettered; None: given up because the loop stops."""
+        attempt = 0
+        m = self.metrics
+        while True:
+            attempt += 1
+            started = time.perf_counter()
+            try:
+                await self.sink.write(batch)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure is the sink's, retried or dead-lettered
+                if m is not None:
+                    m.failed(batch.count)
+                retriable = getattr(exc, "retriable", True)
+                if not retriable or attempt >= self.retry.max_attempts:
+                    log.error(
+                        "sink %s: giving up on a batch of %d %s after %d write(s): %s",
+                        self.name, batch.count, batch.stream, attempt, exc,
+                    )
+                    await self._dead_letter(batch, exc)
+                    return False
+                delay = self._backoff(attempt, getattr(exc, "retry_after", None))
+                log.warning(
+                    "sink %s: write %d of %d %s failed (%s); retrying in %.2f s",
+                    self.name, attempt, batch.count, batch.stream, exc, delay,
+                )
+                self.retries += 1
+                if m is not None:
+                    m.retry()
+                try:
+                    await asyncio.wait_for(self._stopping.wait(), delay)
+                except TimeoutError:
+                    continue
+                return None
+            if m is not None:
+                m.write_time(time.perf_counter() - started)
+                m.delivered(batch.count)
+            self.delivered += batch.count
+            return True
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        """Full jitter: uniform in [0, min(max, initial * 2**(attempt-1))], or the
+        target's Retry-After when it sent one."""
+        if retry_after is not None:
+            return min(max(0.0, retry_after), MAX_RETRY_AFTER_S)
+        r = self.retry
+        cap = min(r.max_backoff_s, r.initial_backoff_s * 2 ** (attempt - 1))
+        return random.uniform(0, cap)
+
+    async def _dead_letter(self, batch: Batch, exc: BaseException) -> None:
+        """The items of ``batch`` to the dead_letter stream, with the error and where."""
+        self.dead_lettered += batch.count
+        if self.metrics is not None:
+            self.metrics.dead_lettered(batch.count)
+        if batch.stream == DEAD_LETTER or self.producer is None:
+            # Dead letters are never dead-lettered again (a loop); they stay in the log.
+            log.error("sink %s: %d dead letters not written: %s", self.name, batch.count, exc)
+            return
+        now = int(time.time() * 1000)
+        error = f"{type(exc).__name__}: {exc}"[:1000]
+        stage = f"sink:{self.name}"
+        partition = batch.partitions[0] if batch.partitions else 0
+        appends = [
+            (
+                DEAD_LETTER,
+                partition,
+                records.encode(
+                    records.Kind.DEAD_LETTER, now,
+                    DeadLetter(now, -1, error, line, stage, batch.stream),
+                ),
+            )
+            for line in rows.json_lines(batch).splitlines()
+        ]
+        if appends:
+            await self.producer.append_all(appends, internal=True)
+
+    def _publish_lag(self) -> None:
+        if self.metrics is None:
+            return
+        lag = self.consumer.lag()
+        nbytes = lag.bytes + sum(p.nbytes for p in self._pending.values())
+        seconds = lag.seconds
+        now_ms = time.time() * 1000
+        for pend in self._pending.values():
+            if pend.stamps:
+                seconds = max(seconds, (now_ms - pend.stamps[0][0]) / 1000)
+        self.metrics.lag(nbytes, seconds)
