@@ -155,4 +155,35 @@ def test_the_shipped_config_file_lists_exactly_the_defaults() -> None:
     assert load_config(shipped, environ={}) == Config()
     raw = msgspec.yaml.decode(shipped.read_bytes())
     defaults = msgspec.to_builtins(Config())
+    raw_sinks, default_sinks = raw.pop("sinks"), defaults.pop("sinks")
     assert {s: set(v) for s, v in raw.items()} == {s: set(v) for s, v in defaults.items()}
+    assert [set(s) for s in raw_sinks] == [set(s) for s in default_sinks]
+
+
+def test_sinks_are_a_typed_list_with_errors_naming_the_entry(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, """
+sinks:
+  - {name: hooks, type: http, url: "http://127.0.0.1:9/x", headers: {Authorization: Bearer k}}
+  - {name: hooks2, type: http, url: "http://127.0.0.1:9/y", streams: [sessions]}
+  - {name: out, type: stdout, event_types: [play, skip]}
+"""), environ={})
+    assert [s.name for s in cfg.sinks] == ["hooks", "hooks2", "out"]
+    assert cfg.sinks[0].headers == {"Authorization": "Bearer k"}  # type: ignore[union-attr]
+    assert cfg.sinks[1].streams == ["sessions"]
+    assert cfg.sinks[2].event_types == ["play", "skip"]
+    for body, error in [
+        ("sinks: [{name: a, type: nope}]", "sinks.0.type: Invalid value 'nope'"),
+        ("sinks: [{name: a, type: stdout, colour: red}]", "colour"),
+        ("sinks: [{name: a, type: http}]", "url"),
+        ("sinks: [{name: a, type: stdout}, {name: a, type: stdout}]", "sinks.1.name"),
+        ("sinks: [{name: audit, type: stdout}]", "sinks.0.name: 'audit' is used by evd"),
+        ("sinks: [{name: a, type: stdout, streams: [raw]}]", "sinks.0.streams: 'raw'"),
+        ("sinks: [{name: a, type: stdout, event_types: [jump]}]", "sinks.0.event_types"),
+        ("sinks: [{name: a, type: stdout, batch: {max_events: 0}}]", "sinks.0.batch"),
+        ("sinks: [{name: a, type: http, url: ftp://x}]", "sinks.0.url"),
+        ("sinks: [{name: 'a b', type: stdout}]", "sinks.0.name"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_config(write(tmp_path, body), environ={})
+        assert error in str(info.value), (body, str(info.value))
+    assert load_config(write(tmp_path, "sinks: []"), environ={}).sinks == []

@@ -8,6 +8,7 @@ so ``EVD_SERVER__PORT=9000`` is an int and ``EVD_AUTH__KEYS=[a, b]`` a list).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Mapping
@@ -331,7 +332,7 @@ def _validate(cfg: Config) -> None:
 def _validate_sinks(sinks: list[AnySinkConfig]) -> None:
     names: set[str] = set()
     for i, sink in enumerate(sinks):
-        where = f"sinks[{i}]"
+        where = f"sinks.{i}"
         if not sink.name or not sink.name.replace("-", "").replace("_", "").isalnum():
             raise ConfigError(f"{where}.name: use letters, digits, '-' and '_'")
         if sink.name in RESERVED_NAMES:
@@ -358,6 +359,12 @@ def _validate_sinks(sinks: list[AnySinkConfig]) -> None:
             raise ConfigError(f"{where}.retry.max_attempts: must be >= 1")
         if r.initial_backoff_s < 0 or r.max_backoff_s < r.initial_backoff_s:
             raise ConfigError(f"{where}.retry: need 0 <= initial_backoff_s <= max_backoff_s")
+        if (
+            isinstance(sink, FilesSinkConfig)
+            and sink.format == "parquet"
+            and importlib.util.find_spec("pyarrow") is None
+        ):
+            raise ConfigError(f"{where}.format: parquet needs pyarrow: pip install 'evd[parquet]'")
         if isinstance(sink, HttpSinkConfig) and not sink.url.startswith(("http://", "https://")):
             raise ConfigError(f"{where}.url: expected an http:// or https:// URL")
 
