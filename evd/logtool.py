@@ -54,6 +54,8 @@ def _items(value: object, where: dict[str, Any]) -> list[dict[str, Any]]:
             "received_at": value.received_at,
             "index": value.index,
             "error": value.error,
+            "stage": value.stage,
+            "stream": value.stream,
             "event": msgspec.json.decode(value.event),
         }]
     if isinstance(value, RawBatch | EventsBatch):
