@@ -78,7 +78,8 @@ class Pipeline:
         self._delivery_tasks: list[asyncio.Task[None]] = []
         self.ledger = Ledger(self.data_dir)
         self.retention = Retention(
-            lg, cfg.log, self.data_dir, retired_from=workers if index == 0 else None
+            lg, cfg.log, self.data_dir, retired_from=workers if index == 0 else None,
+            keep_s={"charts": float(cfg.charts.retention_s)},
         )
 
     async def start(self) -> None:
@@ -92,6 +93,7 @@ class Pipeline:
                 sources=range(self.workers), phase=i / len(owned),
             )
             await runner.restore()
+            await consumer.register()  # raw is kept for it before its first snapshot
             self.runners.append(runner)
         for runner in self.runners:
             self._runner_tasks.append(self._spawn(runner.run(), f"processor {runner.partition}"))

@@ -177,6 +177,44 @@ async def test_the_slowest_consumer_holds_the_segments(logs: Logs) -> None:
     assert bases(root, RAW, 0) == kept_from(before, offsets[40])
 
 
+async def test_a_registered_consumer_holds_everything_before_its_first_commit(
+    logs: Logs,
+) -> None:
+    # The processor commits raw only with a snapshot; the audit stage commits at
+    # once. Registered at start, the processor holds raw until its first snapshot.
+    root = logs.root
+    lg = logs.open(0)
+    offsets = await fill(lg)
+    before = bases(root, RAW, 0)
+    slow = logs.consumer("processor")
+    slow.assign([TopicPartition(RAW, 0)])
+    await slow.register()
+    await slow.register()  # again: harmless
+    await commit(logs, "audit", {SubLog(RAW, 0, 0): offsets[-1]})
+    Retention(lg, config(), root, None).sweep(time.time())
+    assert bases(root, RAW, 0) == before
+    await slow.commit({SubLog(RAW, 0, 0): offsets[40]})
+    Retention(lg, config(), root, None).sweep(time.time())
+    assert bases(root, RAW, 0) == kept_from(before, offsets[40])
+
+
+async def test_a_keep_window_holds_recent_segments_consumers_passed(logs: Logs) -> None:
+    # The charts view reads charts.retention_s of history at start-up: segments
+    # written within that long stay though every sink passed them.
+    root = logs.root
+    lg = logs.open(0)
+    offsets = await fill(lg)
+    before = bases(root, RAW, 0)
+    files = seg_files(root, RAW, 0)
+    age(files[:2], 3600)  # the two oldest segments are an hour old, the rest new
+    await commit(logs, "sink", {SubLog(RAW, 0, 0): offsets[-1]})
+    retention = Retention(lg, config(), root, None, keep_s={RAW: 600.0})
+    retention.sweep(time.time())
+    assert bases(root, RAW, 0) == before[2:]
+    Retention(lg, config(), root, None).sweep(time.time())  # negative control: no window
+    assert bases(root, RAW, 0) == before[-1:]
+
+
 async def test_a_consumer_without_a_commit_for_a_sublog_holds_it_whole(logs: Logs) -> None:
     root = logs.root
     lg = logs.open(0)

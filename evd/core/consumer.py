@@ -281,6 +281,19 @@ class EmbeddedConsumer(Consumer):
                 data = orjson.dumps({writer_name(w): o for w, o in sorted(merged.items())})
                 await loop.run_in_executor(None, _write_offsets, path, data)
 
+    async def register(self) -> None:
+        """An empty offsets file for each assigned partition without one: a registered
+        consumer with no commit for a sub-log holds it whole (evd.core.retention)."""
+        self._check_open()
+        if self.name is None:
+            raise RuntimeError("an anonymous consumer cannot register")
+        loop = asyncio.get_running_loop()
+        async with self._commit_lock:
+            for stream, partition in sorted(self._assigned):
+                path = offsets_path(self.data_dir, self.name, stream, partition)
+                if not path.exists():
+                    await loop.run_in_executor(None, _write_offsets, path, b"{}")
+
     async def committed(self) -> dict[SubLog, int]:
         if self.name is None:
             return {}

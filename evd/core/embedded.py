@@ -776,12 +776,15 @@ def read_partition(
     Reads every whole frame on disk and stops at the first incomplete or
     corrupt one, which may be an append still in flight; for a reader that must
     not go past the published durable end, use evd.core.sublog.SubLogReader.
+    An ``offset`` before the oldest retained segment (0: from the beginning)
+    reads from that segment on: what retention deleted is gone.
     """
     directory = sublog_dir(Path(root) / "log", stream, partition, writer)
     if not directory.is_dir():
         return []
     segments = Segments(directory)
     try:
+        offset = max(offset, segments.bases[0])
         last = segments.bases[-1]
         path = segments.path(last)
         end = last + (path.stat().st_size if path.exists() else 0)

@@ -215,6 +215,10 @@ class Consumer(ABC):
     async def committed(self) -> dict[SubLog, int]:
         """The offsets last committed for the assigned partitions (absent: none)."""
 
+    async def register(self) -> None:  # a log whose retention ignores consumers: nothing
+        """Hold the assigned partitions for this consumer from now on, before its
+        first commit: retention deletes nothing it has not committed past."""
+
     @abstractmethod
     def lag(self, now: float | None = None) -> Lag:
         """How far the positions are behind the durable ends (``now``: epoch seconds)."""

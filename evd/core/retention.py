@@ -23,6 +23,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 
 from evd.core import metrics
@@ -51,11 +52,23 @@ def consumers_floor(data_dir: Path, stream: str, partition: int, writer: int) ->
 
 def deletable_before(
     data_dir: Path, stream: str, partition: int, writer: int, segments: Segments,
-    cfg: LogConfig, now: float,
+    cfg: LogConfig, now: float, keep_s: float = 0.0,
 ) -> int:
-    """The offset below which whole segments of this sub-log may go (see module doc)."""
+    """The offset below which whole segments of this sub-log may go (see module doc).
+
+    ``keep_s``: segments written to within this long stay even when every
+    consumer passed them (the charts view reads that much history at start-up).
+    """
     floor = consumers_floor(data_dir, stream, partition, writer)
     if floor is not None:
+        if keep_s > 0:
+            for base in segments.bases:
+                try:
+                    mtime = segments.path(base).stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if mtime >= now - keep_s:
+                    return min(floor, base)
         return floor
     bases = list(segments.bases)
     sizes: list[int] = []
@@ -105,9 +118,12 @@ class Retention:
     """
 
     def __init__(
-        self, lg: EmbeddedLog, cfg: LogConfig, data_dir: str | Path, retired_from: int | None
+        self, lg: EmbeddedLog, cfg: LogConfig, data_dir: str | Path, retired_from: int | None,
+        keep_s: Mapping[str, float] | None = None,
     ) -> None:
         self.lg = lg
+        #: Per stream: how long its segments stay after every consumer passed them.
+        self.keep_s = dict(keep_s or {})
         self.cfg = cfg
         self.data_dir = Path(data_dir)
         self.retired_from = retired_from
@@ -148,7 +164,8 @@ class Retention:
         writer = self.lg.writer
         for stream, partition, segments in self.lg.own_sublogs():
             before = deletable_before(
-                self.data_dir, stream, partition, writer, segments, self.cfg, now
+                self.data_dir, stream, partition, writer, segments, self.cfg, now,
+                self.keep_s.get(stream, 0.0),
             )
             freed += self.lg.delete_segments(stream, partition, before)
         if self.retired_from is not None:
@@ -182,7 +199,8 @@ class Retention:
                         segments = self._retired[key] = Segments(directory)
                     segments.relist_all()
                     before = deletable_before(
-                        self.data_dir, stream_dir.name, partition, writer, segments, self.cfg, now
+                        self.data_dir, stream_dir.name, partition, writer, segments, self.cfg, now,
+                        self.keep_s.get(stream_dir.name, 0.0),
                     )
                     freed += segments.delete_before(before)
         return freed

@@ -126,6 +126,7 @@ class DeliveryLoop:
         self.consumer.assign(
             TopicPartition(stream, p) for stream in self.streams for p in self.partitions
         )
+        await self.consumer.register()
         offsets, seen = await self.ledger.offsets(self.name)
         mine = {(s, p) for s in self.streams for p in self.partitions}
         for sublog, offset in sorted(offsets.items()):
