@@ -822,3 +822,33 @@ def _comparable(out: Outputs) -> tuple[Any, ...]:
         out.closed_until,
         out.duplicates,
     )
+
+
+# -- what the output records tell their consumers -----------------------------------------
+
+
+def test_events_records_carry_their_raw_origin_and_the_duplicates_they_dropped() -> None:
+    p = proc()
+    out = Outputs()
+    p.process(2, rb(ev("e1", 0), ev("e2", 1, "pause")), NOW, out, offset=100)
+    # Every event of this record is a duplicate: it still writes a record, with no events.
+    p.process(1, rb(ev("e1", 2), ev("e2", 3, "pause"), ev("e2", 4, "pause")), NOW, out, offset=7)
+    assert [(b.raw_source, b.raw_offset, len(b.events), b.duplicates) for b in out.events] == [
+        (2, 100, 2, {}), (1, 7, 0, {"play": 1, "pause": 2}),
+    ]
+
+
+def test_sessions_until_says_every_session_that_started_before_it_was_emitted() -> None:
+    hour = 3_600_000
+    p = proc()
+    out = feed(p, rb(ev("a1", 0, user="a")))
+    # The first watermark (BASE - 5 s) is before user a's session started.
+    assert out.sessions_until == BASE - OOO
+    out = feed(p, rb(ev("b1", MIN + OOO, user="b")))
+    assert out.sessions_until is None  # same hour: not computed again (a scan per hour)
+    t = 50 * MIN  # the watermark crosses into the next hour
+    assert (BASE + t - OOO) // hour > BASE // hour
+    out = feed(p, rb(ev("c1", t, user="c")))
+    assert sorted(s.user_id for s in out.sessions) == ["a", "b"]
+    # c's session starts after the watermark: every session before the watermark is out.
+    assert out.sessions_until == BASE + t - OOO
