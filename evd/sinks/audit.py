@@ -157,8 +157,8 @@ def report(data_dir: str | Path, hour: int | None = None) -> list[Report]:
         table.setdefault((h, event_type), Counter())[stage, metric] += n
     out = []
     for (h, event_type), c in sorted(table.items()):
-        accepted = c["edge", "accepted"]
-        duplicate = c["processor", "duplicate"]
+        accepted = c[AUDIT_STAGE, "accepted"]
+        duplicate = c[AUDIT_STAGE, "duplicate"]
         sinks = {
             name: {m: c[name, m] for m in ("delivered", "dead_lettered", "filtered")}
             for name in sorted(event_sinks)
@@ -169,7 +169,7 @@ def report(data_dir: str | Path, hour: int | None = None) -> list[Report]:
         ]
         out.append(Report(
             hour=hour_text(h), event_type=event_type, accepted=accepted,
-            rejected=c["edge", "rejected"], duplicate=duplicate, late=c["processor", "late"],
+            rejected=c[AUDIT_STAGE, "rejected"], duplicate=duplicate, late=c[AUDIT_STAGE, "late"],
             sinks=sinks, discrepancies=wrong,
         ))
     return out

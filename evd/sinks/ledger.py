@@ -1,9 +1,9 @@
 """The audit ledger: what each stage counted, committed with the offsets it covers.
 
 ``{data_dir}/audit.sqlite3`` holds, per UTC hour, stream, event type, stage
-(``edge``, ``processor``, or a sink's name) and metric (``accepted``,
-``rejected``, ``duplicate``, ``late``, ``delivered``, ``dead_lettered``,
-``filtered``), a count; and per stage the log offsets those counts cover.
+(``audit``, which counts what the edge and the processors did, or a sink's
+name) and metric (``accepted``, ``rejected``, ``duplicate``, ``late`` for the
+audit stage; ``delivered``, ``dead_lettered``, ``filtered`` for sinks), a count; and per stage the log offsets those counts cover.
 Counts and offsets change in one transaction, and a stage that restarts
 resumes from the ledger's offsets, so every record is counted exactly once
 even though a sink may deliver it twice (a crash between its write and its

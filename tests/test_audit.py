@@ -1,0 +1,148 @@
+"""The audit ledger (evd.sinks.ledger) and the report of ``evd audit``
+(evd.sinks.audit), on real ledger files: counts and offsets commit together,
+several workers add to the same counts, the report flags exactly the hours
+that do not add up, and the command's exit status says so."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from evdtest import run_cli
+
+from evd.core import records
+from evd.core.log import SubLog
+from evd.core.records import Kind
+from evd.core.schema import DeadLetter, EventsBatch, RawBatch
+from evd.sinks.audit import AuditStage, parse_hour, render, report
+from evd.sinks.base import Batch
+from evd.sinks.ledger import CountKey, Ledger, SeenKey, read_counts
+
+pytestmark = pytest.mark.workers_independent
+
+H10 = 1_764_583_200_000  # 2025-12-01T10:00Z
+H11 = H10 + 3_600_000
+
+
+async def test_counts_and_offsets_commit_together_and_add_up_across_handles(
+    tmp_path: Path,
+) -> None:
+    a, b = Ledger(tmp_path), Ledger(tmp_path)  # two workers
+    await a.register("lake", "sink", ["events"], None)
+    await b.register("lake", "sink", ["events"], None)
+    sub0, sub1 = SubLog("events", 0, 0), SubLog("events", 1, 1)
+    key = CountKey(H10, "events", "play", "delivered")
+    await asyncio.gather(*(
+        a.commit("lake", {key: 1}, {sub0: i}, {SeenKey("events", 0, 0): i}) for i in range(20)
+    ), *(b.commit("lake", {key: 2}, {sub1: 5}, {}) for _ in range(10)))
+    offsets, seen = await a.offsets("lake")
+    assert offsets == {sub0: 19, sub1: 5}
+    assert seen == {SeenKey("events", 0, 0): 19}
+    assert read_counts(tmp_path) == [(H10, "events", "play", "lake", "delivered", 40)]
+    await a.close()
+    await b.close()
+
+
+async def write_ledger(root: Path, delivered: dict[str, int]) -> None:
+    ledger = Ledger(root)
+    for sink in ("lake", "warehouse"):
+        await ledger.register(sink, "sink", ["events", "sessions"], None)
+    await ledger.register("hooks", "sink", ["sessions"], None)  # not an events sink
+    await ledger.register("audit", "audit", ["raw", "dead_letter", "events"], None)
+    await ledger.commit("audit", {
+        CountKey(H10, "events", "play", "accepted"): 10,
+        CountKey(H10, "events", "play", "duplicate"): 2,
+        CountKey(H10, "events", "play", "late"): 1,
+        CountKey(H10, "events", "skip", "accepted"): 3,
+        CountKey(H10, "events", "invalid", "rejected"): 4,
+        CountKey(H11, "events", "play", "accepted"): 5,
+    }, {}, {})
+    counts = {
+        CountKey(H10, "events", "play", "delivered"): 8,
+        CountKey(H10, "events", "skip", "delivered"): 3,
+        CountKey(H11, "events", "play", "delivered"): 5,
+        CountKey(H10, "sessions", "session", "delivered"): 7,
+    }
+    await ledger.commit("lake", counts, {}, {})
+    await ledger.commit("warehouse", {
+        **counts,
+        CountKey(H10, "events", "play", "delivered"): delivered["play"],
+        CountKey(H10, "events", "play", "dead_lettered"): delivered.get("dead", 0),
+    }, {}, {})
+    await ledger.close()
+
+
+async def test_the_report_flags_exactly_the_rows_that_do_not_add_up(tmp_path: Path) -> None:
+    await write_ledger(tmp_path, {"play": 6, "dead": 2})  # 6 + 2 dead = 10 - 2 duplicates
+    rows = report(tmp_path)
+    assert [(r.hour, r.event_type, r.accepted, r.duplicate, r.late, r.rejected) for r in rows] == [
+        ("2025-12-01T10", "invalid", 0, 0, 0, 4),
+        ("2025-12-01T10", "play", 10, 2, 1, 0),
+        ("2025-12-01T10", "skip", 3, 0, 0, 0),
+        ("2025-12-01T11", "play", 5, 0, 0, 0),
+    ]
+    assert set(rows[1].sinks) == {"lake", "warehouse"}  # hooks takes no events
+    assert rows[1].sinks["warehouse"] == {"delivered": 6, "dead_lettered": 2, "filtered": 0}
+    # The rejected-only row: nothing accepted, nothing to deliver.
+    assert all(r.discrepancies == [] for r in rows)
+    assert "every hour adds up" in render(rows)
+    assert [r.hour for r in report(tmp_path, parse_hour("2025-12-01T11"))] == ["2025-12-01T11"]
+
+    # Negative control: one event missing from the warehouse.
+    other = tmp_path / "short"
+    await write_ledger(other, {"play": 7})
+    rows = report(other)
+    assert [(r.hour, r.event_type, r.discrepancies) for r in rows if r.discrepancies] == [
+        ("2025-12-01T10", "play", ["warehouse"])
+    ]
+    assert "<- DIFFERS: warehouse" in render(rows)
+
+
+async def test_evd_audit_exit_status_and_json(tmp_path: Path) -> None:
+    await write_ledger(tmp_path / "ok", {"play": 8})
+    await write_ledger(tmp_path / "bad", {"play": 1})
+    ok = run_cli("audit", "--data-dir", str(tmp_path / "ok"))
+    assert ok.returncode == 0 and "every hour adds up" in ok.stdout, ok.stdout + ok.stderr
+    bad = run_cli("audit", "--data-dir", str(tmp_path / "bad"), "--json")
+    assert bad.returncode == 1
+    flagged = [json.loads(line) for line in bad.stdout.splitlines()]
+    assert [r["discrepancies"] for r in flagged if r["discrepancies"]] == [["warehouse"]]
+    one = run_cli("audit", "--data-dir", str(tmp_path / "ok"), "--hour", "2025-12-01T11")
+    assert one.returncode == 0 and "2025-12-01T10" not in one.stdout
+    wrong = run_cli("audit", "--data-dir", str(tmp_path / "ok"), "--hour", "yesterday")
+    assert wrong.returncode == 2 and "--hour 'yesterday'" in wrong.stderr
+    empty = run_cli("audit", "--data-dir", str(tmp_path / "none"))
+    assert empty.returncode == 0 and "no audit counts yet" in empty.stdout
+
+
+def test_the_audit_stage_counts_from_the_records_themselves() -> None:
+    from datetime import UTC, datetime
+
+    from evd.core.schema import Event, Playback
+
+    def e(eid: str, kind: str = "play") -> Event:
+        return Event(eid, datetime(2025, 12, 1, 10, tzinfo=UTC), "u", "spotify:track:" + "a" * 22,
+                     Playback(0, 1), kind)  # type: ignore[arg-type]
+
+    stage = AuditStage()
+    raw = records.encode(Kind.RAW, H10 + 5, RawBatch(H10 + 5, [e("a"), e("b", "skip")]))
+    events = records.encode_events(Kind.EVENTS, H10 + 5, EventsBatch(
+        H10 + 5, [e("a"), e("b", "skip")], 0, [1], {"play": 3}, 0, 9,
+    ))
+    dead = [
+        records.encode(Kind.DEAD_LETTER, H11, DeadLetter(H11, 0, "x", b'{"event_type": "seek"}')),
+        records.encode(Kind.DEAD_LETTER, H11, DeadLetter(H11, 1, "x", b'{"event_type": 3}')),
+        records.encode(Kind.DEAD_LETTER, H11, DeadLetter(H11, -1, "x", b"{}", "sink:lake")),
+    ]
+    got: Counter[tuple[int, str, str, str]] = Counter()
+    for stream, payloads in (("raw", [raw]), ("events", [events]), ("dead_letter", dead)):
+        values = [stage.decode(stream, p) for p in payloads]
+        got.update(stage.counts(Batch(stream, values, len(values), 0)))
+    assert got == {
+        (H10, "events", "play", "accepted"): 1, (H10, "events", "skip", "accepted"): 1,
+        (H10, "events", "play", "duplicate"): 3, (H10, "events", "skip", "late"): 1,
+        (H11, "events", "seek", "rejected"): 1, (H11, "events", "invalid", "rejected"): 1,
+    }
