@@ -4,8 +4,8 @@ Every sink writes the same row shapes, so a row in the lake, the warehouse, a
 webhook body and stdout reads the same:
 
 - ``events`` / ``late``: the event as the client sent it (every field of
-  ARCHITECTURE.md's event, ``event_type`` always present, ``timestamp`` the
-  RFC 3339 text), plus ``received_at`` and ``event_time`` (epoch ms; event_time
+  the event contract, ``event_type`` always present, ``timestamp`` RFC 3339
+  with microseconds, in the offset the client used), plus ``received_at`` and ``event_time`` (epoch ms; event_time
   is the skew-corrected time the processor used) and ``late`` (bool).
 - ``sessions``: the session (evd.core.schema.Session), times in epoch ms.
 - ``charts``: ``window_start``, ``window_end``, ``country`` (null: no geo),
