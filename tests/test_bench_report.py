@@ -80,6 +80,14 @@ evd_delivery_delay_seconds_count {b}
 evd_delivery_delay_seconds_sum 1.0
 """
 
+LAG = """\
+# TYPE evd_processor_lag_seconds_max gauge
+evd_processor_lag_seconds_max {p}
+# TYPE evd_sink_lag_seconds gauge
+evd_sink_lag_seconds{{sink="lake"}} {lake}
+evd_sink_lag_seconds{{sink="warehouse"}} {wh}
+"""
+
 
 def _plan(spike: bool = True) -> RunPlan:
     return RunPlan(
@@ -121,19 +129,22 @@ def _synthetic_result(plan: RunPlan, server_error_at: float | None = None) -> di
     return driver.result(source, cpu_s=1.5, start_delta_s=0.01)
 
 
-def _scrapes(delay: bool) -> ServerScrapes:
+def _scrapes(delay: bool, lag: bool = False) -> ServerScrapes:
     before = METRICS_BEFORE + (DELAY.format(a=0, b=0) if delay else "")
     after = METRICS_AFTER + (DELAY.format(a=900, b=1000) if delay else "")
     mid = METRICS_BEFORE.replace("evd_events_accepted_total 990.0",
                                  "evd_events_accepted_total 5990.0")
+    if lag:
+        mid += LAG.format(p=3.0, lake=9.5, wh=0.25)
+        after += LAG.format(p=0.0, lake=2.0, wh=0.0)
     return ServerScrapes(before=metrics.parse(before), after=metrics.parse(after),
                          during=[(5.0, metrics.parse(mid)), (10.0, metrics.parse(after))])
 
 
 def _report(spike: bool = True, delay: bool = False,
-            server_error_at: float | None = None) -> Report:
+            server_error_at: float | None = None, lag: bool = False) -> Report:
     plan = _plan(spike)
-    return build_report(plan, [_synthetic_result(plan, server_error_at)], _scrapes(delay),
+    return build_report(plan, [_synthetic_result(plan, server_error_at)], _scrapes(delay, lag),
                         "2024-06-01T12:00:00.000Z", 2, "3.11", "synthetic")
 
 
@@ -219,6 +230,38 @@ def test_delivery_delay_is_reported_only_when_the_server_has_it() -> None:
     assert d.p99_ms is not None and 100 < d.p99_ms <= 1000
 
 
+def test_each_stages_lag_is_read_from_every_scrape() -> None:
+    r = _report(lag=True)
+    assert [p.lag_seconds for p in r.server.series] == [
+        {"processor": 3.0, "lake": 9.5, "warehouse": 0.25},
+        {"processor": 0.0, "lake": 2.0, "warehouse": 0.0},
+    ]
+    assert all(p.lag_seconds == {} for p in _report().server.series)
+
+
+def test_a_report_written_before_stage_lags_still_decodes() -> None:
+    report = _report()
+    raw = orjson.loads(encode(report))
+    for point in raw["server"]["series"]:
+        del point["lag_seconds"]
+    assert decode(orjson.dumps(raw)) == report
+
+
+def test_the_lag_chart_is_drawn_only_when_the_server_reports_lag() -> None:
+    page = html.render(_report(lag=True))
+    assert 'aria-label="Lag of each stage"' in page
+    chart = page[page.index('aria-label="Lag of each stage"'):]
+    chart = chart[:chart.index("</svg>")]
+    # One line per stage, the processor first, each named in the legend.
+    assert chart.count("<polyline") == 3
+    labels = [chart.index(f">{stage}</text>") for stage in ("processor", "lake", "warehouse")]
+    assert labels == sorted(labels)
+    assert "lake: max 9.5, at the last scrape 2" in page
+    # Negative control: a server without lag gauges gets no empty chart.
+    plain = html.render(_report())
+    assert "Lag of each stage" not in plain and "lag of each stage" not in plain
+
+
 def test_html_report_is_self_contained() -> None:
     page = html.render(_report())
     # Nothing for the browser to fetch.
@@ -229,7 +272,7 @@ def test_html_report_is_self_contained() -> None:
 
 def test_html_report_renders_its_charts_in_chromium(browser: str, tmp_path: Path) -> None:
     path = tmp_path / "report.html"
-    path.write_text(html.render(_report()), encoding="utf-8")
+    path.write_text(html.render(_report(lag=True)), encoding="utf-8")
     png = tmp_path / "shot.png"
     screenshot(path, png, tmp_path / "profile")
     width, height, rows = read_png(png)

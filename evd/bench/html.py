@@ -211,6 +211,17 @@ def _status_color(code: str) -> str:
     return "#9467bd"
 
 
+def stage_lag_series(report: Report) -> list[Series]:
+    """One series per stage (the processor first, then sinks by name) of its lag in
+    seconds at each scrape; [] when no scrape reported any lag."""
+    points = report.server.series
+    stages = sorted({k for p in points for k in p.lag_seconds},
+                    key=lambda k: (k != "processor", k))
+    return [(stage, COLORS[i % len(COLORS)],
+             [(p.t_s, p.lag_seconds[stage]) for p in points if stage in p.lag_seconds])
+            for i, stage in enumerate(stages)]
+
+
 def render(report: Report) -> str:
     """Return the whole HTML page for ``report``."""
     r = report
@@ -267,6 +278,10 @@ def render(report: Report) -> str:
         bar_chart("Status codes (requests)",
                   [(k, float(v), _status_color(k)) for k, v in sorted(r.status_counts.items())]),
     ]
+    lags = stage_lag_series(r)
+    if lags:
+        charts.insert(3, line_chart("Lag of each stage", lags, "seconds into the run",
+                                    "seconds behind", shade=shade, x_range=span))
     if r.generator is not None:
         charts.append(bar_chart("Generated event types",
                                 [(k, float(v), COLORS[0])
@@ -327,6 +342,11 @@ def render(report: Report) -> str:
              f"p50 {_opt(s.request_duration.p50_ms)} · p90 {_opt(s.request_duration.p90_ms)} · "
              f"p99 {_opt(s.request_duration.p99_ms)} ms"),
         ]
+        lags = stage_lag_series(r)
+        if lags:
+            srows.append(("lag of each stage (s)", "; ".join(
+                f"{stage}: max {max(y for _, y in pts):g}, at the last scrape {pts[-1][1]:g}"
+                for stage, _, pts in lags)))
         if s.note:
             srows.append(("note", s.note))
     d = s.delivery_delay

@@ -21,6 +21,10 @@ REJECTED = "evd_events_rejected_total"
 DUPLICATES = "evd_events_duplicates_total"
 REQUEST_DURATION = "evd_request_duration_seconds"
 DELIVERY_DELAY = "evd_delivery_delay_seconds"
+#: Age of the oldest raw record the processors have not read (max over workers).
+PROCESSOR_LAG = "evd_processor_lag_seconds_max"
+#: Age of the oldest record a sink has not delivered, per ``sink`` label.
+SINK_LAG = "evd_sink_lag_seconds"
 
 
 class MetricsError(Exception):
@@ -56,6 +60,18 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
     for lab, v in samples.get(name, []):
         key = lab.get(label, "")
         out[key] = out.get(key, 0.0) + v
+    return out
+
+
+def stage_lags(samples: Samples) -> dict[str, float]:
+    """Lag in seconds of each stage the server reports: ``processor`` and one entry
+    per sink, by its name (sink names never take ``processor``); {} when it has none."""
+    out: dict[str, float] = {}
+    processor = samples.get(PROCESSOR_LAG)
+    if processor:
+        out["processor"] = max(v for _, v in processor)
+    for sink, v in by_label(samples, SINK_LAG, "sink").items():
+        out[sink] = v
     return out
 
 

@@ -27,6 +27,7 @@ from evd.bench.metrics import (
     delta_buckets,
     label_delta,
     quantile,
+    stage_lags,
     total,
 )
 from evd.bench.plan import RunPlan, Spike
@@ -81,6 +82,9 @@ class ServerPoint(msgspec.Struct, forbid_unknown_fields=True):
     t_s: float
     received_events_per_s: float | None
     accepted_events_per_s: float | None
+    #: Lag in seconds of each stage at this scrape: ``processor`` and each sink by
+    #: name (empty: the server reports none; reports written before it have none).
+    lag_seconds: dict[str, float] = {}
 
 
 class PhaseStats(msgspec.Struct, forbid_unknown_fields=True):
@@ -346,7 +350,8 @@ def _server_report(scrapes: ServerScrapes) -> ServerReport:
             series.append(ServerPoint(
                 t_s=round(t, 3),
                 received_events_per_s=None if rec is None else round(rec / span, 1),
-                accepted_events_per_s=None if acc is None else round(acc / span, 1)))
+                accepted_events_per_s=None if acc is None else round(acc / span, 1),
+                lag_seconds=stage_lags(samples)))
         prev_t, prev = t, samples
     known = total(after, ACCEPTED) is not None or total(after, RECEIVED) is not None
     return ServerReport(
