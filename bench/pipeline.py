@@ -1,13 +1,21 @@
-"""The whole embedded path on one worker: HTTP -> raw log -> processor -> output streams.
+"""The whole embedded path on one worker: HTTP -> raw log -> processor -> sinks.
 
-Starts ``evd serve --workers 1`` (fsync ``always`` unless told otherwise) on one
-CPU, sends seed-shaped batches from this process on another CPU at a paced rate
-(or as fast as the server answers, ``--rate max``), and samples the server's
-``/metrics`` twice a second: events accepted and processed, the processors' lag
-in bytes and seconds. A rate is *sustained* when the lag does not grow: at the
-end of the run it is below ``--lag-bound`` seconds and the processors have taken
-in what the edge accepted up to that bound. ``--rates`` runs several rates in
-turn (a fresh server each) and reports the highest sustained one.
+Starts ``evd serve --workers 1`` (fsync ``always`` unless told otherwise; the
+default config, so the default sinks run: ``lake`` (files) and ``warehouse``
+(sqlite), and the audit stage) on one CPU, sends seed-shaped batches from this
+process on another CPU at a paced rate (or as fast as the server answers,
+``--rate max``), and samples the server's ``/metrics`` twice a second: events
+accepted, processed and delivered by each sink, and each stage's lag in bytes
+and seconds (the processors' and every sink's ``evd_sink_lag_seconds``).
+
+A rate is *sustained* when every stage's lag stays bounded: at the end of the
+load the processors are less than ``--lag-bound`` seconds behind and each sink
+less than ``--lag-bound`` plus its ``batch.max_age_s`` (a sink holds a batch
+that long by design: the lake up to 10 s), and every request got 200.
+``--rates`` runs several rates in turn (a fresh server each) and reports the
+highest sustained one. ``OUT/pipeline.json`` has every sample;
+``OUT/pipeline.html`` draws each stage's lag over time for every rate (the
+charts of ``evd bench``'s report).
 
 Events carry the wall clock as their timestamp (stamped per request), users are
 spread over 100,000 ids, so the processor builds sessions and charts as in
@@ -21,26 +29,29 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
-import re
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from html import escape
 from pathlib import Path
 from typing import Any
 
 import uvloop
 
 from bench.seedload import STAMP, ClosedLoop, Load, request_templates, seed_event
+from evd.bench import metrics
+from evd.bench.html import COLORS, Series, line_chart
 from evd.bench.http import Target
+from evd.core.config import Config, load_config
 
 #: Placeholder for the per-request timestamp, as long as the ISO text it becomes.
 TIME_STAMP = "~" * 24
-METRIC_RE = re.compile(rb"^(evd_[a-z_]+)(?:\{[^}]*\})? ([0-9.e+-]+)$", re.MULTILINE)
 SAMPLE_S = 0.5
 
 
@@ -88,29 +99,43 @@ class PacedLoad(Load):
     interval = 0.0
 
 
-def scrape(port: int) -> dict[str, float]:
+def scrape(port: int) -> metrics.Samples:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         data = b""
         while chunk := sock.recv(1 << 16):
             data += chunk
-    return {m.group(1).decode(): float(m.group(2)) for m in METRIC_RE.finditer(data)}
+    _, _, body = data.partition(b"\r\n\r\n")
+    return metrics.parse(body.decode())
 
 
-async def sample(port: int, stop: float, out: list[dict[str, float]]) -> None:
+def point(t: float, m: metrics.Samples) -> dict[str, Any]:
+    """One sample: the counters, and each stage's lag in seconds and bytes."""
+    def value(name: str) -> float:
+        return metrics.total(m, name) or 0.0
+
+    lag_bytes = {"processor": value("evd_processor_lag_bytes_sum"),
+                 **metrics.by_label(m, "evd_sink_lag_bytes", "sink")}
+    return {
+        "t": round(t, 2),
+        "accepted": value("evd_events_accepted_total"),
+        "processed": value("evd_processor_events_total"),
+        "delivered": metrics.by_label(m, "evd_sink_delivered_total", "sink"),
+        "lag_bytes": value("evd_processor_lag_bytes_sum"),
+        "lag_seconds": value("evd_processor_lag_seconds_max"),
+        "stage_lag_seconds": metrics.stage_lags(m),
+        "stage_lag_bytes": lag_bytes,
+        "sessions": value("evd_sessions_closed_total"),
+        "late": value("evd_processor_late_total"),
+    }
+
+
+async def sample(port: int, stop: float, out: list[dict[str, Any]]) -> None:
     loop = asyncio.get_running_loop()
     start = time.perf_counter()
     while time.perf_counter() < stop:
         m = await loop.run_in_executor(None, scrape, port)
-        out.append({
-            "t": round(time.perf_counter() - start, 2),
-            "accepted": m.get("evd_events_accepted_total", 0),
-            "processed": m.get("evd_processor_events_total", 0),
-            "lag_bytes": m.get("evd_processor_lag_bytes_sum", 0),
-            "lag_seconds": m.get("evd_processor_lag_seconds_max", 0),
-            "sessions": m.get("evd_sessions_closed_total", 0),
-            "late": m.get("evd_processor_late_total", 0),
-        })
+        out.append(point(time.perf_counter() - start, m))
         await asyncio.sleep(SAMPLE_S)
 
 
@@ -124,7 +149,7 @@ async def drive(args: argparse.Namespace, port: int, rate: float) -> dict[str, A
     load.interval = 0.0 if rate <= 0 else args.batch / rate
     load.start, load.stop = start + args.warmup, start + args.duration
     load.end = load.stop
-    samples: list[dict[str, float]] = []
+    samples: list[dict[str, Any]] = []
     sampler = loop.create_task(sample(port, start + args.duration + args.settle, samples))
     for _ in range(args.connections):
         _, conn = await loop.create_connection(lambda: Paced(load), target.host, target.port)
@@ -147,6 +172,15 @@ async def drive(args: argparse.Namespace, port: int, rate: float) -> dict[str, A
         "lag_seconds_at_end_of_load": end_sample.get("lag_seconds", 0),
         "lag_bytes_at_end_of_load": end_sample.get("lag_bytes", 0),
         "max_lag_seconds": max((s["lag_seconds"] for s in at_end), default=0),
+        "stage_lag_seconds_at_end_of_load": end_sample.get("stage_lag_seconds", {}),
+        "stage_lag_bytes_at_end_of_load": end_sample.get("stage_lag_bytes", {}),
+        "stage_max_lag_seconds": {
+            stage: max(s["stage_lag_seconds"].get(stage, 0.0) for s in at_end)
+            for stage in end_sample.get("stage_lag_seconds", {})
+        },
+        "stage_lag_seconds_at_last_sample": last.get("stage_lag_seconds", {}),
+        "delivered_at_end_of_load": end_sample.get("delivered", {}),
+        "delivered_at_last_sample": last.get("delivered", {}),
         "processed_at_end_of_load": end_sample.get("processed", 0),
         "accepted_at_end_of_load": end_sample.get("accepted", 0),
         "late": last.get("late", 0),
@@ -158,12 +192,13 @@ def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subproc
     env = dict(os.environ, EVD_LOG__FSYNC=args.fsync)
     log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL  # noqa: SIM115
     own = os.sched_getaffinity(0)
+    config = ["--config", str(args.config)] if args.config else []
     if args.server_cpu is not None:
         os.sched_setaffinity(0, {args.server_cpu})  # inherited by the server and its worker
     try:
         proc = subprocess.Popen(
             [sys.executable, "-m", "evd", "serve", "--workers", "1", "--port", str(port),
-             "--data-dir", str(data_dir)],
+             "--data-dir", str(data_dir), *config],
             env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     finally:
@@ -185,8 +220,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def run_rate(args: argparse.Namespace, rate: float) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="evd-pipeline-") as tmp:
+def lag_bounds(cfg: Config, lag_bound: float) -> dict[str, float]:
+    """The lag in seconds each stage may have at the end of the load: ``lag_bound``
+    for the processors, plus its ``batch.max_age_s`` for each sink (it holds a
+    batch that long by design)."""
+    return {"processor": lag_bound,
+            **{sink.name: lag_bound + sink.batch.max_age_s for sink in cfg.sinks}}
+
+
+def stages_over(lags: dict[str, float], bounds: dict[str, float]) -> dict[str, float | None]:
+    """The stages whose lag is over their bound, with it; a stage the server should
+    run but did not report (None) counts as unbounded."""
+    return {stage: lags.get(stage) for stage, bound in bounds.items()
+            if lags.get(stage, math.inf) > bound}
+
+
+def run_rate(args: argparse.Namespace, rate: float, bounds: dict[str, float]) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="evd-pipeline-", dir=args.data_root) as tmp:
         port = free_port()
         proc = start_server(args, Path(tmp) / "data", port)
         try:
@@ -196,12 +246,48 @@ def run_rate(args: argparse.Namespace, rate: float) -> dict[str, Any]:
             proc.wait(30)
     accepted = result["accepted_at_end_of_load"]
     behind = accepted - result["processed_at_end_of_load"]
-    result["sustained"] = (
-        result["lag_seconds_at_end_of_load"] <= args.lag_bound
-        and set(result["statuses"]) == {"200"}
-    )
+    over = stages_over(result["stage_lag_seconds_at_end_of_load"], bounds)
+    result["lag_bounds"] = bounds
+    result["stages_over_bound"] = over
+    result["sustained"] = not over and set(result["statuses"]) == {"200"}
     result["unprocessed_at_end_of_load"] = behind
     return result
+
+
+def lag_chart(result: dict[str, Any], duration: float) -> str:
+    """Each stage's lag over time in one run, as ``evd bench``'s report draws it."""
+    samples = result["samples"]
+    stages = sorted({k for s in samples for k in s["stage_lag_seconds"]},
+                    key=lambda k: (k != "processor", k))
+    series: list[Series] = [
+        (stage, COLORS[i % len(COLORS)],
+         [(s["t"], s["stage_lag_seconds"][stage]) for s in samples
+          if stage in s["stage_lag_seconds"]])
+        for i, stage in enumerate(stages)
+    ]
+    rate = result["rate_target"]
+    title = f"Lag of each stage, {'max' if rate <= 0 else f'{rate:,.0f}'} ev/s"
+    return line_chart(title, series, f"seconds since the load started (it ends at {duration:g} s)",
+                      "seconds behind")
+
+
+def write_html(path: Path, results: list[dict[str, Any]], duration: float) -> None:
+    """One lag chart per rate, in a self-contained page."""
+    parts = []
+    for r in results:
+        verdict = "sustained" if r["sustained"] else (
+            "NOT sustained: " + ", ".join(
+                f"{k} {'not reported' if v is None else f'{v:g} s'}"
+                for k, v in r["stages_over_bound"].items()) if r["stages_over_bound"]
+            else "NOT sustained: statuses " + ", ".join(r["statuses"]))
+        parts.append(f'<div class="c">{lag_chart(r, duration)}</div><p>accepted '
+                     f'{r["accepted_per_s"]:,} events/s: {escape(verdict)}</p>')
+    path.write_text(
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<title>evd pipeline: lag of each stage</title><style>body{font-family:sans-serif;"
+        "margin:24px}.c{border:1px solid #ddd;display:inline-block}</style></head><body>"
+        "<h1>The whole path on one worker: lag of each stage</h1>" + "".join(parts)
+        + "</body></html>\n", encoding="utf-8")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -215,7 +301,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds of sampling after the load stops")
     parser.add_argument("--lag-bound", type=float, default=2.0,
-                        help="seconds of processing lag at the end of the load that still count as bounded")
+                        help="seconds of lag at the end of the load that still count as bounded"
+                             " (sinks: plus their batch.max_age_s)")
+    parser.add_argument("--config", type=Path,
+                        help="evd serve's YAML config (default: none, so the default sinks)")
+    parser.add_argument("--data-root", type=Path,
+                        help="where the servers' data directories go (default: the temp dir)")
     parser.add_argument("--fsync", default="always")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--server-cpu", type=int)
@@ -226,23 +317,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.load_cpu is not None:
         os.sched_setaffinity(0, {args.load_cpu})
     rates = [0.0 if r == "max" else float(r) for r in args.rates.split(",")]
+    bounds = lag_bounds(load_config(args.config), args.lag_bound)
     results = []
     for rate in rates:
-        result = run_rate(args, rate)
+        result = run_rate(args, rate, bounds)
         results.append(result)
+        lags = ", ".join(
+            f"{stage} {v:.1f}" for stage, v in result["stage_lag_seconds_at_end_of_load"].items())
         print(
             f"target {'max' if rate <= 0 else f'{rate:,.0f}'} ev/s: accepted "
-            f"{result['accepted_per_s']:,} ev/s, lag at end of load "
-            f"{result['lag_seconds_at_end_of_load']:.1f} s "
-            f"({result['lag_bytes_at_end_of_load'] / 1e6:.1f} MB), max "
-            f"{result['max_lag_seconds']:.1f} s, p99 {result['p99_ms']:.1f} ms, "
+            f"{result['accepted_per_s']:,} ev/s, lag at end of load (s): {lags} "
+            f"(processor {result['lag_bytes_at_end_of_load'] / 1e6:.1f} MB behind), p99 "
+            f"{result['p99_ms']:.1f} ms, "
             f"{'sustained' if result['sustained'] else 'NOT sustained'}",
             flush=True,
         )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline.json").write_text(json.dumps(results, indent=1))
+    write_html(args.out / "pipeline.html", results, args.duration)
     best = max((r["accepted_per_s"] for r in results if r["sustained"]), default=0)
-    print(f"highest sustained: {best:,} events/s ({args.out / 'pipeline.json'})")
+    print(f"highest sustained: {best:,} events/s ({args.out / 'pipeline.json'}, "
+          f"{args.out / 'pipeline.html'})")
     return 0
 
 
