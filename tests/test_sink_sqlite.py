@@ -1,0 +1,420 @@
+"""The sqlite sink (the warehouse) on real files: the schema as named, typed values
+and the ``raw`` rows of evd.sinks.rows, idempotent replays of every stream
+(chart rows without a country included), WAL mode, two sinks writing the same
+file at once, items-free batches, and which failures are retried."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evd.bench.traffic import TrafficConfig, TrafficModel, encode_envelope
+from evd.core.config import SqliteSinkConfig
+from evd.core.schema import (
+    ChartRow,
+    ChartsBatch,
+    Context,
+    DeadLetter,
+    Device,
+    Event,
+    EventsBatch,
+    Geo,
+    Play,
+    Playback,
+    Session,
+    SessionsBatch,
+    envelope_decoder,
+    epoch_ms,
+)
+from evd.sinks import rows
+from evd.sinks.base import Batch, PermanentSinkError, SinkContext, SinkError
+from evd.sinks.sqlite import SqliteSink, letter_id
+
+pytestmark = pytest.mark.workers_independent
+
+WINDOW_MS = 60_000
+T0 = 1_764_586_800_000  # 2025-12-01T11:00:00Z
+TRACK = "spotify:track:" + "a" * 22
+
+EVENT_COLUMNS = [
+    "event_id", "event_type", "timestamp", "event_time", "user_id", "track_id", "page_uri",
+    "playlist_uri", "position_ms", "duration_ms", "initiator", "os", "client_version",
+    "country", "region", "late", "received_at", "raw",
+]
+SESSION_COLUMNS = [
+    "session_id", "user_id", "started_at", "ended_at", "event_count", "play_count",
+    "stream_count", "listened_ms", "country", "os", "plays",
+]
+CHART_COLUMNS = ["window_start", "window_end", "country", "track_id", "partition", "plays"]
+LETTER_COLUMNS = ["letter_id", "received_at", "stage", "stream", "idx", "reason", "event"]
+
+
+# -- input --------------------------------------------------------------------------------
+
+
+def traffic(n: int, seed: int = 1, per_record: int = 12) -> list[EventsBatch]:
+    """``n`` events of the traffic model (every event type; sessions with skips,
+    pauses and seeks) as events records of ``per_record`` events, 100 ms apart,
+    a few late and some skew-corrected."""
+    cfg = TrafficConfig(seed=seed, users=5_000, tracks=2_000, playlists=200,
+                        duplicate_rate=0, invalid_rate=0)
+    model = TrafficModel(cfg, T0, rate_hint=2_000)
+    pick = random.Random(seed)
+    out: list[EventsBatch] = []
+    sent = T0
+    while n > 0:
+        k = min(per_record, n)
+        n -= k
+        events = envelope_decoder.decode(encode_envelope(model.batch(k, sent), None)).events
+        late = [i for i in range(k) if pick.random() < 0.05]
+        skew = pick.choice([0, 0, 0, 90_000])
+        out.append(EventsBatch(sent + 150, events, skew, late))
+        sent += 100
+    return out
+
+
+def odd_events() -> EventsBatch:
+    """Events at the edges of the schema: nothing optional, a play without its
+    type, an offset timestamp, durations past SQLite's 64-bit integers."""
+    plus2 = datetime(2025, 12, 1, 13, 0, 0, 123456, tzinfo=timezone(timedelta(hours=2)))
+    huge = 2**64 - 1
+    return EventsBatch(T0 + 5, [
+        Event("bare", datetime(2025, 12, 1, 11, 0, tzinfo=UTC), "u1", TRACK, Playback(0, 1)),
+        Event("full", plus2, "u2", TRACK, Playback(3, 9, "autoplay"), "skip",
+              Context("spotify:app:home", "spotify:playlist:x"), Device("iOS 17", "8.9"),
+              Geo("SE", "AB")),
+        Event("huge", plus2, "u3", TRACK, Playback(huge, huge), "seek", geo=Geo("DE")),
+    ], skew_ms=-2000, late=[1])
+
+
+def sessions_batch() -> SessionsBatch:
+    return SessionsBatch([
+        Session("s1", "u1", T0, T0 + 90_000, 3, 2, 1, 61_000, "SE", "iOS 17", [
+            Play(TRACK, T0, 31_000, "skip"), Play(TRACK, T0 + 31_000, 30_000, "session_close"),
+        ]),
+        Session("s2", "u2", T0 + 5, T0 + 6, 1, 0, 0, 0, None, None, []),
+    ])
+
+
+def charts_batch(plays: int = 4) -> ChartsBatch:
+    return ChartsBatch(3, T0 + WINDOW_MS, [
+        ChartRow(T0, "SE", TRACK, plays),
+        ChartRow(T0, None, TRACK, plays + 1),  # no geo: country NULL
+        ChartRow(T0, "DE", TRACK, 1),
+    ])
+
+
+def letters() -> list[DeadLetter]:
+    return [
+        DeadLetter(T0, 0, "track_id: expected ...", b'{"event_id":"x1"}'),
+        DeadLetter(T0, 1, "track_id: expected ...", b'{"event_id":"x1"}'),  # same item, other index
+        DeadLetter(T0 + 1, -1, "http 400: bad", b'{"event_id":"x2"}', "sink:hook", "events"),
+        DeadLetter(T0 + 2, 4, "not JSON", b"\xff\xfe{", "edge", "raw"),
+    ]
+
+
+def events(values: list[EventsBatch], stream: str = "events") -> Batch:
+    n = sum(len(v.events) for v in values)
+    return Batch(stream, values, n, n * 300)
+
+
+def batch_of(stream: str, values: list[Any]) -> Batch:
+    return Batch(stream, values, sum(rows.count_items(stream, v) for v in values), 100)
+
+
+# -- fixtures -----------------------------------------------------------------------------
+
+
+def context(tmp_path: Path) -> SinkContext:
+    return SinkContext(tmp_path, 0, 1, 4, WINDOW_MS)
+
+
+@pytest.fixture
+async def sink(tmp_path: Path) -> AsyncIterator[SqliteSink]:
+    s = SqliteSink(SqliteSinkConfig(name="warehouse"), context(tmp_path))
+    await s.start()
+    yield s
+    await s.close()
+
+
+def db(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path)
+
+
+def select(path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    conn = db(path)
+    try:
+        return conn.execute(sql, args).fetchall()
+    finally:
+        conn.close()
+
+
+def columns(path: Path, table: str) -> list[str]:
+    return [r[1] for r in select(path, f"PRAGMA table_info({table})")]
+
+
+# -- schema -------------------------------------------------------------------------------
+
+
+async def test_schema_is_as_named_in_wal_mode(sink: SqliteSink, tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    assert sink.describe() == {"type": "sqlite", "path": str(path)}
+    assert columns(path, "events") == EVENT_COLUMNS
+    assert columns(path, "sessions") == SESSION_COLUMNS
+    assert columns(path, "charts") == CHART_COLUMNS
+    assert columns(path, "dead_letter") == LETTER_COLUMNS
+    # A fresh connection reads the mode from the file: WAL is persistent.
+    assert select(path, "PRAGMA journal_mode") == [("wal",)]
+    pk = {r[1]: r[5] for r in select(path, "PRAGMA table_info(events)")}
+    assert pk["event_id"] == 1 and sum(pk.values()) == 1
+    assert select(path, "PRAGMA index_list(charts)")[0][1:3] == ("charts_key", 1)
+
+
+async def test_a_configured_path_is_used(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "dir" / "w.db"
+    s = SqliteSink(SqliteSinkConfig(name="w", path=str(path)), context(tmp_path))
+    await s.start()
+    await s.write(events([odd_events()]))
+    await s.close()
+    await s.close()  # idempotent
+    assert select(path, "SELECT count(*) FROM events") == [(3,)]
+    assert not (tmp_path / "warehouse.sqlite3").exists()
+
+
+# -- events -------------------------------------------------------------------------------
+
+
+async def test_events_round_trip_typed_and_raw(sink: SqliteSink, tmp_path: Path) -> None:
+    values = traffic(3_000) + [odd_events()]
+    batch = events(values)
+    await sink.write(batch)
+    got = {r[0]: r for r in select(tmp_path / "warehouse.sqlite3", "SELECT * FROM events")}
+    assert len(got) == batch.count
+
+    lines = rows.json_lines(batch, WINDOW_MS).decode().splitlines()
+    for row, line in zip(rows.event_rows(values), lines, strict=True):
+        ev = row.event
+        ctx, dev, geo = ev.context, ev.device, ev.geo
+        want = (
+            ev.event_id, ev.event_type, json.loads(line)["timestamp"], row.event_time,
+            ev.user_id, ev.track_id,
+            ctx and ctx.page_uri, ctx and ctx.playlist_uri,
+            ev.playback.position_ms, ev.playback.duration_ms, ev.playback.initiator,
+            dev and dev.os, dev and dev.client_version, geo and geo.country, geo and geo.region,
+            int(row.late), row.received_at, line,
+        )
+        if ev.event_id == "huge":  # past INTEGER: REAL in the column, exact in raw
+            want = want[:8] + (float(2**64 - 1),) * 2 + want[10:]
+            assert json.loads(got["huge"][-1])["playback"]["duration_ms"] == 2**64 - 1
+        assert got[ev.event_id] == want
+
+    types = {r[1] for r in got.values()}
+    assert types == {"play", "pause", "resume", "seek", "skip", "end"}
+    assert {None, "US", "SE"} <= {r[13] for r in got.values()}
+    # The timestamp as the row's JSON has it: microseconds, in the client's offset.
+    assert got["full"][2] == "2025-12-01T13:00:00.123456+02:00"
+    assert got["full"][3] == epoch_ms(odd_events().events[1].timestamp) - 2000
+    assert got["bare"][1:3] == ("play", "2025-12-01T11:00:00Z")
+    assert [got[i][15] for i in ("bare", "full", "huge")] == [0, 1, 0]
+
+
+async def test_event_replays_and_the_late_stream_add_nothing(
+    sink: SqliteSink, tmp_path: Path
+) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    values = traffic(500)
+    await sink.write(events(values))
+    before = select(path, "SELECT * FROM events ORDER BY event_id")
+    await sink.write(events(values))  # the loop wrote it, then failed to commit offsets
+    await sink.write(events(values[:10]))  # part of it again, in another batch
+    # The late stream holds the late events again, flagged, same values.
+    late = [EventsBatch(v.received_at, [v.events[i] for i in v.late], v.skew_ms,
+                        list(range(len(v.late)))) for v in values if v.late]
+    await sink.write(events(late, "late"))
+    assert select(path, "SELECT * FROM events ORDER BY event_id") == before
+    n_late = sum(len(v.late) for v in values)
+    assert n_late > 0
+    assert select(path, "SELECT count(*) FROM events WHERE late = 1") == [(n_late,)]
+
+
+async def test_the_late_stream_alone_writes_flagged_rows(tmp_path: Path) -> None:
+    s = SqliteSink(SqliteSinkConfig(name="w", streams=["late"]), context(tmp_path))
+    await s.start()
+    b = odd_events()
+    await s.write(events([EventsBatch(b.received_at, b.events, b.skew_ms, [0, 1, 2])], "late"))
+    await s.close()
+    got = select(tmp_path / "warehouse.sqlite3", "SELECT late, raw FROM events")
+    assert [r[0] for r in got] == [1, 1, 1]
+    assert all(json.loads(r[1])["late"] is True for r in got)
+
+
+# -- sessions, charts, dead letters -------------------------------------------------------
+
+
+async def test_sessions_round_trip_and_replay(sink: SqliteSink, tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    b = sessions_batch()
+    await sink.write(batch_of("sessions", [b]))
+    await sink.write(batch_of("sessions", [b]))
+    got = select(path, "SELECT * FROM sessions ORDER BY session_id")
+    assert [r[:10] for r in got] == [
+        ("s1", "u1", T0, T0 + 90_000, 3, 2, 1, 61_000, "SE", "iOS 17"),
+        ("s2", "u2", T0 + 5, T0 + 6, 1, 0, 0, 0, None, None),
+    ]
+    assert json.loads(got[0][10]) == [
+        {"track_id": TRACK, "started_at": T0, "listened_ms": 31_000, "ended_by": "skip"},
+        {"track_id": TRACK, "started_at": T0 + 31_000, "listened_ms": 30_000,
+         "ended_by": "session_close"},
+    ]
+    assert json.loads(got[1][10]) == []
+    # A session written again with other values: one row, the latest values.
+    s2 = b.sessions[1]
+    s2.event_count = 2
+    await sink.write(batch_of("sessions", [SessionsBatch([s2])]))
+    assert select(path, "SELECT session_id, event_count FROM sessions ORDER BY 1") == [
+        ("s1", 3), ("s2", 2),
+    ]
+
+
+async def test_chart_replays_keep_one_row_even_without_country(
+    sink: SqliteSink, tmp_path: Path
+) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    await sink.write(batch_of("charts", [charts_batch(4)]))
+    await sink.write(batch_of("charts", [charts_batch(4)]))
+    await sink.write(batch_of("charts", [charts_batch(6)]))  # the latest write wins
+    got = select(path, "SELECT * FROM charts ORDER BY country")
+    assert got == [
+        (T0, T0 + WINDOW_MS, None, TRACK, 3, 7),
+        (T0, T0 + WINDOW_MS, "DE", TRACK, 3, 1),
+        (T0, T0 + WINDOW_MS, "SE", TRACK, 3, 6),
+    ]
+    assert select(path, "SELECT count(*) FROM charts WHERE country IS NULL") == [(1,)]
+    # Another partition's row of the same window and track is its own row.
+    await sink.write(batch_of("charts", [ChartsBatch(1, T0, [ChartRow(T0, None, TRACK, 2)])]))
+    assert select(path, "SELECT partition, plays FROM charts WHERE country IS NULL"
+                  " ORDER BY partition") == [(1, 2), (3, 7)]
+
+
+def test_negative_control_a_plain_key_lets_null_country_in_twice() -> None:
+    # Why charts has no PRIMARY KEY over country: SQLite keeps NULLs distinct in it.
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE c (w INTEGER, country TEXT, plays INTEGER,"
+                 " PRIMARY KEY (w, country))")
+    for _ in range(2):
+        conn.execute("INSERT OR REPLACE INTO c VALUES (0, NULL, 1)")
+    assert conn.execute("SELECT count(*) FROM c").fetchone() == (2,)
+
+
+async def test_dead_letters_round_trip_and_replay(sink: SqliteSink, tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    ds = letters()
+    await sink.write(batch_of("dead_letter", ds))
+    await sink.write(batch_of("dead_letter", ds[1:3]))
+    got = select(path, "SELECT * FROM dead_letter ORDER BY received_at, idx")
+    assert got == [
+        (letter_id(ds[0]), T0, "edge", "raw", 0, "track_id: expected ...", '{"event_id":"x1"}'),
+        (letter_id(ds[1]), T0, "edge", "raw", 1, "track_id: expected ...", '{"event_id":"x1"}'),
+        (letter_id(ds[2]), T0 + 1, "sink:hook", "events", -1, "http 400: bad",
+         '{"event_id":"x2"}'),
+        (letter_id(ds[3]), T0 + 2, "edge", "raw", 4, "not JSON", "\ufffd\ufffd{"),
+    ]
+    assert len({r[0] for r in got}) == 4
+
+
+# -- batches without items, failures ------------------------------------------------------
+
+
+async def test_batches_without_items_write_nothing(sink: SqliteSink, tmp_path: Path) -> None:
+    await sink.write(Batch("charts", [ChartsBatch(0, T0 + WINDOW_MS, [])], 0, 20))
+    await sink.write(Batch("events", [EventsBatch(T0, [], duplicates={"play": 3})], 0, 20))
+    await sink.write(Batch("sessions", [SessionsBatch([], complete_until=T0)], 0, 20))
+    await sink.write(Batch("dead_letter", [], 0, 0))
+    await sink.flush()
+    path = tmp_path / "warehouse.sqlite3"
+    for table in ("events", "sessions", "charts", "dead_letter"):
+        assert select(path, f"SELECT count(*) FROM {table}") == [(0,)]
+
+
+async def test_a_row_the_schema_refuses_is_permanent(sink: SqliteSink, tmp_path: Path) -> None:
+    bad = Session("s9", None, T0, T0, 1, 0, 0, 0, None, None, [])  # type: ignore[arg-type]
+    with pytest.raises(PermanentSinkError, match="NOT NULL"):
+        await sink.write(batch_of("sessions", [SessionsBatch([sessions_batch().sessions[0], bad])]))
+    # All or nothing: the good session of the batch was rolled back too.
+    assert select(tmp_path / "warehouse.sqlite3", "SELECT count(*) FROM sessions") == [(0,)]
+    await sink.write(batch_of("sessions", [sessions_batch()]))  # the sink still works
+
+
+async def test_a_locked_file_is_retried_then_written(tmp_path: Path) -> None:
+    s = SqliteSink(SqliteSinkConfig(name="w", busy_timeout_s=0.2), context(tmp_path))
+    await s.start()
+    other = sqlite3.connect(tmp_path / "warehouse.sqlite3", isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another writer holds the file past busy_timeout
+    with pytest.raises(SinkError, match="locked") as err:
+        await s.write(events([odd_events()]))
+    assert err.value.retriable and not isinstance(err.value, PermanentSinkError)
+    other.execute("ROLLBACK")
+    other.close()
+    await s.write(events([odd_events()]))  # the loop's retry
+    await s.close()
+    assert select(tmp_path / "warehouse.sqlite3", "SELECT count(*) FROM events") == [(3,)]
+
+
+async def test_lifecycle_is_checked(tmp_path: Path) -> None:
+    s = SqliteSink(SqliteSinkConfig(name="w"), context(tmp_path))
+    with pytest.raises(RuntimeError, match="before start"):
+        await s.write(events([odd_events()]))
+    await s.start()
+    with pytest.raises(RuntimeError, match="already started"):
+        await s.start()
+    await s.close()
+    with pytest.raises(RuntimeError, match="after close"):
+        await s.write(events([odd_events()]))
+
+
+async def test_an_unusable_file_fails_start(tmp_path: Path) -> None:
+    (tmp_path / "warehouse.sqlite3").write_bytes(b"not a database" * 100)
+    s = SqliteSink(SqliteSinkConfig(name="w"), context(tmp_path))
+    with pytest.raises(SinkError, match="warehouse.sqlite3"):
+        await s.start()
+    with pytest.raises(RuntimeError, match="before start"):
+        await s.write(events([odd_events()]))
+    (tmp_path / "warehouse.sqlite3").unlink()  # the operator moved it away
+    await s.start()
+    await s.write(events([odd_events()]))
+    await s.close()
+
+
+# -- several workers ----------------------------------------------------------------------
+
+
+async def test_two_sinks_start_and_write_overlapping_batches_at_once(tmp_path: Path) -> None:
+    """Two workers' sinks on one file: both start at once on a new file, then write
+    overlapping batches concurrently (each in its own thread and connection)."""
+    values = traffic(6_000, seed=7)
+    third = len(values) // 3
+    a_part, b_part = values[: 2 * third], values[third:]  # the middle third in both
+    for round_ in range(3):
+        d = tmp_path / f"r{round_}"
+        sinks = [SqliteSink(SqliteSinkConfig(name="warehouse", busy_timeout_s=10), context(d))
+                 for _ in range(2)]
+        await asyncio.gather(*(s.start() for s in sinks))
+
+        async def deliver(s: SqliteSink, part: list[EventsBatch]) -> None:
+            for i in range(0, len(part), 40):
+                await s.write(events(part[i:i + 40]))
+
+        await asyncio.gather(deliver(sinks[0], a_part), deliver(sinks[1], b_part[::-1]))
+        await asyncio.gather(*(s.close() for s in sinks))
+        path = d / "warehouse.sqlite3"
+        ids = [r[0] for r in select(path, "SELECT event_id FROM events")]
+        want = {e.event_id for v in values for e in v.events}
+        assert len(ids) == len(want) and set(ids) == want
