@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +32,7 @@ from evd.core.config import FilesSinkConfig
 from evd.core.consumer import EmbeddedConsumer
 from evd.core.embedded import EmbeddedLog
 from evd.core.errors import ConfigError
-from evd.core.log import EVENTS, RAW, SubLog, TopicPartition
+from evd.core.log import EVENTS, RAW, Consumer, ConsumerRecord, Lag, SubLog, TopicPartition
 from evd.core.records import Kind
 from evd.core.schema import (
     ChartRow,
@@ -736,6 +736,90 @@ async def test_processed_until_reads_the_stamp_of_the_record_at_the_committed_of
         assert not await processed_until(consumer, at(end0, None), H1 + 21)
     finally:
         await consumer.close()
+
+
+class GrowingRaw(Consumer):
+    """The Consumer role over one raw partition of two sub-logs: ``cold`` holds
+    one record stamped ``stamp``; ``hot`` gets a record stamped H1 at each call
+    (a writer appending all the time). ``hot_first``: fetch
+    serves ``hot`` whenever it has a record (the worst order for the check);
+    else the sub-logs with records take turns."""
+
+    def __init__(self, stamp: int, hot_first: bool) -> None:
+        self.cold, self.hot = SubLog(RAW, 0, 0), SubLog(RAW, 0, 1)
+        self.stamp = stamp
+        self.hot_first = hot_first
+        self.hot_end = 10
+        self.pos: dict[SubLog, int] = {}
+        self.turn = 0
+        self.fetches = 0
+
+    def _ends(self) -> dict[SubLog, int]:
+        return {self.cold: 1, self.hot: self.hot_end}
+
+    async def end_offsets(self) -> dict[SubLog, int]:
+        self.hot_end += 1
+        return self._ends()
+
+    def seek(self, sublog: SubLog, offset: int) -> None:
+        self.pos[sublog] = offset
+
+    def seek_to_beginning(self, sublog: SubLog) -> None:
+        self.pos[sublog] = 0
+
+    async def fetch(self, max_bytes: int = 1 << 20, timeout: float = 1.0) -> list[ConsumerRecord]:
+        self.fetches += 1
+        self.hot_end += 1
+        ready = [s for s, end in self._ends().items() if self.pos.get(s, 0) < end]
+        if not ready:
+            return []
+        if self.hot_first:
+            ready.sort(key=lambda s: s != self.hot)
+        else:
+            self.turn += 1
+            ready = ready[self.turn % len(ready):] + ready[: self.turn % len(ready)]
+        sublog = ready[0]
+        offset = self.pos.get(sublog, 0)
+        stamp = self.stamp if sublog == self.cold else H1
+        payload = records.encode(Kind.RAW, stamp, RawBatch(stamp, []))
+        return [ConsumerRecord(sublog, offset, offset + 1, payload)]
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        raise NotImplementedError
+
+    def assignment(self) -> set[TopicPartition]:
+        return {TopicPartition(RAW, 0)}
+
+    def positions(self) -> dict[SubLog, int]:
+        return dict(self.pos)
+
+    def backlog(self) -> set[SubLog]:
+        raise NotImplementedError
+
+    async def commit(self, offsets: Mapping[SubLog, int] | None = None) -> None:
+        raise NotImplementedError
+
+    async def committed(self) -> dict[SubLog, int]:
+        raise NotImplementedError
+
+    def lag(self, now: float | None = None) -> Lag:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("hot_first", [False, True])
+async def test_processed_until_ends_while_a_sublog_keeps_growing(hot_first: bool) -> None:
+    fake = GrowingRaw(stamp=H1 + 5, hot_first=hot_first)
+    committed = {fake.cold: 0, fake.hot: 11}  # hot at its end when the check starts
+    got = await processed_until(fake, committed, H1 + 5)
+    # Taking turns, the cold record is looked at; served last, it never is and the
+    # check gives up (the next one decides) instead of fetching forever.
+    assert got is not hot_first
+    assert fake.fetches <= 2 * 2 + 16
+    if not hot_first:
+        assert not await processed_until(GrowingRaw(H1 + 4, False), committed, H1 + 5)
 
 
 async def test_processed_until_is_false_without_any_raw_sublog(tmp_path: Path) -> None:

@@ -61,12 +61,14 @@ in ``late_rows``.
 Speed. Encoding, compression and every file operation run in a thread
 (``asyncio.to_thread``), a chunk of rows at a time. An event's NDJSON row is
 one msgspec encoding of an ``_EventRow`` built from the event's fields and its
-enrichment (no dicts); Parquet columns are built from the structs. gzip is
-level 1: on the lake's rows (about 490 bytes each) zlib's level 1 compresses
-5.7 times at 178 MB/s on the 2-core VM, level 3 6.0 times at 135 MB/s, level
-6 6.75 times at 77 MB/s, slower alone than the 300,000 events/s target needs
-(147 MB/s). With the ``isal`` package installed, gzip is ISA-L's deflate
-(level 1: 6.1 times at 790 MB/s), the same format.
+enrichment (no dicts); Parquet rows are tuples that pyarrow converts in one
+pass. Levels, measured on the traffic model's rows (bench.sinks' recording,
+513 bytes each, the 2-core VM): gzip is level 1, zlib compressing 5.4 times
+at 168 MB/s, where level 3 gives 5.7 times at 148 MB/s and level 6 6.5 times
+at 74 MB/s, and the 300,000 events/s target needs 154 MB/s for the
+compression alone. With the optional ``isal`` package installed, gzip is
+ISA-L's deflate (level 1: 5.6 times at 815 MB/s), the same format. zstd is
+level 1: 7.25 times at 672 MB/s, where level 3 gives 7.35 times at 347 MB/s.
 """
 
 from __future__ import annotations
@@ -122,8 +124,8 @@ PROGRESS_STREAMS = frozenset(("sessions", "charts"))
 
 #: gzip level (see the module docstring).
 GZIP_LEVEL = 1
-#: zstd level of NDJSON files: 3 (zstd's default) is still several times gzip 1's speed.
-ZSTD_LEVEL = 3
+#: zstd level of NDJSON files (see the module docstring).
+ZSTD_LEVEL = 1
 #: Items encoded at a time: bounds the uncompressed NDJSON (about 2 MiB of
 #: events) a write holds, and keeps it in cache while it is compressed.
 NDJSON_CHUNK_ITEMS = 4096
@@ -137,8 +139,8 @@ CHECK_INTERVAL_S = 10.0
 MAX_KNOWN_DIRS = 20_000
 
 try:
-    # ISA-L's deflate (the isal package, optional): about 4 times zlib's speed at
-    # level 1, and files as small; the same gzip format and compressobj API.
+    # ISA-L's deflate (the isal package, optional): about 5 times zlib's speed at
+    # level 1 and slightly smaller files; the same gzip format and compressobj API.
     from isal import isal_zlib as _deflate
 except ImportError:
     _deflate = zlib
@@ -366,6 +368,17 @@ class _Parquet:
             "events": events, "late": events, "sessions": sessions,
             "charts": charts, "dead_letter": dead,
         }
+        # Dictionary pages for the events' few-valued columns only: on ids and
+        # times (all distinct) a dictionary is built and thrown away. Measured on
+        # the traffic model's events: 1.42 -> 0.90 us per row, 52 -> 47 bytes.
+        few = [
+            "event_type", "track_id", "playback.initiator", "context.page_uri",
+            "context.playlist_uri", "device.os", "device.client_version", "geo.country",
+            "geo.region",
+        ]
+        self.dictionary: dict[str, list[str] | bool] = {"events": few, "late": few}
+        #: An events row without its timestamp (see _events).
+        self.event_rows = pa.struct([f for f in events if f.name != "timestamp"])
 
     def write(self, f: BinaryIO, group: Batch) -> None:
         stream = group.stream
@@ -374,61 +387,51 @@ class _Parquet:
             "events": self._events, "late": self._events, "sessions": self._sessions,
             "charts": self._charts, "dead_letter": self._dead_letters,
         }[stream]
-        with self.pq.ParquetWriter(f, schema, compression="zstd") as writer:
+        dictionary = self.dictionary.get(stream, True)
+        with self.pq.ParquetWriter(
+            f, schema, compression="zstd", use_dictionary=dictionary
+        ) as writer:
             for chunk in _chunks(group, PARQUET_ROW_GROUP):
                 writer.write_table(self.pa.Table.from_arrays(build(chunk), schema=schema))
-
-    def _struct(self, objs: list[Any], type_: Any) -> Any:
-        """A struct column of ``objs`` (Structs with the type's fields, or None):
-        pyarrow converts their tuples in C++, about twice as fast as a column
-        per field."""
-        return self.pa.array([o and astuple(o) for o in objs], type_)
 
     # Each builder returns the schema's columns, in order, for one chunk.
 
     def _events(self, chunk: Batch) -> list[Any]:
-        all_late = chunk.stream == "late"
-        events: list[Event] = []
-        received: list[int] = []
-        times: list[int] = []
-        late: list[bool] = []
-        for b in chunk.values:
-            evs = b.events
-            n = len(evs)
-            events += evs
-            received += [b.received_at] * n
-            skew = b.skew_ms
-            # evd.core.schema.epoch_ms, inlined as in _event_rows.
-            times += [int(e.timestamp.timestamp() * 1000) + skew for e in evs]
-            if all_late or not b.late:
-                late += [all_late] * n
-            else:
-                marked = frozenset(b.late)
-                late += [i in marked for i in range(n)]
-        # The timestamps' text exactly as the NDJSON rows have it: msgspec's, of
-        # the whole list at once (RFC 3339 has no '"' or ',').
-        stamps = _encode([e.timestamp for e in events])[2:-2].decode().split('","')
-
+        """One tuple per row (nested structs as tuples, no timestamp), converted by
+        pyarrow in one pass, then split into columns: 15% faster than a list and
+        a conversion per column. The timestamps' text is msgspec's, as in the
+        NDJSON rows, encoded for the whole chunk at once (RFC 3339 has no '"'
+        or ',')."""
         pa = self.pa
-        s, i64 = pa.string(), pa.int64()
-
-        def column(name: str) -> Any:
-            return pa.array(list(map(attrgetter(name), events)), s)
-
-        return [
-            column("event_id"),
-            pa.array(stamps, s),
-            column("user_id"),
-            column("track_id"),
-            self._struct([e.playback for e in events], self.playback),
-            column("event_type"),
-            self._struct([e.context for e in events], self.context),
-            self._struct([e.device for e in events], self.device),
-            self._struct([e.geo for e in events], self.geo),
-            pa.array(received, i64),
-            pa.array(times, i64),
-            pa.array(late, pa.bool_()),
-        ]
+        all_late = chunk.stream == "late"
+        out: list[tuple[Any, ...]] = []
+        stamps: list[datetime] = []
+        for b in chunk.values:
+            r, skew = b.received_at, b.skew_ms
+            evs = b.events
+            stamps += [e.timestamp for e in evs]
+            # event_time: evd.core.schema.epoch_ms inlined, as in _event_rows.
+            if all_late or b.late:
+                late = range(len(evs)) if all_late else frozenset(b.late)
+                out += [
+                    (e.event_id, e.user_id, e.track_id, astuple(e.playback), e.event_type,
+                     e.context and astuple(e.context), e.device and astuple(e.device),
+                     e.geo and astuple(e.geo), r, int(e.timestamp.timestamp() * 1000) + skew,
+                     i in late)
+                    for i, e in enumerate(evs)
+                ]
+            else:
+                out += [
+                    (e.event_id, e.user_id, e.track_id, astuple(e.playback), e.event_type,
+                     e.context and astuple(e.context), e.device and astuple(e.device),
+                     e.geo and astuple(e.geo), r, int(e.timestamp.timestamp() * 1000) + skew,
+                     False)
+                    for e in evs
+                ]
+        columns: list[Any] = pa.array(out, self.event_rows).flatten()
+        text = _encode(stamps)[2:-2].decode().split('","')
+        columns.insert(1, pa.array(text, pa.string()))
+        return columns
 
     def _sessions(self, chunk: Batch) -> list[Any]:
         pa = self.pa
@@ -487,8 +490,10 @@ async def processed_until(
     record received before it was processed and its outputs are durable.
 
     False when there is no sub-log at all: nothing vouches for the hour (no raw
-    log under this data_dir, e.g. another log backend). A sub-log without a
-    commit counts from its oldest record. Moves the consumer's positions.
+    log under this data_dir, e.g. another log backend), and when the records
+    could not all be looked at within a bound of fetches (sub-logs written to
+    all the time): the next look decides. A sub-log without a commit counts
+    from its oldest record. Moves the consumer's positions.
     """
     ends = await consumer.end_offsets()
     if not ends:
@@ -504,11 +509,16 @@ async def processed_until(
             else:
                 consumer.seek(sublog, offset)
             pending.add(sublog)
-    while pending:
-        # max_bytes=1: one record of one sub-log per fetch (the one at its position).
+    # Each fetch serves one sub-log; one that got new records after it was moved to
+    # its end is served again, so the fetches are bounded rather than counted.
+    for _ in range(2 * len(ends) + 16):
+        if not pending:
+            return True
+        # max_bytes=1: one record of one sub-log (the one at its position).
         fetched = await consumer.fetch(max_bytes=1, timeout=0)
         if not fetched:
             return True  # the rest had nothing at their position: at their end
+        ends = await consumer.end_offsets()
         for record in fetched:
             sublog = record.sublog
             if sublog in pending:
@@ -516,10 +526,8 @@ async def processed_until(
                 stamp = header_of(record.payload, sublog.stream).timestamp
                 if stamp is None or stamp < until_ms:
                     return False
-            if sublog not in ends:  # a sub-log that appeared meanwhile: newer than the check
-                ends[sublog] = (await consumer.end_offsets())[sublog]
-            consumer.seek(sublog, ends[sublog])
-    return True
+            consumer.seek(sublog, ends.get(sublog, record.next_offset))
+    return not pending
 
 
 async def caught_up(consumer: Consumer, committed: Mapping[SubLog, int]) -> bool:
