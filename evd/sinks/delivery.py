@@ -109,6 +109,8 @@ class DeliveryLoop:
         self.metrics = sink_metrics
         self.kind = kind
         self._pending: dict[str, _Pending] = {}
+        #: The batch being written (and retried): still lag until it is confirmed.
+        self._writing: _Pending | None = None
         self._seen: dict[SeenKey, int] = {}
         self._stopping = asyncio.Event()
         self._started = False
@@ -222,7 +224,11 @@ class DeliveryLoop:
         batch = Batch(stream, pend.values, pend.count, pend.nbytes, pend.partitions)
         counts: Counter[CountKey] = Counter()
         if pend.values:
-            written = await self._write(batch)
+            self._writing = pend
+            try:
+                written = await self._write(batch)
+            finally:
+                self._writing = None
             if written is None:
                 return  # stopping mid-retry: not committed, written again after a restart
             if written:
@@ -278,16 +284,29 @@ class DeliveryLoop:
                 self.retries += 1
                 if m is not None:
                     m.retry()
-                try:
-                    await asyncio.wait_for(self._stopping.wait(), delay)
-                except TimeoutError:
-                    continue
-                return None
+                if not await self._back_off(delay):
+                    return None
+                continue
             if m is not None:
                 m.write_time(time.perf_counter() - started)
                 m.delivered(batch.count)
             self.delivered += batch.count
             return True
+
+    async def _back_off(self, delay: float) -> bool:
+        """Wait ``delay`` s, publishing the lag meanwhile (a failing target shows as a
+        growing lag); False when the loop is asked to stop."""
+        deadline = time.monotonic() + delay
+        while True:
+            self._publish_lag()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return True
+            try:
+                await asyncio.wait_for(self._stopping.wait(), min(left, LAG_INTERVAL_S))
+            except TimeoutError:
+                continue
+            return False
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
         """Full jitter: uniform in [0, min(max, initial * 2**(attempt-1))], or the
@@ -326,13 +345,17 @@ class DeliveryLoop:
             await self.producer.append_all(appends, internal=True)
 
     def _publish_lag(self) -> None:
+        self._lag_at = time.monotonic()
         if self.metrics is None:
             return
         lag = self.consumer.lag()
-        nbytes = lag.bytes + sum(p.nbytes for p in self._pending.values())
+        waiting = list(self._pending.values())
+        if self._writing is not None:
+            waiting.append(self._writing)
+        nbytes = lag.bytes + sum(p.nbytes for p in waiting)
         seconds = lag.seconds
         now_ms = time.time() * 1000
-        for pend in self._pending.values():
+        for pend in waiting:
             if pend.stamps:
                 seconds = max(seconds, (now_ms - pend.stamps[0][0]) / 1000)
         self.metrics.lag(nbytes, seconds)
