@@ -66,8 +66,9 @@ pass. Levels, measured on the traffic model's rows (bench.sinks' recording,
 513 bytes each, the 2-core VM): gzip is level 1, zlib compressing 5.4 times
 at 168 MB/s, where level 3 gives 5.7 times at 148 MB/s and level 6 6.5 times
 at 74 MB/s, and the 300,000 events/s target needs 154 MB/s for the
-compression alone. With the optional ``isal`` package installed, gzip is
-ISA-L's deflate (level 1: 5.6 times at 815 MB/s), the same format. zstd is
+compression alone. So gzip is ISA-L's deflate (the ``isal`` package, a
+dependency; level 1: 5.6 times at 815 MB/s), the same format; where isal is
+missing (no wheel for the platform) it falls back to zlib. zstd is
 level 1: 7.25 times at 672 MB/s, where level 3 gives 7.35 times at 347 MB/s.
 """
 
@@ -78,6 +79,7 @@ import calendar
 import logging
 import os
 import time
+import types
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
@@ -90,6 +92,7 @@ import orjson
 import zstandard
 from msgspec.structs import astuple
 
+from evd.core import metrics
 from evd.core.config import SINK_STREAMS, FilesSinkConfig
 from evd.core.consumer import EmbeddedConsumer, committed_offsets
 from evd.core.errors import ConfigError, EvdError
@@ -139,9 +142,11 @@ CHECK_INTERVAL_S = 10.0
 MAX_KNOWN_DIRS = 20_000
 
 try:
-    # ISA-L's deflate (the isal package, optional): about 5 times zlib's speed at
+    # ISA-L's deflate (the isal package): about 5 times zlib's speed at
     # level 1 and slightly smaller files; the same gzip format and compressobj API.
-    from isal import isal_zlib as _deflate
+    from isal import isal_zlib
+
+    _deflate: types.ModuleType = isal_zlib
 except ImportError:
     _deflate = zlib
 
@@ -672,6 +677,7 @@ class FilesSink(Sink):
             raise SinkError(f"lake {self.root}: {exc}") from exc
         if late:
             self.late_rows += late
+            metrics.LAKE_LATE_ROWS.inc(late)
             log.warning(
                 "lake %s: %d %s rows came after their hour's _SUCCESS; written to %s",
                 self.root, late, batch.stream, self.root / LATE_DIR,
