@@ -62,6 +62,7 @@ class Seen:
     headers: dict[str, str]
     body: bytes
     peer: tuple[str, int]
+    content_types: list[str]
 
 
 @dataclass
@@ -76,7 +77,7 @@ class Target:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         peer = request.transport.get_extra_info("peername") if request.transport else None
         self.seen.append(Seen(request.path_qs, dict(request.headers), await request.read(),
-                              tuple(peer or ("", 0))))
+                              tuple(peer or ("", 0)), request.headers.getall("Content-Type", [])))
         if self.replies:
             return await self.replies.pop(0)(request)
         return web.json_response({"ok": True})
@@ -129,7 +130,7 @@ async def test_body_is_the_rows_of_the_batch_with_auth(sink: HttpSink, target: T
     (req,) = target.seen
     assert req.path == "/hook?team=a"
     assert req.headers["Authorization"] == AUTH
-    assert req.headers["Content-Type"] == "application/json"
+    assert req.content_types == ["application/json"]
     lines = rows.json_lines(batch, WINDOW_MS).splitlines()
     # The rows are spliced in as they are, not encoded again.
     assert req.body == (b'{"sink":"hook","stream":"events","count":3,"items":['
@@ -175,6 +176,21 @@ async def test_connections_are_kept_alive(sink: HttpSink, target: Target) -> Non
     await sink.write(events_batch(1))
     await sink.write(events_batch(1))
     assert len(target.seen) == 5
+
+
+async def test_a_configured_content_type_replaces_the_default(
+    tmp_path: Path, target: Target
+) -> None:
+    cfg = HttpSinkConfig(name="hook", url=target.url,
+                         headers={"content-type": "application/json; charset=utf-8"})
+    sink = HttpSink(cfg, SinkContext(tmp_path, 0, 1, 4, WINDOW_MS))
+    await sink.start()
+    try:
+        await sink.write(events_batch(1))
+    finally:
+        await sink.close()
+    assert target.seen[0].content_types == ["application/json; charset=utf-8"]
+    assert "Authorization" not in target.seen[0].headers
 
 
 # -- answers ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 
 import aiohttp
 import msgspec
+from multidict import CIMultiDict
 from yarl import URL
 
 from evd.core.config import HttpSinkConfig
@@ -87,7 +88,8 @@ class HttpSink(Sink):
             raise RuntimeError(f"http sink {self.cfg.name!r} is closed; it cannot start again")
         if self._session is not None:
             raise RuntimeError(f"http sink {self.cfg.name!r} was already started")
-        headers = {"Content-Type": "application/json", **self.cfg.headers}
+        headers = CIMultiDict({"Content-Type": "application/json"})
+        headers.update(self.cfg.headers)  # case-insensitive: a configured content-type replaces ours
         self._session = aiohttp.ClientSession(
             headers=headers, timeout=aiohttp.ClientTimeout(total=self.cfg.timeout_s)
         )

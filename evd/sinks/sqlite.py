@@ -36,6 +36,13 @@ loss while their offsets say delivered.
 
 All SQLite work, including building the rows, runs in one thread owned by the
 sink (a connection belongs to the thread that opened it), never on the event loop.
+
+Cost (2-core EPYC VM, one core, ``python -m bench.sinks --sinks sqlite``):
+about 72,000 events/s into a new file, a third building rows in Python, the
+rest SQLite. Random event ids make every write touch pages all over the
+``event_id`` index, so the cost per event grows with the table: at 1,000,000
+events about 52,000/s, where a key in arrival order, (received_at, event_id)
+WITHOUT ROWID, measured 82,000/s and stays flat.
 """
 
 from __future__ import annotations
