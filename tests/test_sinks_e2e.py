@@ -155,7 +155,7 @@ def test_every_accepted_event_reaches_every_sink_once(
         lambda: sum(1 for _ in lake_rows(data / "lake", "sessions")) >= len(want_sessions),
     )
     assert sorted(
-        (r["session_id"] for r in lake_rows(data / "lake", "sessions"))
+        r["session_id"] for r in lake_rows(data / "lake", "sessions")
     ) == [s["session_id"] for s in want_sessions]
 
     # the audit: nothing unaccounted for, per hour and event type.
