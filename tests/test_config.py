@@ -181,6 +181,8 @@ sinks:
         ("sinks: [{name: a, type: stdout, event_types: [jump]}]", "sinks.0.event_types"),
         ("sinks: [{name: a, type: stdout, batch: {max_events: 0}}]", "sinks.0.batch"),
         ("sinks: [{name: a, type: http, url: ftp://x}]", "sinks.0.url"),
+        ("sinks: [{name: a, type: http, url: 'http://u:p@h/x', headers: {authorization: k}}]",
+         "sinks.0.headers: the url has credentials"),
         ("sinks: [{name: 'a b', type: stdout}]", "sinks.0.name"),
     ]:
         with pytest.raises(ConfigError) as info:

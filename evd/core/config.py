@@ -365,8 +365,15 @@ def _validate_sinks(sinks: list[AnySinkConfig]) -> None:
             and importlib.util.find_spec("pyarrow") is None
         ):
             raise ConfigError(f"{where}.format: parquet needs pyarrow: pip install 'evd[parquet]'")
-        if isinstance(sink, HttpSinkConfig) and not sink.url.startswith(("http://", "https://")):
-            raise ConfigError(f"{where}.url: expected an http:// or https:// URL")
+        if isinstance(sink, HttpSinkConfig):
+            if not sink.url.startswith(("http://", "https://")):
+                raise ConfigError(f"{where}.url: expected an http:// or https:// URL")
+            has_user = "@" in sink.url.split("://", 1)[1].split("/", 1)[0]
+            if has_user and any(h.lower() == "authorization" for h in sink.headers):
+                raise ConfigError(
+                    f"{where}.headers: the url has credentials and headers an Authorization:"
+                    " use one of them"
+                )
 
 
 def load_config(
