@@ -44,6 +44,7 @@ from typing import Any
 
 import uvloop
 
+from bench.scaling import tree_cpu
 from bench.seedload import STAMP, ClosedLoop, Load, request_templates, seed_event
 from evd.bench import metrics
 from evd.bench.html import COLORS, Series, line_chart
@@ -139,7 +140,15 @@ async def sample(port: int, stop: float, out: list[dict[str, Any]]) -> None:
         await asyncio.sleep(SAMPLE_S)
 
 
-async def drive(args: argparse.Namespace, port: int, rate: float) -> dict[str, Any]:
+async def server_cpu(pid: int, since: float, until: float) -> float:
+    """CPU seconds the server's process tree used between two perf_counter times."""
+    await asyncio.sleep(max(0.0, since - time.perf_counter()))
+    before = sum(tree_cpu(pid).values())
+    await asyncio.sleep(max(0.0, until - time.perf_counter()))
+    return sum(tree_cpu(pid).values()) - before
+
+
+async def drive(args: argparse.Namespace, port: int, rate: float, pid: int) -> dict[str, Any]:
     target = Target.parse(f"http://127.0.0.1:{port}")
     load = PacedLoad(templates(args.batch, "evd-dev-key", target, args.seed),
                      b"%08x" % random.getrandbits(32), args.seed, count_accepted=True)
@@ -151,6 +160,7 @@ async def drive(args: argparse.Namespace, port: int, rate: float) -> dict[str, A
     load.end = load.stop
     samples: list[dict[str, Any]] = []
     sampler = loop.create_task(sample(port, start + args.duration + args.settle, samples))
+    cpu = loop.create_task(server_cpu(pid, load.start, load.stop))
     for _ in range(args.connections):
         _, conn = await loop.create_connection(lambda: Paced(load), target.host, target.port)
         load.conns.append(conn)
@@ -161,6 +171,7 @@ async def drive(args: argparse.Namespace, port: int, rate: float) -> dict[str, A
         conn.close()
     await sampler
     window = args.duration - args.warmup
+    cpu_s = await cpu
     last = samples[-1] if samples else {}
     at_end = [s for s in samples if s["t"] <= args.duration]
     end_sample = at_end[-1] if at_end else last
@@ -169,6 +180,9 @@ async def drive(args: argparse.Namespace, port: int, rate: float) -> dict[str, A
         "accepted_per_s": round(load.accepted / window),
         "statuses": dict(load.statuses),
         "p99_ms": load.hist.percentile(99) / 1000,
+        # The server's CPU (supervisor and worker, every thread) in the measured window.
+        "server_cpu_cores": round(cpu_s / window, 3),
+        "server_cpu_us_per_event": round(cpu_s / load.accepted * 1e6, 1) if load.accepted else None,
         "lag_seconds_at_end_of_load": end_sample.get("lag_seconds", 0),
         "lag_bytes_at_end_of_load": end_sample.get("lag_bytes", 0),
         "max_lag_seconds": max((s["lag_seconds"] for s in at_end), default=0),
@@ -240,7 +254,7 @@ def run_rate(args: argparse.Namespace, rate: float, bounds: dict[str, float]) ->
         port = free_port()
         proc = start_server(args, Path(tmp) / "data", port)
         try:
-            result = uvloop.run(drive(args, port, rate))
+            result = uvloop.run(drive(args, port, rate, proc.pid))
         finally:
             proc.terminate()
             proc.wait(30)
@@ -328,7 +342,8 @@ def main(argv: list[str] | None = None) -> int:
             f"target {'max' if rate <= 0 else f'{rate:,.0f}'} ev/s: accepted "
             f"{result['accepted_per_s']:,} ev/s, lag at end of load (s): {lags} "
             f"(processor {result['lag_bytes_at_end_of_load'] / 1e6:.1f} MB behind), p99 "
-            f"{result['p99_ms']:.1f} ms, "
+            f"{result['p99_ms']:.1f} ms, server {result['server_cpu_cores']:.2f} cores "
+            f"({result['server_cpu_us_per_event'] or 0:.1f} us per event), "
             f"{'sustained' if result['sustained'] else 'NOT sustained'}",
             flush=True,
         )

@@ -41,6 +41,7 @@ def test_a_paced_rate_is_accepted_processed_and_reported(tmp_path: Path) -> None
     assert set(result["stage_lag_seconds_at_end_of_load"]) == stages
     assert result["lag_bounds"] == {"processor": 2.0, "lake": 12.0, "warehouse": 3.0}
     assert result["stages_over_bound"] == {}
+    assert result["server_cpu_cores"] > 0 and result["server_cpu_us_per_event"] > 0
     # The warehouse writes within its 1 s batch age: every event is in it by the end.
     assert last["delivered"]["warehouse"] >= last["accepted"]
     page = (tmp_path / "pipeline.html").read_text()
