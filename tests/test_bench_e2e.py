@@ -67,7 +67,7 @@ def _duplicates_dropped(url: str) -> float:
 
 def _server_has_delivery_delay(url: str) -> bool:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
-        return b"evd_delivery_delay_seconds" in resp.read()
+        return b"evd_sink_delivery_delay_seconds" in resp.read()
 
 
 class CliRun(NamedTuple):

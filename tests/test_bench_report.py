@@ -72,12 +72,12 @@ evd_request_duration_seconds_sum 0.5
 """
 
 DELAY = """\
-# TYPE evd_delivery_delay_seconds histogram
-evd_delivery_delay_seconds_bucket{{le="0.1"}} {a}
-evd_delivery_delay_seconds_bucket{{le="1.0"}} {b}
-evd_delivery_delay_seconds_bucket{{le="+Inf"}} {b}
-evd_delivery_delay_seconds_count {b}
-evd_delivery_delay_seconds_sum 1.0
+# TYPE evd_sink_delivery_delay_seconds histogram
+evd_sink_delivery_delay_seconds_bucket{{le="0.1"}} {a}
+evd_sink_delivery_delay_seconds_bucket{{le="1.0"}} {b}
+evd_sink_delivery_delay_seconds_bucket{{le="+Inf"}} {b}
+evd_sink_delivery_delay_seconds_count {b}
+evd_sink_delivery_delay_seconds_sum 1.0
 """
 
 LAG = """\

@@ -20,7 +20,8 @@ ACCEPTED = "evd_events_accepted_total"
 REJECTED = "evd_events_rejected_total"
 DUPLICATES = "evd_events_duplicates_total"
 REQUEST_DURATION = "evd_request_duration_seconds"
-DELIVERY_DELAY = "evd_delivery_delay_seconds"
+#: Per sink (label ``sink``); the report merges every sink's deliveries.
+DELIVERY_DELAY = "evd_sink_delivery_delay_seconds"
 #: Age of the oldest raw record the processors have not read (max over workers).
 PROCESSOR_LAG = "evd_processor_lag_seconds_max"
 #: Age of the oldest record a sink has not delivered, per ``sink`` label.
