@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from evd.core import metrics
 from evd.core.config import BatchConfig, Config, RetryConfig
 from evd.core.consumer import EmbeddedConsumer
 from evd.core.embedded import EmbeddedLog
+from evd.core.log import RAW, SubLog, TopicPartition
 from evd.core.retention import Retention
 from evd.sinks import build_sink
 from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
@@ -104,6 +105,15 @@ class Pipeline:
         self._spawn(self._publish_gauges(), "processor gauges")
         self.retention.start()
 
+    async def _raw_ends(self, partitions: list[int]) -> dict[SubLog, int]:
+        """End offsets of every raw sub-log of ``partitions`` (for the delivery loops)."""
+        consumer = EmbeddedConsumer(self.data_dir, None)
+        try:
+            consumer.assign(TopicPartition(RAW, p) for p in partitions)
+            return await consumer.end_offsets()
+        finally:
+            await consumer.close()
+
     async def _start_deliveries(self, owned: list[int]) -> None:
         """A delivery loop per sink, and the audit stage, over the owned partitions."""
         cfg = self.cfg
@@ -112,6 +122,10 @@ class Pipeline:
             partitions=cfg.log.partitions, chart_window_ms=cfg.charts.window_s * 1000,
         )
         metrics.set_sinks([sink.name for sink in cfg.sinks])
+
+        def raw_ends() -> Awaitable[dict[SubLog, int]]:
+            return self._raw_ends(owned)
+
         for i, sink_cfg in enumerate(cfg.sinks):
             consumer = EmbeddedConsumer(self.data_dir, sink_cfg.name)
             self._consumers.append(consumer)
@@ -120,13 +134,14 @@ class Pipeline:
                 producer=self.lg, ledger=self.ledger, streams=sink_cfg.streams,
                 partitions=owned, batch=sink_cfg.batch, retry=sink_cfg.retry,
                 event_types=sink_cfg.event_types, sink_metrics=metrics.SinkMetrics(i),
+                raw_ends=raw_ends,
             ))
         consumer = EmbeddedConsumer(self.data_dir, AUDIT_STAGE)
         self._consumers.append(consumer)
         self.deliveries.append(DeliveryLoop(
             name=AUDIT_STAGE, sink=AuditStage(), consumer=consumer, producer=None,
             ledger=self.ledger, streams=AUDIT_STREAMS, partitions=owned,
-            batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit",
+            batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit", raw_ends=raw_ends,
         ))
         for delivery in self.deliveries:
             await delivery.start()

@@ -12,7 +12,9 @@ main module: the record's path travels in the environment (RECORD_ENV), and
 the import wraps their fsync too.
 
 A simplification: files created or deleted since their directory's last fsync
-are kept or stay deleted, which a real power cut may not do.
+are kept or stay deleted, which a real power cut may not do. ``os.replace`` is
+wrapped too, so that a file written atomically (temp, fsync, rename) keeps
+what its fsync covered under its new name.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 #: Where the record goes, for the worker processes the server spawns.
 RECORD_ENV = "POWERCUT_RECORD"
@@ -30,17 +33,31 @@ def record_fsyncs(record: str) -> None:
     """Wrap ``os.fsync`` so that every fsync of a regular file is recorded."""
     out = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     real_fsync = os.fsync
+    real_replace = os.replace
+    #: What this process's fsyncs covered, per path: a rename carries it along.
+    synced: dict[str, int] = {}
+
+    def note(size: int, path: str) -> None:
+        synced[path] = size
+        # One write of one short line to an O_APPEND file: lines of the
+        # fsync threads never interleave.
+        os.write(out, f"{size}\t{path}\n".encode())
 
     def fsync(fd: int) -> None:
         st = os.fstat(fd)
         real_fsync(fd)
         if stat.S_ISREG(st.st_mode):
-            path = os.readlink(f"/proc/self/fd/{fd}")
-            # One write of one short line to an O_APPEND file: lines of the
-            # fsync threads never interleave.
-            os.write(out, f"{st.st_size}\t{path}\n".encode())
+            note(st.st_size, os.readlink(f"/proc/self/fd/{fd}"))
+
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
+        # An atomic write (temp, fsync, rename): the synced bytes now have dst's name.
+        real_replace(src, dst, **kw)
+        size = synced.pop(os.path.abspath(src), None)
+        if size is not None:
+            note(size, os.path.abspath(dst))
 
     os.fsync = fsync
+    os.replace = replace  # type: ignore[assignment]
 
 
 if __name__ == "__mp_main__" and RECORD_ENV in os.environ:

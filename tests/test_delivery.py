@@ -27,12 +27,12 @@ from evd.core import records
 from evd.core.config import BatchConfig, RetryConfig
 from evd.core.consumer import EmbeddedConsumer, committed_offsets
 from evd.core.embedded import EmbeddedLog
-from evd.core.log import DEAD_LETTER, EVENTS, TopicPartition
+from evd.core.log import DEAD_LETTER, EVENTS, SubLog, TopicPartition
 from evd.core.records import Kind
 from evd.core.schema import DeadLetter, Event, EventsBatch, Playback
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkError
 from evd.sinks.delivery import DeliveryLoop
-from evd.sinks.ledger import CountKey, Ledger, read_counts
+from evd.sinks.ledger import CountKey, Ledger, SeenKey, read_counts
 
 pytestmark = pytest.mark.workers_independent
 
@@ -276,3 +276,43 @@ async def test_a_stop_during_retries_commits_nothing(tmp_path: Path, log: Embedd
     assert committed_offsets(tmp_path, "s", EVENTS, 0) == {}
     assert read_counts(tmp_path) == []
     assert CountKey(HOUR, EVENTS, "play", "delivered")  # the key shape the ledger uses
+
+
+async def test_offsets_past_the_logs_end_read_on_from_the_end(
+    tmp_path: Path, log: EmbeddedLog
+) -> None:
+    # A power cut (fsync never) took records this sink had delivered: the ledger's
+    # offset is past the end, and appends go on from the end.
+    await log.append(EVENTS, 0, events_record(["a"], 0))
+    end = log.end_offset(EVENTS, 0)
+    ledger = Ledger(tmp_path)
+    await ledger.commit("s", {}, {SubLog(EVENTS, 0, 0): end + 5_000}, {})
+    sink = RecordingSink()
+    loop = make_loop(tmp_path, log, sink, ledger)
+    await loop.start()  # restarts after the power cut, then the writer appends again
+    await log.append(EVENTS, 0, events_record(["b"], 1))
+    await run_until(loop, lambda: "b" in sink.ids())
+    await ledger.close()
+    assert sink.ids() == ["b"]
+
+
+@pytest.mark.parametrize("raw_end", [None, 50])
+async def test_raw_offsets_past_the_raw_logs_end_are_not_taken_for_replays(
+    tmp_path: Path, log: EmbeddedLog, raw_end: int | None
+) -> None:
+    ledger = Ledger(tmp_path)
+    await ledger.commit("s", {}, {}, {SeenKey(EVENTS, 0, 0): 100})
+    # The raw log lost its records from offset 50 on: new raw records reuse 50..100.
+    await log.append(EVENTS, 0, events_record(["new"], 60))
+    await log.append(EVENTS, 0, events_record(["after"], 200))
+    sink = RecordingSink()
+    loop = make_loop(tmp_path, log, sink, ledger)
+
+    async def raw_ends() -> dict[SubLog, int]:
+        return {} if raw_end is None else {SubLog("raw", 0, 0): raw_end}
+
+    loop.raw_ends = raw_ends
+    await run_until(loop, lambda: "after" in sink.ids())
+    await ledger.close()
+    # Without the raw log's end (the negative control) "new" looks like a replay.
+    assert sink.ids() == (["after"] if raw_end is None else ["new", "after"])

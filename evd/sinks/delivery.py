@@ -29,11 +29,12 @@ import logging
 import random
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from evd.core import metrics, records
 from evd.core.config import BatchConfig, RetryConfig
-from evd.core.log import DEAD_LETTER, Consumer, Producer, SubLog, TopicPartition
+from evd.core.log import DEAD_LETTER, RAW, Consumer, Producer, SubLog, TopicPartition
 from evd.core.schema import DeadLetter
 from evd.sinks import rows
 from evd.sinks.base import Batch, Sink
@@ -95,6 +96,7 @@ class DeliveryLoop:
         event_types: list[str] | None = None,
         sink_metrics: metrics.SinkMetrics | None = None,
         kind: str = "sink",
+        raw_ends: Callable[[], Awaitable[dict[SubLog, int]]] | None = None,
     ) -> None:
         self.name = name
         self.sink = sink
@@ -108,6 +110,8 @@ class DeliveryLoop:
         self.event_types = None if event_types is None else frozenset(event_types)
         self.metrics = sink_metrics
         self.kind = kind
+        #: The raw log's end offsets (of this loop's partitions), read at start.
+        self.raw_ends = raw_ends
         self._pending: dict[str, _Pending] = {}
         #: The batch being written (and retried): still lag until it is confirmed.
         self._writing: _Pending | None = None
@@ -131,10 +135,32 @@ class DeliveryLoop:
         await self.consumer.register()
         offsets, seen = await self.ledger.offsets(self.name)
         mine = {(s, p) for s in self.streams for p in self.partitions}
-        for sublog, offset in sorted(offsets.items()):
-            if (sublog.stream, sublog.partition) in mine:
-                self.consumer.seek(sublog, offset)
+        start = dict(self.consumer.positions())
+        start.update((s, o) for s, o in offsets.items() if (s.stream, s.partition) in mine)
+        ends = await self.consumer.end_offsets()
+        for sublog, offset in sorted(start.items()):
+            end = ends.get(sublog)
+            if end is None:
+                continue
+            if offset > end:
+                # The log lost records this sink already took (fsync never or
+                # interval, then a power cut): appends go on from the end.
+                log.error(
+                    "sink %s: delivered %s up to %d, but it ends at %d (records lost after"
+                    " they were delivered); reading on from its end",
+                    self.name, sublog, offset, end,
+                )
+                offset = end
+            self.consumer.seek(sublog, offset)
         self._seen = {k: v for k, v in seen.items() if (k.stream, k.partition) in mine}
+        if self._seen and self.raw_ends is not None:
+            raw_ends = await self.raw_ends()
+            for key, raw_offset in self._seen.items():
+                end = raw_ends.get(SubLog(RAW, key.partition, key.raw_source))
+                if end is not None and raw_offset >= end:
+                    # The raw log lost records the processor had processed; the raw
+                    # offsets from its end on belong to new records, never replays.
+                    self._seen[key] = end - 1
         await self.sink.start()
         self._started = True
 
