@@ -481,3 +481,12 @@ def run_cli(
         [sys.executable, "-m", "evd", *args], check=False, capture_output=True, text=True,
         env=clean_env(**(env or {})), timeout=timeout, stdin=subprocess.DEVNULL,
     )
+
+
+def gone(pid: int) -> bool:
+    """The process no longer runs (exited, or a zombie nobody reaped yet)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True

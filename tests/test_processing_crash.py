@@ -27,7 +27,7 @@ from typing import Any
 import msgspec
 import pytest
 from batchref import compute
-from evdtest import EvdServer, ServerFactory, batch, post, track_id
+from evdtest import EvdServer, ServerFactory, batch, gone, post, track_id
 
 from evd.core.config import ProcessingConfig
 from evd.core.schema import Event, RawBatch
@@ -209,15 +209,6 @@ def matches_reference(outputs: Streams, events: list[dict[str, Any]]) -> bool:
 
 
 # -- running the server ----------------------------------------------------------------------
-
-
-def gone(pid: int) -> bool:
-    """The process no longer runs (exited, or a zombie nobody reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def wait_workers_gone(server: EvdServer, timeout: float = 10.0) -> None:

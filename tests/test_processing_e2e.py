@@ -13,6 +13,7 @@ import msgspec
 import pytest
 from batchref import compute
 from evdtest import EvdServer, ServerFactory, batch, post, request, track_id
+from sinkcheck import listening
 
 from evd.core.config import ProcessingConfig
 from evd.core.schema import RawBatch, event_decoder
@@ -34,50 +35,6 @@ POSITIONAL = ("partition", "writer", "offset")
 
 def iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
-
-
-def listening(rng: random.Random, users: int, n: int, start_ms: int) -> list[dict[str, Any]]:
-    """``n`` events of ``users`` listeners from ``start_ms`` on, about 2 ms apart, in
-    time order but for users starting a new session (up to about a session gap
-    ahead): plays, pauses, resumes, seeks, skips, ends, other-track events."""
-    state: dict[str, tuple[str, int]] = {}  # user -> (track, duration)
-    last: dict[str, int] = {}
-    out = []
-    t = start_ms
-    for i in range(n):
-        t += rng.randint(1, 3)
-        user = f"user-{rng.randrange(users)}"
-        if user in last and last[user] <= t and rng.random() < 0.05:
-            t_user = max(t, last[user] + GAP_MS + 1)  # a new session for this user
-        else:
-            t_user = t
-        last[user] = t_user
-        kind = rng.choices(
-            ["play", "pause", "resume", "seek", "skip", "end", "other"],
-            [30, 10, 10, 10, 10, 10, 5],
-        )[0]
-        track, duration = state.get(user, (track_id(rng.randrange(50)), 200_000))
-        if kind == "play" or user not in state:
-            kind = "play"
-            track, duration = track_id(rng.randrange(50)), rng.randint(60_000, 300_000)
-            state[user] = (track, duration)
-        if kind == "other":
-            kind, track = "pause", track_id(1000 + rng.randrange(50))
-        position = rng.randrange(duration)
-        event: dict[str, Any] = {
-            "event_id": f"ev-{i}",
-            "event_type": kind,
-            "timestamp": iso(t_user),
-            "user_id": user,
-            "track_id": track,
-            "playback": {"position_ms": position, "duration_ms": duration},
-        }
-        if rng.random() < 0.9:
-            event["geo"] = {"country": rng.choice(["US", "SE", "DE"])}
-        if rng.random() < 0.8:
-            event["device"] = {"os": rng.choice(["ios", "android"])}
-        out.append(event)
-    return out
 
 
 def settled(server: EvdServer, last_event_ms: int) -> bool:
@@ -105,7 +62,7 @@ def test_sessions_and_charts_equal_the_batch_computation(
     # run ahead of the wall clock (about 8 s for 4000), so the sessions close
     # once the wall clock passes them (plus gap and out-of-orderness).
     start_ms = int(time.time() * 1000)
-    events = listening(rng, 200, 4000, start_ms)
+    events = listening(rng, 200, 4000, start_ms, GAP_MS, span_ms=8_000)
     accepted: list[dict[str, Any]] = []
     for i in range(0, len(events), 100):
         chunk = events[i : i + 100]

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
-from evdtest import HOST, EvdServer, ServerFactory, batch, post, request, run_cli
+from evdtest import HOST, EvdServer, ServerFactory, batch, gone, post, request, run_cli
 from sinkcheck import file_rows, lake_rows, listening, query, wait_for
 
 pytestmark = pytest.mark.workers_independent
@@ -404,15 +404,6 @@ CRASH_CONFIG: dict[str, Any] = {
 #: committed, ``batch.max_events`` items plus those of the record that crossed the
 #: bound (one record: one request's events of one partition, at most PER_POST).
 LAKE_DUPLICATE_BOUND = KILLS * WORKERS * (LAKE_MAX_EVENTS + PER_POST)
-
-
-def gone(pid: int) -> bool:
-    """The process no longer runs (exited, or a zombie nobody reaped yet)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True
 
 
 def wait_gone(pids: list[int], timeout: float = 10.0) -> None:
