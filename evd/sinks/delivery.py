@@ -223,9 +223,14 @@ class DeliveryLoop:
                 if value.raw_offset <= self._seen.get(key, -1):
                     return pend  # emitted again by a processor replaying after a crash
                 self._seen[key] = pend.seen[key] = value.raw_offset
+            whole = value
             value, dropped = rows.filter_event_types(stream, value, self.event_types)
             if dropped:
-                self._count_filtered(pend, payload, stream, value)
+                hour = rows.hour_of(whole.received_at)
+                for ev in whole.events:
+                    pend.filtered[hour, ev.event_type] += 1
+                for ev in value.events:
+                    pend.filtered[hour, ev.event_type] -= 1
         items = rows.count_items(stream, value)
         pend.values.append(value)
         pend.partitions.append(sublog.partition)
@@ -234,14 +239,6 @@ class DeliveryLoop:
             stamp = records.header_of(payload, stream).timestamp
             pend.stamps.append((int(time.time() * 1000) if stamp is None else stamp, items))
         return pend
-
-    def _count_filtered(self, pend: _Pending, payload: bytes, stream: str, kept: Any) -> None:
-        whole = self.sink.decode(stream, payload)
-        hour = rows.hour_of(whole.received_at)
-        for ev in whole.events:
-            pend.filtered[hour, ev.event_type] += 1
-        for ev in kept.events:
-            pend.filtered[hour, ev.event_type] -= 1
 
     # -- writing ----------------------------------------------------------------------
 
