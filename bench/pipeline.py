@@ -50,6 +50,8 @@ from evd.bench import metrics
 from evd.bench.html import COLORS, Series, line_chart
 from evd.bench.http import Target
 from evd.core.config import Config, load_config
+from evd.pipeline import AUDIT_BATCH
+from evd.sinks.audit import AUDIT_STAGE
 
 #: Placeholder for the per-request timestamp, as long as the ISO text it becomes.
 TIME_STAMP = "~" * 24
@@ -239,7 +241,8 @@ def lag_bounds(cfg: Config, lag_bound: float) -> dict[str, float]:
     for the processors, plus its ``batch.max_age_s`` for each sink (it holds a
     batch that long by design)."""
     return {"processor": lag_bound,
-            **{sink.name: lag_bound + sink.batch.max_age_s for sink in cfg.sinks}}
+            **{sink.name: lag_bound + sink.batch.max_age_s for sink in cfg.sinks},
+            AUDIT_STAGE: lag_bound + AUDIT_BATCH.max_age_s}
 
 
 def stages_over(lags: dict[str, float], bounds: dict[str, float]) -> dict[str, float | None]:

@@ -121,7 +121,8 @@ class Pipeline:
             data_dir=self.data_dir, worker=self.index, workers=self.workers,
             partitions=cfg.log.partitions, chart_window_ms=cfg.charts.window_s * 1000,
         )
-        metrics.set_sinks([sink.name for sink in cfg.sinks])
+        # The audit stage's counts and lag are reported beside the sinks' (sink="audit").
+        metrics.set_sinks([*(sink.name for sink in cfg.sinks), AUDIT_STAGE])
 
         def raw_ends() -> Awaitable[dict[SubLog, int]]:
             return self._raw_ends(owned)
@@ -142,6 +143,7 @@ class Pipeline:
             name=AUDIT_STAGE, sink=AuditStage(), consumer=consumer, producer=None,
             ledger=self.ledger, streams=AUDIT_STREAMS, partitions=owned,
             batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit", raw_ends=raw_ends,
+            sink_metrics=metrics.SinkMetrics(len(cfg.sinks)),
         ))
         for delivery in self.deliveries:
             await delivery.start()

@@ -36,10 +36,12 @@ def test_a_paced_rate_is_accepted_processed_and_reported(tmp_path: Path) -> None
     # Stamped with the wall clock: processed, not routed to late.
     assert last["processed"] == last["accepted"] > 0
     assert last["late"] == 0
-    # The default config: both default sinks run, and every stage's lag is read.
-    stages = {"processor", "lake", "warehouse"}
+    # The default config: both default sinks run, and every stage's lag is read
+    # (the audit stage's too).
+    stages = {"processor", "lake", "warehouse", "audit"}
     assert set(result["stage_lag_seconds_at_end_of_load"]) == stages
-    assert result["lag_bounds"] == {"processor": 2.0, "lake": 12.0, "warehouse": 3.0}
+    assert result["lag_bounds"] == {
+        "processor": 2.0, "lake": 12.0, "warehouse": 3.0, "audit": 3.0}
     assert result["stages_over_bound"] == {}
     assert result["server_cpu_cores"] > 0 and result["server_cpu_us_per_event"] > 0
     # The warehouse writes within its 1 s batch age: every event is in it by the end.
@@ -51,8 +53,10 @@ def test_a_paced_rate_is_accepted_processed_and_reported(tmp_path: Path) -> None
 
 def test_every_stage_must_be_within_its_bound() -> None:
     bounds = pipeline.lag_bounds(pipeline.load_config(None), 2.0)
-    assert pipeline.stages_over({"processor": 2.0, "lake": 12.0, "warehouse": 0.0}, bounds) == {}
-    assert pipeline.stages_over({"processor": 2.5, "lake": 12.5, "warehouse": 0.0}, bounds) == {
+    ok = {"processor": 2.0, "lake": 12.0, "warehouse": 0.0, "audit": 0.0}
+    assert pipeline.stages_over(ok, bounds) == {}
+    assert pipeline.stages_over({**ok, "processor": 2.5, "lake": 12.5}, bounds) == {
         "processor": 2.5, "lake": 12.5}
     # A sink the server does not report (it did not start) is not bounded.
-    assert pipeline.stages_over({"processor": 0.0, "lake": 3.0}, bounds) == {"warehouse": None}
+    assert pipeline.stages_over({"processor": 0.0, "lake": 3.0, "audit": 0.0}, bounds) == {
+        "warehouse": None}

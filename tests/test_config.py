@@ -189,3 +189,6 @@ sinks:
             load_config(write(tmp_path, body), environ={})
         assert error in str(info.value), (body, str(info.value))
     assert load_config(write(tmp_path, "sinks: []"), environ={}).sinks == []
+    many = ", ".join(f"{{name: s{i}, type: stdout}}" for i in range(16))
+    with pytest.raises(ConfigError, match="^sinks: at most 15 sinks"):
+        load_config(write(tmp_path, f"sinks: [{many}]"), environ={})

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 from batchref import compute
-from evdtest import ServerFactory, batch, post, run_cli
+from evdtest import ServerFactory, batch, post, request, run_cli
 from sinkcheck import lake_rows, listening, query, wait_for
 
 from evd.core.config import ProcessingConfig
@@ -173,4 +173,8 @@ def test_every_accepted_event_reaches_every_sink_once(
         assert sum(r["sinks"][sink]["delivered"] for r in reports) == len(accepted_ids)
     text = run_cli("audit", "--data-dir", str(data))
     assert "every hour adds up" in text.stdout
+    # Every stage reports its lag, the audit stage's beside the sinks'.
+    page = request(server.port, "GET", "/metrics").body.decode()
+    for stage in ("lake", "warehouse", "audit"):
+        assert f'evd_sink_lag_seconds{{sink="{stage}"}} 0.0' in page, stage
     assert server.stop() == 0

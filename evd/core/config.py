@@ -161,6 +161,9 @@ SINK_STREAMS = ("events", "late", "sessions", "charts", "dead_letter")
 EVENT_TYPES = ("play", "pause", "resume", "seek", "skip", "end")
 #: Consumer names the pipeline uses itself; a sink may not take them.
 RESERVED_NAMES = ("processor", "audit")
+#: Sinks a config may list: the metrics keep slots for each (evd.core.metrics
+#: MAX_SINKS) and one for the audit stage.
+MAX_SINKS = 15
 
 
 class BatchConfig(Base):
@@ -330,6 +333,8 @@ def _validate(cfg: Config) -> None:
 
 
 def _validate_sinks(sinks: list[AnySinkConfig]) -> None:
+    if len(sinks) > MAX_SINKS:
+        raise ConfigError(f"sinks: at most {MAX_SINKS} sinks")
     names: set[str] = set()
     for i, sink in enumerate(sinks):
         where = f"sinks.{i}"

@@ -286,7 +286,8 @@ LAKE_LATE_ROWS = Counter(
 )
 AUDIT_ROWS = Counter("evd_audit_events", "Raw events the audit counted as accepted")
 
-#: Sinks a config may list; each has its slots whatever the config (a fixed layout).
+#: Stages with sink metrics: the config's sinks (at most config.MAX_SINKS) and
+#: the audit stage; each has its slots whatever the config (a fixed layout).
 MAX_SINKS = 16
 #: Batch write time and end-to-end delay (received_at -> delivered), seconds.
 DELIVERY_BUCKETS = (
