@@ -513,14 +513,22 @@ def _registry(collector: Collector) -> CollectorRegistry:
     return registry
 
 
-def _histogram(
-    name: str, documentation: str, bounds: Sequence[float], counts: Sequence[int], total: float
-) -> HistogramMetricFamily:
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Prometheus buckets (upper bound, cumulative count) of per-bucket ``counts``
+    (one per bound, then +Inf)."""
     cumulative, buckets = 0, []
     for bound, n in zip((*map(str, bounds), "+Inf"), counts, strict=True):
         cumulative += n
-        buckets.append((bound, cumulative))
-    return HistogramMetricFamily(name, documentation, buckets=buckets, sum_value=total)
+        buckets.append((bound, float(cumulative)))
+    return buckets
+
+
+def _histogram(
+    name: str, documentation: str, bounds: Sequence[float], counts: Sequence[int], total: float
+) -> HistogramMetricFamily:
+    return HistogramMetricFamily(
+        name, documentation, buckets=_cumulative(bounds, counts), sum_value=total
+    )
 
 
 class _Scrape(Collector):
@@ -585,13 +593,8 @@ class _Scrape(Collector):
         ):
             histogram = HistogramMetricFamily(name, doc, labels=["sink"])
             for i, sink in names:
-                cumulative, buckets = 0, []
                 start = base + i * _NB
-                for bound, n in zip(
-                    (*map(str, DELIVERY_BUCKETS), "+Inf"), counts[start: start + _NB], strict=True
-                ):
-                    cumulative += n
-                    buckets.append((bound, cumulative))
+                buckets = _cumulative(DELIVERY_BUCKETS, counts[start: start + _NB])
                 histogram.add_metric([sink], buckets, floats[sums[i]])
             yield histogram
 

@@ -44,6 +44,7 @@ __all__ = [
     "by_hour",
     "chart_rows",
     "dead_letters",
+    "event_json",
     "event_rows",
     "filter_event_types",
     "hour_of",
@@ -202,12 +203,11 @@ def json_lines(batch: Batch, window_ms: int = 60_000) -> bytes:
             received = b.received_at
             skew = b.skew_ms
             for i, ev in enumerate(b.events):
-                enc = _encode(ev)
-                typed = b'"event_type":"play",' if ev.event_type == "play" else b""
-                flag = b"true" if all_late or i in late else b"false"
-                add(b'{%s%s,"received_at":%d,"event_time":%d,"late":%s}\n' % (
-                    typed, enc[1:-1], received, epoch_ms(ev.timestamp) + skew, flag,
+                add(event_json(
+                    _encode(ev), ev.event_type, received, epoch_ms(ev.timestamp) + skew,
+                    all_late or i in late,
                 ))
+                add(b"\n")
     elif stream == "sessions":
         for s in sessions(batch.values):
             add(_encode(s))
@@ -221,6 +221,15 @@ def json_lines(batch: Batch, window_ms: int = 60_000) -> bytes:
             add(_encode(dead_letter_dict(d)))
             add(b"\n")
     return b"".join(parts)
+
+
+def event_json(enc: bytes, event_type: str, received_at: int, event_time: int, late: bool) -> bytes:
+    """An events row as JSON (no newline) from ``enc``, the event's msgspec JSON:
+    ``event_type`` added when the encoding left out its default, then the enrichment."""
+    typed = b'"event_type":"play",' if event_type == "play" else b""
+    return b'{%s%s,"received_at":%d,"event_time":%d,"late":%s}' % (
+        typed, enc[1:-1], received_at, event_time, b"true" if late else b"false",
+    )
 
 
 def chart_dict(partition: int, row: ChartRow, window_ms: int) -> dict[str, Any]:

@@ -61,7 +61,7 @@ import msgspec
 from evd.core.config import SqliteSinkConfig
 from evd.core.schema import ChartsBatch, DeadLetter, SessionsBatch, epoch_ms
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkContext, SinkError
-from evd.sinks.rows import chart_rows, sessions
+from evd.sinks.rows import chart_rows, event_json, sessions
 
 __all__ = ["SCHEMA", "SqliteSink", "letter_id"]
 
@@ -168,7 +168,7 @@ Params = list[tuple[Any, ...]]
 
 def _event_params(batch: Batch, window_ms: int) -> Params:
     # One pass builds both the typed columns and ``raw``, the event's line of
-    # evd.sinks.rows.json_lines (the same bytes, tested): encoding every event
+    # evd.sinks.rows.json_lines (the same bytes: rows.event_json, tested): encoding every event
     # once instead of twice is about a tenth of a write's cost.
     out: Params = []
     add = out.append
@@ -181,10 +181,7 @@ def _event_params(batch: Batch, window_ms: int) -> Params:
             enc = _encode(ev)
             event_time = epoch_ms(ev.timestamp) + skew
             is_late = all_late or i in late
-            typed = b'"event_type":"play",' if ev.event_type == "play" else b""
-            raw = b'{%s%s,"received_at":%d,"event_time":%d,"late":%s}' % (
-                typed, enc[1:-1], received, event_time, b"true" if is_late else b"false",
-            )
+            raw = event_json(enc, ev.event_type, received, event_time, is_late)
             # The timestamp as encoded (a JSON string cannot hold this pattern
             # unescaped, so the first match is the field itself).
             t = enc.index(b'"timestamp":"') + 13
