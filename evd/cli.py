@@ -20,6 +20,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default 8080)")
     serve.add_argument("--data-dir", help="directory of the embedded log (default ./evd-data)")
     serve.add_argument("--workers", help="worker processes: a number, or auto (default: one per CPU)")
+    serve.add_argument(
+        "--roles",
+        help="comma-separated roles: edge, process, deliver (default: all three;"
+        " a subset needs log.backend: kafka)",
+    )
     serve.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
 
     check = sub.add_parser("check-config", help="validate a config file")
@@ -80,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 port=args.port,
                 data_dir=args.data_dir,
                 workers=workers,
+                roles=_roles(args.roles),
             )
         except (ConfigError, ValueError) as exc:
             print(f"evd: {exc}", file=sys.stderr)
@@ -89,6 +95,17 @@ def main(argv: list[str] | None = None) -> int:
         return run(cfg, logging.getLogger().getEffectiveLevel())
     raise AssertionError(args.command)
 
+
+
+def _roles(flag: str | None) -> list[str] | None:
+    """``--roles edge,process``: the list, checked (None: the config's)."""
+    if flag is None:
+        return None
+    roles = [r.strip() for r in flag.split(",") if r.strip()]
+    unknown = [r for r in roles if r not in ("edge", "process", "deliver")]
+    if unknown or not roles:
+        raise ValueError(f"--roles: {','.join(unknown) or flag!r}: use edge, process, deliver")
+    return roles
 
 
 def _audit(args: argparse.Namespace) -> int:

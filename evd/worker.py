@@ -19,11 +19,13 @@ import uvloop
 from evd.core import metrics
 from evd.core.config import Config
 from evd.core.embedded import EmbeddedLog, recover_writers, upgrade_layout
-from evd.core.errors import ConfigError, EvdError
+from evd.core.errors import EvdError
 from evd.core.host import HostState, run_dir
+from evd.core.kafka import KafkaLog
 from evd.edge.auth import RateLimiter
 from evd.edge.ingest import Ingest
 from evd.edge.server import Server
+from evd.groups import KafkaPipeline
 from evd.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -50,9 +52,7 @@ def _log_kwargs(cfg: Config) -> dict[str, object]:
 
 
 def open_log(cfg: Config, writer: int = 0) -> EmbeddedLog:
-    """Writer ``writer``'s log as ``cfg`` configures it (recovered, ready for appends)."""
-    if cfg.log.backend != "embedded":
-        raise ConfigError("log.backend: only 'embedded' is implemented so far")
+    """Writer ``writer``'s embedded log as ``cfg`` configures it (recovered, ready for appends)."""
     lg = EmbeddedLog(
         Path(cfg.server.data_dir), cfg.log.partitions, writer=writer, **_log_kwargs(cfg)  # type: ignore[arg-type]
     )
@@ -63,10 +63,10 @@ def open_log(cfg: Config, writer: int = 0) -> EmbeddedLog:
 def prepare_data_dir(cfg: Config, workers: int) -> None:
     """Before workers start: the current log layout, and complete sub-logs of writers
     that will not run (a restart with fewer workers loses nothing)."""
-    if cfg.log.backend != "embedded":
-        raise ConfigError("log.backend: only 'embedded' is implemented so far")
     data_dir = Path(cfg.server.data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.log.backend == "kafka":
+        return  # the log is Kafka's; data_dir holds sinks' files and the ledger
     upgrade_layout(data_dir)
     recover_writers(data_dir, cfg.log.partitions, workers, **_log_kwargs(cfg))
 
@@ -84,18 +84,30 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     host = host or HostState.alone()
-    lg = open_log(cfg, writer=index)
-    limiter = RateLimiter(cfg.limits, run, keys=len(cfg.auth.keys))
-    server = Server(cfg, lg, Ingest(cfg, lg, limiter), host=host)
     failures: list[BaseException] = []
 
     def stage_failed(exc: BaseException) -> None:
         failures.append(exc)
         stop.set()
 
-    pipeline = Pipeline(cfg, lg, index, host.workers, stage_failed)
+    lg: EmbeddedLog | KafkaLog
+    pipeline: Pipeline | KafkaPipeline
+    if cfg.log.backend == "kafka":
+        lg = KafkaLog(cfg)
+        await lg.start()
+        pipeline = KafkaPipeline(cfg, lg, index, stage_failed)
+    else:
+        lg = open_log(cfg, writer=index)
+        pipeline = Pipeline(cfg, lg, index, host.workers, stage_failed)
+    limiter = RateLimiter(cfg.limits, run, keys=len(cfg.auth.keys))
+    ingest = Ingest(cfg, lg, limiter)
+    if "edge" not in cfg.server.roles:
+        roles = ",".join(cfg.server.roles)
+        ingest.refusal = f"this server does not ingest events (roles: {roles})"
+    server = Server(cfg, lg, ingest, host=host)
     await pipeline.start()
-    server.charts = pipeline.charts
+    if "edge" in cfg.server.roles:
+        server.charts = pipeline.charts
     metrics.start_worker(
         run, index, host.workers,
         pending_bytes=lambda: lg.pending_bytes,
@@ -109,9 +121,9 @@ async def serve(
         )
     log.info(
         "evd listening on http://%s:%d (worker %d of %d, pid %d, data_dir=%s, fsync=%s,"
-        " partitions=%d)",
+        " partitions=%d, log=%s, roles=%s)",
         cfg.server.host, server.port, index, host.workers, os.getpid(), cfg.server.data_dir,
-        cfg.log.fsync, cfg.log.partitions,
+        cfg.log.fsync, cfg.log.partitions, cfg.log.backend, ",".join(cfg.server.roles),
     )
     await stop.wait()
     host.set_up(index, False)
@@ -141,6 +153,8 @@ def run_worker(cfg: Config, index: int, log_level: int) -> None:
     if os.getppid() != parent:
         os._exit(1)  # the supervisor is already gone
     logging.basicConfig(level=log_level, format=LOG_FORMAT)
+    # aiokafka's INFO lines (each coordinator found, each subscription) are noise here.
+    logging.getLogger("aiokafka").setLevel(max(log_level, logging.WARNING))
     run = run_dir(cfg.server.data_dir)
     host = HostState.attach(run)
     try:

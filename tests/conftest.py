@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from evdtest import ServerFactory
 
+from bench.tansu import Broker
 from evd.bench.screenshot import NoChromium, chromium
 
 #: Set to 1 (CI does) to fail, rather than skip, the browser tests when no Chromium is found.
@@ -72,3 +73,21 @@ def browser() -> str:
             pytest.fail(f"{exc} ({REQUIRE_BROWSER}=1 requires a browser)")
         pytest.skip("no Chromium on PATH: install it to run the browser tests "
                     f"(apt-get install -y chromium); set {REQUIRE_BROWSER}=1 to fail instead")
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """A Kafka-protocol broker (Tansu, memory storage) on a free loopback port, shared by
+    the session: tests keep apart by topic prefix (see ``kafka_prefix``)."""
+    broker = Broker(log_path=tmp_path_factory.mktemp("tansu") / "broker.log")
+    broker.start()
+    try:
+        yield broker
+    finally:
+        broker.stop()
+
+
+@pytest.fixture
+def kafka_prefix(request: pytest.FixtureRequest) -> str:
+    """A topic prefix (and consumer group prefix) of this test's own."""
+    return f"t{abs(hash(request.node.nodeid)) % 10**10}.{os.getpid()}."

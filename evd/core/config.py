@@ -24,6 +24,10 @@ MiB = 1024 * 1024
 ENV_PREFIX = "EVD_"
 
 
+#: Every role of a server (server.roles).
+ROLES: tuple[str, ...] = ("edge", "process", "deliver")
+
+
 class Base(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     """Base of every config section: unknown keys are errors."""
 
@@ -41,6 +45,12 @@ class ServerConfig(Base):
     drain_grace_s: float = 0.0
     #: Seconds in-flight requests get to finish after the listeners close.
     drain_timeout_s: float = 10.0
+    #: What this server runs (``evd serve --roles``): ``edge`` ingests over HTTP,
+    #: ``process`` runs the processors, ``deliver`` the sinks and the audit. Any
+    #: subset other than all three needs ``log.backend: kafka``.
+    roles: list[Literal["edge", "process", "deliver"]] = msgspec.field(
+        default_factory=lambda: ["edge", "process", "deliver"]
+    )
 
 
 class LimitsConfig(Base):
@@ -154,6 +164,60 @@ class SnapshotConfig(Base):
 
     #: Seconds between snapshots of each partition (and one at clean shutdown).
     interval_s: float = 10.0
+    #: Where snapshots are kept ("": ``{data_dir}/state``). With process groups,
+    #: a directory every process pod mounts (a shared volume), so that the pod
+    #: a partition moves to finds its snapshot.
+    dir: str = ""
+
+
+class KafkaSecurityConfig(Base):
+    """Passed through to aiokafka (its ``security_protocol``, ``sasl_*`` and SSL context)."""
+
+    protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: str | None = None
+    #: PEM files for TLS: the CA to trust, and a client certificate and key (mTLS).
+    ssl_cafile: str | None = None
+    ssl_certfile: str | None = None
+    ssl_keyfile: str | None = None
+
+
+class KafkaConfig(Base):
+    """The Kafka log (``log.backend: kafka``): a topic per stream, ``{topic_prefix}{stream}``,
+    each with ``log.partitions`` partitions."""
+
+    bootstrap_servers: list[str] = msgspec.field(default_factory=lambda: ["127.0.0.1:9092"])
+    topic_prefix: str = "evd."
+    replication_factor: int = 1
+    #: Create the stream topics that are missing at start.
+    create_topics: bool = True
+    #: The idempotent producer (no duplicates from its own retries). Brokers that
+    #: lack InitProducerId (the Tansu test broker) need false; the processors'
+    #: dedup absorbs the duplicates a retry may then write.
+    idempotence: bool = True
+    #: How long the producer waits to fill a batch, and a batch's size: one
+    #: request's records (one per partition) travel together.
+    linger_ms: int = 2
+    max_batch_bytes: int = 1 * MiB
+    #: Largest produce request (a micro-batch record must fit in it).
+    max_request_bytes: int = 8 * MiB
+    #: An append the broker has not acknowledged within this is answered 503 +
+    #: Retry-After (the client retries; dedup absorbs a late ack).
+    ack_timeout_s: float = 5.0
+    #: After a failed append, new requests are refused with 503 at once for this
+    #: long (a broker that is down is not waited for by every request).
+    unavailable_s: float = 1.0
+    #: Start-up: how long to keep trying to reach the brokers.
+    connect_timeout_s: float = 30.0
+    #: Consumer groups (processors, deliverers): a member silent this long is
+    #: removed and its partitions move to the others.
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 3_000
+    #: On revocation, how long a processor may take to snapshot its partitions
+    #: before it lets them go without (the next owner then replays more).
+    revoke_budget_s: float = 5.0
+    security: KafkaSecurityConfig = msgspec.field(default_factory=KafkaSecurityConfig)
 
 
 #: Output streams a sink can take.
@@ -264,6 +328,7 @@ class Config(Base):
     processing: ProcessingConfig = msgspec.field(default_factory=ProcessingConfig)
     charts: ChartsConfig = msgspec.field(default_factory=ChartsConfig)
     snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
+    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
     sinks: list[AnySinkConfig] = msgspec.field(default_factory=_default_sinks)
 
 
@@ -295,6 +360,15 @@ def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def _validate(cfg: Config) -> None:
     if cfg.log.partitions < 1:
         raise ConfigError("log.partitions: must be >= 1")
+    roles = cfg.server.roles
+    if not roles or len(set(roles)) != len(roles):
+        raise ConfigError("server.roles: list each of edge, process, deliver at most once")
+    if set(roles) != set(ROLES) and cfg.log.backend != "kafka":
+        raise ConfigError(
+            "server.roles: a server runs every role unless log.backend is kafka"
+            " (the embedded log lives on one machine)"
+        )
+    _validate_kafka(cfg.kafka)
     if isinstance(cfg.server.workers, int) and cfg.server.workers < 1:
         raise ConfigError("server.workers: must be >= 1 or 'auto'")
     if not 0 < cfg.server.port < 65536 and cfg.server.port != 0:
@@ -410,6 +484,26 @@ def load_config(
         raise ConfigError(explain_validation(exc)) from None
     _validate(cfg)
     return cfg
+
+
+def _validate_kafka(k: KafkaConfig) -> None:
+    if not k.bootstrap_servers:
+        raise ConfigError("kafka.bootstrap_servers: list at least one host:port")
+    if not re.fullmatch(r"[A-Za-z0-9._-]*", k.topic_prefix):
+        raise ConfigError("kafka.topic_prefix: use letters, digits, '.', '_' and '-'")
+    if k.replication_factor < 1:
+        raise ConfigError("kafka.replication_factor: must be >= 1")
+    for name in ("ack_timeout_s", "unavailable_s", "connect_timeout_s", "revoke_budget_s"):
+        if getattr(k, name) <= 0:
+            raise ConfigError(f"kafka.{name}: must be > 0")
+    for name in ("linger_ms", "max_batch_bytes", "max_request_bytes"):
+        if getattr(k, name) < 0:
+            raise ConfigError(f"kafka.{name}: must be >= 0")
+    if k.heartbeat_interval_ms >= k.session_timeout_ms:
+        raise ConfigError("kafka.heartbeat_interval_ms: must be below kafka.session_timeout_ms")
+    sec = k.security
+    if sec.protocol.startswith("SASL") and (sec.sasl_mechanism is None or sec.sasl_username is None):
+        raise ConfigError("kafka.security: SASL needs sasl_mechanism and sasl_username")
 
 
 def with_overrides(cfg: Config, **server: Any) -> Config:

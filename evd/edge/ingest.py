@@ -126,6 +126,8 @@ class Ingest:
         worker passes one shared with its siblings)."""
         self.log = log
         self.partitions = cfg.log.partitions
+        #: Why POSTs are refused with 404 (a server without the edge role), or None.
+        self.refusal: str | None = None
         self.max_decompressed = cfg.limits.max_decompressed_bytes
         self.max_events = cfg.limits.max_events_per_batch
         self.skew_threshold_ms = cfg.ingest.clock_skew_threshold_ms
@@ -138,6 +140,8 @@ class Ingest:
         Under a spike this keeps refusing cheap: 429 once the key's bucket is
         empty, 503 while the log is unavailable or its flush queue is full.
         """
+        if self.refusal is not None:
+            return error_reply(404, self.refusal)
         wait = self.limiter.empty(key) if self.limiter.rate > 0 else 0.0
         if wait:
             return error_reply(429, "rate limit exceeded for this API key", int(wait))

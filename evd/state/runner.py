@@ -118,7 +118,8 @@ class PartitionRunner:
             )
             # No state: read everything retained, not from offsets committed
             # for a snapshot that is gone.
-            for sublog in self.consumer.positions():
+            known = {SubLog(RAW, self.partition, s) for s in self.sources}
+            for sublog in known | set(self.consumer.positions()):
                 self.consumer.seek_to_beginning(sublog)
             self.processor.tick(now, self.sources, self.out)
             return

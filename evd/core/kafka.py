@@ -1,0 +1,521 @@
+"""The Kafka log (``log.backend: kafka``): the Producer and Consumer roles over aiokafka,
+and the group membership that hands partitions to process and deliver pods.
+
+Every stream is a topic ``{kafka.topic_prefix}{stream}`` with ``log.partitions``
+partitions; a Kafka partition plays the part of the embedded log's set of
+sub-logs, so every record's sub-log has source 0, and its offsets are Kafka's
+(``next_offset`` = offset + 1). Records carry the same versioned msgpack
+micro-batches as the embedded log (evd.core.records), keyed by their partition
+number; the producer writes with ``acks=all``.
+
+Consumers here are *assigned* partitions (the Consumer contract): which
+partitions a process gets is decided by a :class:`GroupMember`, a member of one
+consumer group per role that reads nothing itself and calls the role back when
+partitions are revoked or assigned. Reading consumers commit under their own
+group id (``{prefix}{name}``) with no membership, so Kafka's tools show every
+sink's and the processors' offsets and lag by name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener
+from aiokafka import TopicPartition as KafkaTP
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+from aiokafka.structs import OffsetAndMetadata
+
+from evd.core.config import Config, KafkaConfig
+from evd.core.errors import LogOverloaded, LogUnavailable
+from evd.core.log import (
+    CHARTS,
+    DEAD_LETTER,
+    EVENTS,
+    LATE,
+    RAW,
+    SESSIONS,
+    Append,
+    Consumer,
+    ConsumerRecord,
+    Lag,
+    Producer,
+    SubLog,
+    TopicPartition,
+)
+
+__all__ = [
+    "STREAMS",
+    "GroupMember",
+    "KafkaConsumer",
+    "KafkaLog",
+    "client_options",
+    "ensure_topics",
+    "topic_name",
+]
+
+log = logging.getLogger(__name__)
+
+#: Every stream of the log: a topic each.
+STREAMS = (RAW, DEAD_LETTER, EVENTS, LATE, SESSIONS, CHARTS)
+#: Start-up: pause between attempts to reach the brokers.
+CONNECT_RETRY_S = 1.0
+
+
+def topic_name(k: KafkaConfig, stream: str) -> str:
+    return f"{k.topic_prefix}{stream}"
+
+
+def client_options(k: KafkaConfig) -> dict[str, Any]:
+    """The connection options every aiokafka client of ``k`` takes (servers, security)."""
+    sec = k.security
+    opts: dict[str, Any] = {
+        "bootstrap_servers": list(k.bootstrap_servers),
+        "security_protocol": sec.protocol,
+    }
+    if sec.protocol in ("SSL", "SASL_SSL"):
+        context: ssl.SSLContext = create_ssl_context(
+            cafile=sec.ssl_cafile, certfile=sec.ssl_certfile, keyfile=sec.ssl_keyfile
+        )
+        opts["ssl_context"] = context
+    if sec.sasl_mechanism is not None:
+        opts["sasl_mechanism"] = sec.sasl_mechanism
+        opts["sasl_plain_username"] = sec.sasl_username
+        opts["sasl_plain_password"] = sec.sasl_password
+    return opts
+
+
+async def _start_with_retry(client: Any, k: KafkaConfig, what: str) -> None:
+    """``client.start()``, tried again until kafka.connect_timeout_s (brokers still starting)."""
+    deadline = time.monotonic() + k.connect_timeout_s
+    while True:
+        try:
+            await client.start()
+            return
+        except KafkaError as exc:
+            if time.monotonic() >= deadline:
+                raise LogUnavailable(
+                    f"kafka: {what} cannot reach {', '.join(k.bootstrap_servers)}: {exc}"
+                ) from None
+            log.warning("kafka: %s cannot reach the brokers yet (%s); trying again", what, exc)
+            await asyncio.sleep(CONNECT_RETRY_S)
+
+
+async def ensure_topics(
+    k: KafkaConfig, partitions: Mapping[str, int], retention_ms: int | None = None
+) -> None:
+    """Create the topics of ``partitions`` (stream -> count) that do not exist yet."""
+    admin = AIOKafkaAdminClient(**client_options(k))
+    await _start_with_retry(admin, k, "the admin client")
+    try:
+        existing = set(await admin.list_topics())
+        configs = {} if retention_ms is None else {"retention.ms": str(retention_ms)}
+        missing = [
+            NewTopic(topic_name(k, stream), count, k.replication_factor, topic_configs=configs)
+            for stream, count in partitions.items()
+            if topic_name(k, stream) not in existing
+        ]
+        if not missing:
+            return
+        try:
+            await admin.create_topics(missing)
+        except TopicAlreadyExistsError:
+            pass  # another pod created them meanwhile
+        log.info("kafka: created topics %s", ", ".join(t.name for t in missing))
+    finally:
+        await admin.close()
+
+
+class KafkaLog(Producer):
+    """The Producer over Kafka: one aiokafka producer, ``acks=all``.
+
+    An append's future completes once the broker acknowledged the record, and
+    fails with LogUnavailable when it did not within ``kafka.ack_timeout_s`` (the
+    edge answers 503 + Retry-After; never 200 for a record not acknowledged).
+    After such a failure new requests are refused at once for
+    ``kafka.unavailable_s``, so a broker that is down costs each client one
+    quick 503, and the first request after it recovers goes through: no
+    restart. Bytes not yet acknowledged are bounded by ``log.max_pending_bytes``
+    (LogOverloaded above it; a stage's own appends are not refused).
+    """
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        self.k = cfg.kafka
+        self.partitions = cfg.log.partitions
+        self.max_pending = cfg.log.max_pending_bytes
+        self.pending_bytes = 0
+        self._producer: AIOKafkaProducer | None = None
+        self._topics = {stream: topic_name(self.k, stream) for stream in STREAMS}
+        self._keys = [str(p).encode() for p in range(self.partitions)]
+        self._unavailable_until = 0.0
+        self._last_error = ""
+        self._closed = False
+        self._tasks: set[asyncio.Future[Any]] = set()
+
+    @property
+    def writable(self) -> bool:
+        return self._producer is not None and not self._closed
+
+    @property
+    def overloaded(self) -> bool:
+        return self.pending_bytes > self.max_pending
+
+    @property
+    def stream_partitions(self) -> dict[str, int]:
+        return dict.fromkeys(STREAMS, self.partitions)
+
+    def partitions_of(self, stream: str) -> int:
+        return self.partitions
+
+    async def start(self) -> None:
+        if self.k.create_topics:
+            await ensure_topics(
+                self.k, self.stream_partitions,
+                retention_ms=int(self.cfg.log.retention.max_age_s * 1000),
+            )
+        k = self.k
+        producer = AIOKafkaProducer(
+            **client_options(k),
+            acks="all",
+            enable_idempotence=k.idempotence,
+            linger_ms=k.linger_ms,
+            max_batch_size=k.max_batch_bytes,
+            max_request_size=k.max_request_bytes,
+            request_timeout_ms=int(k.ack_timeout_s * 1000),
+        )
+        await _start_with_retry(producer, k, "the producer")
+        self._producer = producer
+
+    def _admit(self, size: int, internal: bool) -> None:
+        if self._closed or self._producer is None:
+            raise LogUnavailable("the kafka producer is closed")
+        if internal:
+            return
+        if time.monotonic() < self._unavailable_until:
+            raise LogUnavailable(f"kafka: {self._last_error}")
+        if self.pending_bytes + size > self.max_pending and self.pending_bytes:
+            raise LogOverloaded(
+                f"{self.pending_bytes} bytes wait for the broker's acknowledgement"
+            )
+
+    def append_all(
+        self, records: Sequence[Append], *, internal: bool = False
+    ) -> asyncio.Future[None]:
+        size = sum(len(payload) for _, _, payload in records)
+        self._admit(size, internal)
+        return self._track(self._send_all(records, size))
+
+    def append(
+        self, stream: str, partition: int, payload: bytes, *, internal: bool = False
+    ) -> asyncio.Future[int]:
+        self._admit(len(payload), internal)
+        return self._track(self._send_one(stream, partition, payload))
+
+    def _track(self, coro: Any) -> asyncio.Future[Any]:
+        fut: asyncio.Future[Any] = asyncio.ensure_future(coro)
+        self._tasks.add(fut)
+        fut.add_done_callback(self._tasks.discard)
+        return fut
+
+    async def _send_one(self, stream: str, partition: int, payload: bytes) -> int:
+        offsets = await self._send([(stream, partition, payload)], len(payload))
+        return offsets[0]
+
+    async def _send_all(self, records: Sequence[Append], size: int) -> None:
+        await self._send(records, size)
+
+    async def _send(self, records: Sequence[Append], size: int) -> list[int]:
+        producer = self._producer
+        assert producer is not None
+        self.pending_bytes += size
+        try:
+            async with asyncio.timeout(self.k.ack_timeout_s):
+                acks = [
+                    await producer.send(
+                        self._topics[stream], payload, key=self._keys[partition], partition=partition
+                    )
+                    for stream, partition, payload in records
+                ]
+                return [(await ack).offset for ack in acks]
+        except TimeoutError:
+            self._failed("no acknowledgement from the broker within "
+                         f"{self.k.ack_timeout_s:g} s")
+            raise LogUnavailable(f"kafka: {self._last_error}") from None
+        except KafkaError as exc:
+            self._failed(f"{type(exc).__name__}: {exc}")
+            raise LogUnavailable(f"kafka: {self._last_error}") from None
+        finally:
+            self.pending_bytes -= size
+
+    def _failed(self, why: str) -> None:
+        if time.monotonic() >= self._unavailable_until:
+            log.warning("kafka: an append failed (%s): refusing requests for %g s",
+                        why, self.k.unavailable_s)
+        self._last_error = why
+        self._unavailable_until = time.monotonic() + self.k.unavailable_s
+
+    async def flush(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        await self.flush()
+        self._closed = True
+        if self._producer is not None:
+            await self._producer.stop()
+
+
+class KafkaConsumer(Consumer):
+    """Consumer ``name`` of the Kafka log: assigned partitions, offsets committed
+    under group id ``{prefix}{name}`` (no membership).
+
+    ``name`` None: an anonymous reader that cannot commit. A partition starts
+    where a seek put it, else at the committed offset, else at the oldest
+    retained record. Lag is estimated: in bytes from the records behind and the
+    mean size of those read so far (Kafka counts records, not bytes); in seconds
+    from the timestamp of the last record read, when more are behind it.
+    """
+
+    def __init__(self, cfg: Config, name: str | None) -> None:
+        self.k = cfg.kafka
+        self.name = name
+        self._consumer = AIOKafkaConsumer(
+            **client_options(self.k),
+            group_id=None if name is None else f"{self.k.topic_prefix}{name}",
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            max_partition_fetch_bytes=self.k.max_request_bytes,
+            fetch_max_bytes=4 * self.k.max_request_bytes,
+        )
+        self._started = False
+        self._assigned: set[TopicPartition] = set()
+        self._streams = {topic_name(self.k, s): s for s in STREAMS}
+        self._positions: dict[SubLog, int] = {}
+        self._beginning: set[SubLog] = set()
+        self._ends: dict[SubLog, int] = {}
+        self._stamps: dict[SubLog, int] = {}
+        self._record_bytes = 1024.0
+        self._commit_lock = asyncio.Lock()
+
+    async def _ensure_started(self) -> None:
+        if not self._started:
+            await _start_with_retry(self._consumer, self.k, f"consumer {self.name}")
+            self._started = True
+            self._apply_assignment()
+
+    def _tp(self, sublog: SubLog | TopicPartition) -> KafkaTP:
+        return KafkaTP(topic_name(self.k, sublog[0]), sublog[1])
+
+    def _sublog(self, tp: KafkaTP) -> SubLog:
+        return SubLog(self._streams[tp.topic], tp.partition, 0)
+
+    def _apply_assignment(self) -> None:
+        self._consumer.assign([self._tp(tp) for tp in sorted(self._assigned)])
+        for sublog, offset in self._positions.items():
+            self._consumer.seek(self._tp(sublog), offset)
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        self._assigned = {TopicPartition(*tp) for tp in partitions}
+        mine = {SubLog(s, p, 0) for s, p in self._assigned}
+        self._positions = {s: o for s, o in self._positions.items() if s in mine}
+        if self._started:
+            self._apply_assignment()
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assigned)
+
+    async def _resolve(self) -> None:
+        """Start, apply pending seeks to the beginning, learn every position."""
+        await self._ensure_started()
+        if self._beginning:
+            tps = [self._tp(s) for s in self._beginning]
+            self._beginning.clear()
+            await self._consumer.seek_to_beginning(*tps)
+        for tp in sorted(self._assigned):
+            sublog = SubLog(tp.stream, tp.partition, 0)
+            if sublog not in self._positions:
+                self._positions[sublog] = await self._consumer.position(self._tp(tp))
+
+    async def fetch(self, max_bytes: int = 1 << 20, timeout: float = 1.0) -> list[ConsumerRecord]:
+        await self._resolve()
+        if not self._assigned:
+            await asyncio.sleep(timeout)
+            return []
+        max_records = max(1, int(max_bytes / self._record_bytes))
+        batches = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
+        out: list[ConsumerRecord] = []
+        size = 0
+        for tp, messages in batches.items():
+            sublog = self._sublog(tp)
+            for m in messages:
+                out.append(ConsumerRecord(sublog, m.offset, m.offset + 1, m.value))
+                size += len(m.value)
+            if messages:
+                self._positions[sublog] = messages[-1].offset + 1
+                self._stamps[sublog] = messages[-1].timestamp
+            end = self._consumer.highwater(tp)
+            if end is not None:
+                self._ends[sublog] = end
+        if out:
+            self._record_bytes = 0.8 * self._record_bytes + 0.2 * (size / len(out))
+        return out
+
+    def seek(self, sublog: SubLog, offset: int) -> None:
+        sublog = SubLog(*sublog)
+        self._positions[sublog] = offset
+        self._beginning.discard(sublog)
+        if self._started:
+            self._consumer.seek(self._tp(sublog), offset)
+
+    def seek_to_beginning(self, sublog: SubLog) -> None:
+        sublog = SubLog(*sublog)
+        self._positions.pop(sublog, None)
+        self._beginning.add(sublog)
+
+    def positions(self) -> dict[SubLog, int]:
+        return dict(self._positions)
+
+    def backlog(self) -> set[SubLog]:
+        return {s for s, o in self._positions.items() if self._ends.get(s, 0) > o}
+
+    async def end_offsets(self) -> dict[SubLog, int]:
+        await self._resolve()
+        tps = [self._tp(tp) for tp in sorted(self._assigned)]
+        if not tps:
+            return {}
+        ends = await self._consumer.end_offsets(tps)
+        for tp, end in ends.items():
+            self._ends[self._sublog(tp)] = end
+        return {self._sublog(tp): end for tp, end in ends.items()}
+
+    async def commit(self, offsets: Mapping[SubLog, int] | None = None) -> None:
+        if self.name is None:
+            raise RuntimeError("an anonymous consumer cannot commit")
+        await self._ensure_started()
+        chosen = dict(self._positions if offsets is None else offsets)
+        if not chosen:
+            return
+        async with self._commit_lock:
+            await self._consumer.commit(
+                {self._tp(s): OffsetAndMetadata(o, "") for s, o in chosen.items()}
+            )
+
+    async def committed(self) -> dict[SubLog, int]:
+        if self.name is None:
+            return {}
+        await self._ensure_started()
+        out: dict[SubLog, int] = {}
+        for tp in sorted(self._assigned):
+            offset = await self._consumer.committed(self._tp(tp))
+            if offset is not None:
+                out[SubLog(tp.stream, tp.partition, 0)] = offset
+        return out
+
+    def lag(self, now: float | None = None) -> Lag:
+        behind = 0
+        oldest: float | None = None
+        for sublog, position in self._positions.items():
+            gap = self._ends.get(sublog, position) - position
+            if gap > 0:
+                behind += gap
+                stamp = self._stamps.get(sublog)
+                if stamp is not None and (oldest is None or stamp < oldest):
+                    oldest = stamp
+        now = time.time() if now is None else now
+        seconds = 0.0 if oldest is None else max(0.0, now - oldest / 1000)
+        return Lag(int(behind * self._record_bytes), seconds)
+
+    async def close(self) -> None:
+        if self._started:
+            self._started = False
+            await self._consumer.stop()
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, member: GroupMember) -> None:
+        self.member = member
+
+    async def on_partitions_revoked(self, revoked: set[KafkaTP]) -> None:
+        await self.member._revoked({tp.partition for tp in revoked})
+
+    async def on_partitions_assigned(self, assigned: set[KafkaTP]) -> None:
+        await self.member._assigned(assigned)
+
+
+class GroupMember:
+    """One process's membership in consumer group ``{prefix}{group}`` over
+    ``topic``'s partitions: reads nothing, calls ``on_revoked`` (before the
+    partitions go, awaited: the time a processor has to snapshot) and
+    ``on_assigned`` with partition numbers. Errors in them go to ``on_failure``.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        group: str,
+        stream: str,
+        on_assigned: Callable[[set[int]], Awaitable[None]],
+        on_revoked: Callable[[set[int]], Awaitable[None]],
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        k = cfg.kafka
+        self.k = k
+        self.group = f"{k.topic_prefix}{group}"
+        self.topic = topic_name(k, stream)
+        self.on_assigned = on_assigned
+        self.on_revoked = on_revoked
+        self.on_failure = on_failure
+        self.partitions: set[int] = set()
+        self._consumer = AIOKafkaConsumer(
+            **client_options(k),
+            group_id=self.group,
+            enable_auto_commit=False,
+            session_timeout_ms=k.session_timeout_ms,
+            heartbeat_interval_ms=k.heartbeat_interval_ms,
+            rebalance_timeout_ms=int(k.revoke_budget_s * 1000) + k.session_timeout_ms,
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await _start_with_retry(self._consumer, self.k, f"member of {self.group}")
+        self._consumer.subscribe([self.topic], listener=_Listener(self))
+        self._task = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self) -> None:
+        # Partitions are paused as they come: getmany only keeps the membership alive.
+        while True:
+            await self._consumer.getmany(timeout_ms=1000)
+
+    async def _revoked(self, partitions: set[int]) -> None:
+        self.partitions -= partitions
+        try:
+            await self.on_revoked(partitions)
+        except Exception as exc:  # noqa: BLE001 (reported, the worker stops)
+            self.on_failure(exc)
+
+    async def _assigned(self, assigned: set[KafkaTP]) -> None:
+        self._consumer.pause(*assigned)
+        partitions = {tp.partition for tp in assigned}
+        self.partitions = partitions
+        log.info("kafka: group %s assigned partitions %s", self.group, sorted(partitions))
+        try:
+            await self.on_assigned(partitions)
+        except Exception as exc:  # noqa: BLE001 (reported, the worker stops)
+            self.on_failure(exc)
+
+    async def close(self) -> None:
+        """Leave the group (its partitions move to the others at once)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        await self._consumer.stop()
