@@ -310,7 +310,28 @@ class StdoutSinkConfig(SinkConfig, tag="stdout", kw_only=True):
     """NDJSON lines on standard output, for debugging and pipes."""
 
 
-AnySinkConfig = FilesSinkConfig | SqliteSinkConfig | HttpSinkConfig | StdoutSinkConfig
+class KafkaSinkConfig(SinkConfig, tag="kafka", kw_only=True):
+    """A topic another team consumes: one record per row, keyed by user (or track)."""
+
+    #: The topic's full name (kafka.topic_prefix is not added: the topic is theirs).
+    topic: str
+    #: Partitions when evd creates the topic (0: log.partitions).
+    partitions: int = 0
+    #: Create the topic at start when it is missing.
+    create_topic: bool = True
+    #: Their cluster, when it is not ours (None: kafka.bootstrap_servers with
+    #: kafka.security; a cluster of its own is reached without kafka.security,
+    #: so our credentials never go to it).
+    bootstrap_servers: list[str] | None = None
+    #: How long the producer waits to fill a batch.
+    linger_ms: int = 5
+    #: A batch not acknowledged within this fails (retried).
+    timeout_s: float = 30.0
+
+
+AnySinkConfig = (
+    FilesSinkConfig | SqliteSinkConfig | HttpSinkConfig | StdoutSinkConfig | KafkaSinkConfig
+)
 
 
 def _default_sinks() -> list[AnySinkConfig]:
@@ -453,6 +474,24 @@ def _validate_sinks(sinks: list[AnySinkConfig]) -> None:
                     f"{where}.headers: the url has credentials and headers an Authorization:"
                     " use one of them"
                 )
+        if isinstance(sink, KafkaSinkConfig):
+            _validate_kafka_sink(sink, where)
+
+
+def _validate_kafka_sink(sink: KafkaSinkConfig, where: str) -> None:
+    # Kafka's own rule for topic names: these characters, at most 249, not . or ..
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", sink.topic) or sink.topic in (".", ".."):
+        raise ConfigError(
+            f"{where}.topic: name the topic (up to 249 letters, digits, '.', '_' and '-')"
+        )
+    if sink.partitions < 0:
+        raise ConfigError(f"{where}.partitions: must be >= 0 (0: log.partitions)")
+    if sink.bootstrap_servers is not None and not sink.bootstrap_servers:
+        raise ConfigError(f"{where}.bootstrap_servers: list at least one host:port, or null")
+    if sink.linger_ms < 0:
+        raise ConfigError(f"{where}.linger_ms: must be >= 0")
+    if sink.timeout_s <= 0:
+        raise ConfigError(f"{where}.timeout_s: must be > 0")
 
 
 def load_config(

@@ -2,7 +2,8 @@
 
 evd.sinks.base is the contract, evd.sinks.delivery the loop every sink runs
 in, evd.sinks.ledger and evd.sinks.audit the loss audit; one module per sink
-type: files (the lake), sqlite (the warehouse), http (webhooks), stdout.
+type: files (the lake), sqlite (the warehouse), http (webhooks), kafka (a
+topic another team consumes), stdout.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from evd.core.config import (
     AnySinkConfig,
     FilesSinkConfig,
     HttpSinkConfig,
+    KafkaSinkConfig,
     SqliteSinkConfig,
     StdoutSinkConfig,
 )
@@ -33,6 +35,10 @@ def build_sink(cfg: AnySinkConfig, ctx: SinkContext) -> Sink:
         from evd.sinks.http import HttpSink
 
         return HttpSink(cfg, ctx)
+    if isinstance(cfg, KafkaSinkConfig):
+        from evd.sinks.kafka import KafkaSink
+
+        return KafkaSink(cfg, ctx)
     if isinstance(cfg, StdoutSinkConfig):
         from evd.sinks.stdout import StdoutSink
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from evd.core import records
+from evd.core.config import KafkaConfig
 from evd.core.errors import EvdError
 
 __all__ = ["Batch", "PermanentSinkError", "Sink", "SinkContext", "SinkError"]
@@ -40,6 +41,9 @@ class SinkContext:
     partitions: int
     #: The charts window (window_end = window_start + it).
     chart_window_ms: int
+    #: The server's kafka section (the kafka sink's cluster, security and
+    #: producer settings); None: its defaults.
+    kafka: KafkaConfig | None = None
 
 
 class SinkError(EvdError):
