@@ -44,6 +44,7 @@ from evd.core.log import (
     Append,
     Consumer,
     ConsumerRecord,
+    InvalidOffset,
     Lag,
     Producer,
     SubLog,
@@ -66,6 +67,8 @@ log = logging.getLogger(__name__)
 STREAMS = (RAW, DEAD_LETTER, EVENTS, LATE, SESSIONS, CHARTS)
 #: Start-up: pause between attempts to reach the brokers.
 CONNECT_RETRY_S = 1.0
+#: How long KafkaConsumer.end_offsets waits for its probe fetches' answers.
+END_PROBE_TIMEOUT_S = 10.0
 
 
 def topic_name(k: KafkaConfig, stream: str) -> str:
@@ -193,6 +196,15 @@ class KafkaLog(Producer):
         await _start_with_retry(producer, k, "the producer")
         self._producer = producer
 
+    def _check(self, records: Iterable[Append]) -> None:
+        for stream, partition, _ in records:
+            if stream not in self._topics:
+                raise ValueError(f"{stream!r} is not a stream name")
+            if not 0 <= partition < self.partitions:
+                raise ValueError(
+                    f"partition {partition} of {stream} out of range 0..{self.partitions - 1}"
+                )
+
     def _admit(self, size: int, internal: bool) -> None:
         if self._closed or self._producer is None:
             raise LogUnavailable("the kafka producer is closed")
@@ -208,51 +220,59 @@ class KafkaLog(Producer):
     def append_all(
         self, records: Sequence[Append], *, internal: bool = False
     ) -> asyncio.Future[None]:
+        self._check(records)
         size = sum(len(payload) for _, _, payload in records)
         self._admit(size, internal)
-        return self._track(self._send_all(records, size))
+        return self._track(self._send_all(records), size)
 
     def append(
         self, stream: str, partition: int, payload: bytes, *, internal: bool = False
     ) -> asyncio.Future[int]:
+        self._check(((stream, partition, payload),))
         self._admit(len(payload), internal)
-        return self._track(self._send_one(stream, partition, payload))
+        return self._track(self._send_one(stream, partition, payload), len(payload))
 
-    def _track(self, coro: Any) -> asyncio.Future[Any]:
+    def _track(self, coro: Any, size: int) -> asyncio.Future[Any]:
+        # Pending from admission on (not from when the task first runs), so that
+        # appends admitted in one turn of the loop count against each other.
+        self.pending_bytes += size
         fut: asyncio.Future[Any] = asyncio.ensure_future(coro)
         self._tasks.add(fut)
-        fut.add_done_callback(self._tasks.discard)
+
+        def done(fut: asyncio.Future[Any]) -> None:
+            self._tasks.discard(fut)
+            self.pending_bytes -= size
+
+        fut.add_done_callback(done)
         return fut
 
     async def _send_one(self, stream: str, partition: int, payload: bytes) -> int:
-        offsets = await self._send([(stream, partition, payload)], len(payload))
+        offsets = await self._send([(stream, partition, payload)])
         return offsets[0]
 
-    async def _send_all(self, records: Sequence[Append], size: int) -> None:
-        await self._send(records, size)
+    async def _send_all(self, records: Sequence[Append]) -> None:
+        await self._send(records)
 
-    async def _send(self, records: Sequence[Append], size: int) -> list[int]:
+    async def _send(self, records: Sequence[Append]) -> list[int]:
         producer = self._producer
         assert producer is not None
-        self.pending_bytes += size
+        acks: list[asyncio.Future[Any]] = []
         try:
             async with asyncio.timeout(self.k.ack_timeout_s):
-                acks = [
-                    await producer.send(
+                for stream, partition, payload in records:
+                    acks.append(await producer.send(
                         self._topics[stream], payload, key=self._keys[partition], partition=partition
-                    )
-                    for stream, partition, payload in records
-                ]
+                    ))
                 return [(await ack).offset for ack in acks]
         except TimeoutError:
+            for ack in acks:  # they fail later, when aiokafka expires them: nobody waits
+                ack.add_done_callback(_retrieve)
             self._failed("no acknowledgement from the broker within "
                          f"{self.k.ack_timeout_s:g} s")
             raise LogUnavailable(f"kafka: {self._last_error}") from None
         except KafkaError as exc:
             self._failed(f"{type(exc).__name__}: {exc}")
             raise LogUnavailable(f"kafka: {self._last_error}") from None
-        finally:
-            self.pending_bytes -= size
 
     def _failed(self, why: str) -> None:
         if time.monotonic() >= self._unavailable_until:
@@ -272,6 +292,11 @@ class KafkaLog(Producer):
         self._closed = True
         if self._producer is not None:
             await self._producer.stop()
+
+
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 class KafkaConsumer(Consumer):
@@ -305,6 +330,11 @@ class KafkaConsumer(Consumer):
         self._stamps: dict[SubLog, int] = {}
         self._record_bytes = 1024.0
         self._commit_lock = asyncio.Lock()
+        #: Seeks not yet checked against their partition's records (at the next fetch).
+        self._unchecked: set[SubLog] = set()
+        #: An anonymous consumer whose fetches' high watermarks make end_offsets exact.
+        self._probe: AIOKafkaConsumer | None = None
+        self._probe_lock = asyncio.Lock()
 
     async def _ensure_started(self) -> None:
         if not self._started:
@@ -327,6 +357,7 @@ class KafkaConsumer(Consumer):
         self._assigned = {TopicPartition(*tp) for tp in partitions}
         mine = {SubLog(s, p, 0) for s, p in self._assigned}
         self._positions = {s: o for s, o in self._positions.items() if s in mine}
+        self._unchecked &= mine
         if self._started:
             self._apply_assignment()
 
@@ -350,6 +381,8 @@ class KafkaConsumer(Consumer):
         if not self._assigned:
             await asyncio.sleep(timeout)
             return []
+        if self._unchecked:
+            await self._check_seeks()
         max_records = max(1, int(max_bytes / self._record_bytes))
         batches = await self._consumer.getmany(timeout_ms=int(timeout * 1000), max_records=max_records)
         out: list[ConsumerRecord] = []
@@ -371,8 +404,11 @@ class KafkaConsumer(Consumer):
 
     def seek(self, sublog: SubLog, offset: int) -> None:
         sublog = SubLog(*sublog)
+        if offset < 0:
+            raise InvalidOffset(f"offset {offset} of {sublog} is negative")
         self._positions[sublog] = offset
         self._beginning.discard(sublog)
+        self._unchecked.add(sublog)
         if self._started:
             self._consumer.seek(self._tp(sublog), offset)
 
@@ -380,6 +416,27 @@ class KafkaConsumer(Consumer):
         sublog = SubLog(*sublog)
         self._positions.pop(sublog, None)
         self._beginning.add(sublog)
+        self._unchecked.discard(sublog)
+
+    async def _check_seeks(self) -> None:
+        """InvalidOffset for a position a seek put before the oldest retained record
+        or past the end (aiokafka would read on from the oldest, or wait there)."""
+        sublogs = sorted(s for s in self._unchecked if (s.stream, s.partition) in self._assigned)
+        if not sublogs:
+            return
+        tps = [self._tp(s) for s in sublogs]
+        firsts = await self._consumer.beginning_offsets(tps)
+        listed = await self._consumer.end_offsets(tps)
+        # Only positions past the listed end need the exact end (the probe).
+        past = {tp: listed[tp] for s, tp in zip(sublogs, tps) if self._positions[s] > listed[tp]}
+        ends = listed | await self._exact_ends(past)
+        for sublog, tp in zip(sublogs, tps):
+            offset = self._positions[sublog]
+            if not firsts[tp] <= offset <= ends[tp]:
+                raise InvalidOffset(
+                    f"offset {offset} of {sublog} is outside its records {firsts[tp]}..{ends[tp]}"
+                )
+            self._unchecked.discard(sublog)
 
     def positions(self) -> dict[SubLog, int]:
         return dict(self._positions)
@@ -392,10 +449,50 @@ class KafkaConsumer(Consumer):
         tps = [self._tp(tp) for tp in sorted(self._assigned)]
         if not tps:
             return {}
-        ends = await self._consumer.end_offsets(tps)
+        ends = await self._exact_ends(await self._consumer.end_offsets(tps))
         for tp, end in ends.items():
             self._ends[self._sublog(tp)] = end
         return {self._sublog(tp): end for tp, end in ends.items()}
+
+    async def _exact_ends(self, listed: Mapping[KafkaTP, int]) -> dict[KafkaTP, int]:
+        """``listed`` (ListOffsets' latest offsets), each raised to the high watermark
+        of a fetch at its end - 1. ListOffsets may answer less than the end: the
+        Tansu broker answers the last record batch's base offset + 1; a fetch's
+        high watermark is the end (and ListOffsets never answers more)."""
+        ends = dict(listed)
+        tps = [tp for tp, end in ends.items() if end > 0]
+        if not tps:
+            return ends
+        async with self._probe_lock:  # one use of the probe's assignment at a time
+            return await self._probe_ends(ends, tps)
+
+    async def _probe_ends(self, ends: dict[KafkaTP, int], tps: list[KafkaTP]) -> dict[KafkaTP, int]:
+        if self._probe is None:
+            probe = AIOKafkaConsumer(
+                **client_options(self.k), group_id=None, enable_auto_commit=False,
+                auto_offset_reset="earliest", max_partition_fetch_bytes=self.k.max_request_bytes,
+            )
+            await _start_with_retry(probe, self.k, f"the end probe of consumer {self.name}")
+            self._probe = probe
+        probe = self._probe
+        probe.assign(tps)  # fresh partition states: no high watermark known yet
+        try:
+            for tp in tps:
+                probe.seek(tp, ends[tp] - 1)
+            deadline = time.monotonic() + END_PROBE_TIMEOUT_S
+            while missing := [tp for tp in tps if probe.highwater(tp) is None]:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise LogUnavailable(
+                        f"kafka: no fetch answer for the end of {missing[0].topic}"
+                        f"/{missing[0].partition} within {END_PROBE_TIMEOUT_S:g} s"
+                    )
+                await probe.getmany(*missing, timeout_ms=int(min(left, 0.1) * 1000) + 1)
+            for tp in tps:
+                ends[tp] = max(ends[tp], probe.highwater(tp))
+        finally:
+            probe.assign([])
+        return ends
 
     async def commit(self, offsets: Mapping[SubLog, int] | None = None) -> None:
         if self.name is None:
@@ -435,9 +532,12 @@ class KafkaConsumer(Consumer):
         return Lag(int(behind * self._record_bytes), seconds)
 
     async def close(self) -> None:
-        if self._started:
-            self._started = False
-            await self._consumer.stop()
+        # Stopped even if never started: aiokafka reports an unclosed consumer when it is collected.
+        self._started = False
+        await self._consumer.stop()
+        if self._probe is not None:
+            probe, self._probe = self._probe, None
+            await probe.stop()
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
