@@ -181,7 +181,8 @@ class KafkaLog(Producer):
         if self.k.create_topics:
             await ensure_topics(
                 self.k, self.stream_partitions,
-                retention_ms=int(self.cfg.log.retention.max_age_s * 1000),
+                # max_age_s 0 keeps records for ever: Kafka's -1 (its 0 deletes at once).
+                retention_ms=int(self.cfg.log.retention.max_age_s * 1000) or -1,
             )
         k = self.k
         producer = AIOKafkaProducer(
@@ -271,6 +272,8 @@ class KafkaLog(Producer):
                          f"{self.k.ack_timeout_s:g} s")
             raise LogUnavailable(f"kafka: {self._last_error}") from None
         except KafkaError as exc:
+            for ack in acks:
+                ack.add_done_callback(_retrieve)
             self._failed(f"{type(exc).__name__}: {exc}")
             raise LogUnavailable(f"kafka: {self._last_error}") from None
 
