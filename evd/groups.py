@@ -193,7 +193,7 @@ class KafkaPipeline:
         ctx = SinkContext(
             data_dir=self.data_dir, worker=owned[0], workers=cfg.log.partitions,
             partitions=cfg.log.partitions, chart_window_ms=cfg.charts.window_s * 1000,
-            kafka=cfg.kafka,
+            kafka=cfg.kafka, open_consumer=lambda name: KafkaConsumer(cfg, name),
         )
         loops: list[DeliveryLoop] = []
         for i, sink_cfg in enumerate(cfg.sinks):

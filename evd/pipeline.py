@@ -120,7 +120,7 @@ class Pipeline:
         ctx = SinkContext(
             data_dir=self.data_dir, worker=self.index, workers=self.workers,
             partitions=cfg.log.partitions, chart_window_ms=cfg.charts.window_s * 1000,
-            kafka=cfg.kafka,
+            kafka=cfg.kafka, open_consumer=lambda name: EmbeddedConsumer(self.data_dir, name),
         )
         # The audit stage's counts and lag are reported beside the sinks' (sink="audit").
         metrics.set_sinks([*(sink.name for sink in cfg.sinks), AUDIT_STAGE])

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 from evd.core import records
 from evd.core.config import KafkaConfig
 from evd.core.errors import EvdError
+from evd.core.log import Consumer
 
 __all__ = ["Batch", "PermanentSinkError", "Sink", "SinkContext", "SinkError"]
 
@@ -44,6 +46,9 @@ class SinkContext:
     #: The server's kafka section (the kafka sink's cluster, security and
     #: producer settings); None: its defaults.
     kafka: KafkaConfig | None = None
+    #: A consumer of this server's log by name (None: anonymous), not yet
+    #: assigned; the caller closes it. None: the embedded log under data_dir.
+    open_consumer: Callable[[str | None], Consumer] | None = None
 
 
 class SinkError(EvdError):

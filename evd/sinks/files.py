@@ -52,7 +52,9 @@ Always: ``now >= hour end + success_grace_s`` (wall clock). Then:
   and then this sink has committed every sub-log of the stream up to the end
   measured after that (every file of the hour is renamed). The grace covers
   the disorder of received_at within a raw sub-log (appends of requests
-  received milliseconds apart).
+  received milliseconds apart). Both are read through the log's consumers
+  (``SinkContext.open_consumer``: the embedded log or Kafka; without it, the
+  embedded log under data_dir).
 
 A marked hour is never written again: rows for it go to the ``_late`` layout
 (checked when a file is started and again before its rename) and are counted
@@ -82,6 +84,7 @@ import time
 import types
 import zlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import AsyncExitStack
 from datetime import datetime
 from operator import attrgetter
 from pathlib import Path
@@ -94,7 +97,7 @@ from msgspec.structs import astuple
 
 from evd.core import metrics
 from evd.core.config import SINK_STREAMS, FilesSinkConfig
-from evd.core.consumer import EmbeddedConsumer, committed_offsets
+from evd.core.consumer import EmbeddedConsumer
 from evd.core.errors import ConfigError, EvdError
 from evd.core.framing import fsync_dir, write_atomic
 from evd.core.log import RAW, Consumer, SubLog, TopicPartition
@@ -137,6 +140,8 @@ NDJSON_CHUNK_ITEMS = 4096
 PARQUET_ROW_GROUP = 65_536
 #: Longest pause between two looks for complete hours (shorter when the grace is).
 CHECK_INTERVAL_S = 10.0
+#: Longest wait of processed_until for a record known to be at a position.
+FETCH_WAIT_S = 5.0
 #: Directories known to exist that a sink remembers (about a year of hours of
 #: every stream); above it the memory is cleared and rebuilt as files are written.
 MAX_KNOWN_DIRS = 20_000
@@ -494,16 +499,18 @@ async def processed_until(
     a record stamped (evd.core.records' header) ``until_ms`` or later: every
     record received before it was processed and its outputs are durable.
 
-    False when there is no sub-log at all: nothing vouches for the hour (no raw
-    log under this data_dir, e.g. another log backend), and when the records
-    could not all be looked at within a bound of fetches (sub-logs written to
-    all the time): the next look decides. A sub-log without a commit counts
-    from its oldest record. Moves the consumer's positions.
+    False when there is no sub-log at all: nothing vouches for the hour (e.g.
+    an embedded consumer under a data_dir the log is not in), and when the
+    records could not all be looked at within a bound of fetches (sub-logs
+    written to all the time) or a record at a position did not come within
+    FETCH_WAIT_S: the next look decides. A sub-log without a commit counts from
+    its oldest record (none retained: at its end). Moves the consumer's positions.
     """
     ends = await consumer.end_offsets()
     if not ends:
         return False
     pending: set[SubLog] = set()
+    oldest = False
     for sublog, end in ends.items():
         offset = committed.get(sublog)
         if offset is not None and offset >= end:
@@ -511,18 +518,35 @@ async def processed_until(
         else:
             if offset is None:
                 consumer.seek_to_beginning(sublog)
+                oldest = True
             else:
                 consumer.seek(sublog, offset)
             pending.add(sublog)
+    first_ends = ends
+
+    def at_end(sublog: SubLog, positions: Mapping[SubLog, int]) -> bool:
+        return positions.get(sublog, -1) >= first_ends[sublog]
+
+    if oldest:
+        # A sub-log sent to its oldest record may hold none (empty, or all
+        # deleted): done. Its position is known once the log was asked (Kafka
+        # resolves it then; unknown: it stays pending).
+        await consumer.end_offsets()
+        positions = consumer.positions()
+        pending = {s for s in pending if not at_end(s, positions)}
     # Each fetch serves one sub-log; one that got new records after it was moved to
     # its end is served again, so the fetches are bounded rather than counted.
     for _ in range(2 * len(ends) + 16):
         if not pending:
             return True
-        # max_bytes=1: one record of one sub-log (the one at its position).
-        fetched = await consumer.fetch(max_bytes=1, timeout=0)
+        # max_bytes=1: one record of one sub-log (the one at its position). A fetch
+        # may have to ask for it (Kafka: nothing is buffered right after a seek),
+        # hence a wait. Nothing within it: done if the rest are at their end,
+        # else undecided (a record there did not come: an unresponsive broker).
+        fetched = await consumer.fetch(max_bytes=1, timeout=FETCH_WAIT_S)
         if not fetched:
-            return True  # the rest had nothing at their position: at their end
+            positions = consumer.positions()
+            return all(at_end(s, positions) for s in pending)
         ends = await consumer.end_offsets()
         for record in fetched:
             sublog = record.sublog
@@ -540,14 +564,6 @@ async def caught_up(consumer: Consumer, committed: Mapping[SubLog, int]) -> bool
     of every sub-log of the partitions ``consumer`` is assigned, measured now."""
     ends = await consumer.end_offsets()
     return all(committed.get(sublog, 0) >= end for sublog, end in ends.items())
-
-
-def _committed(data_dir: Path, name: str, stream: str, partitions: int) -> dict[SubLog, int]:
-    return {
-        SubLog(stream, p, writer): offset
-        for p in range(partitions)
-        for writer, offset in committed_offsets(data_dir, name, stream, p).items()
-    }
 
 
 # -- the sink ---------------------------------------------------------------------------
@@ -866,16 +882,25 @@ class FilesSink(Sink):
 
     async def _delivered_hours(self, stream: str, hours: list[int]) -> list[int]:
         """The hours (a prefix of ``hours``) whose rows the processor has processed
-        and this sink has delivered."""
+        and this sink has delivered, read through the log's consumers
+        (``ctx.open_consumer``; without it, embedded consumers of data_dir)."""
         data_dir = Path(self.ctx.data_dir)
-        n = self.ctx.partitions
-        consumer = EmbeddedConsumer(data_dir, None)
-        try:
-            consumer.assign(TopicPartition(RAW, p) for p in range(n))
-            processor = await asyncio.to_thread(_committed, data_dir, PROCESSOR, RAW, n)
+        open_consumer = self.ctx.open_consumer or (lambda name: EmbeddedConsumer(data_dir, name))
+        raw = [TopicPartition(RAW, p) for p in range(self.ctx.partitions)]
+        mine = [TopicPartition(stream, p) for p in range(self.ctx.partitions)]
+        async with AsyncExitStack() as opened:  # every consumer opened is closed
+
+            def consumer(name: str | None, partitions: list[TopicPartition]) -> Consumer:
+                c = open_consumer(name)
+                opened.push_async_callback(c.close)
+                c.assign(partitions)
+                return c
+
+            reader = consumer(None, raw)
+            processor = await consumer(PROCESSOR, raw).committed()
             done: list[int] = []
             for hour in hours:
-                if not await processed_until(consumer, processor, hour + HOUR_MS + self.grace_ms):
+                if not await processed_until(reader, processor, hour + HOUR_MS + self.grace_ms):
                     break
                 done.append(hour)
             if not done:
@@ -883,11 +908,9 @@ class FilesSink(Sink):
             # The ends are measured after the processor's offsets: its outputs up to
             # there are below them. The sink's offsets, read before the ends, only
             # grow: past the ends then, past them now.
-            consumer.assign(TopicPartition(stream, p) for p in range(n))
-            mine = await asyncio.to_thread(_committed, data_dir, self.cfg.name, stream, n)
-            return done if await caught_up(consumer, mine) else []
-        finally:
-            await consumer.close()
+            delivered = await consumer(self.cfg.name, mine).committed()
+            reader.assign(mine)
+            return done if await caught_up(reader, delivered) else []
 
     def _mark(self, stream: str, hour: int, now_ms: int) -> Path:
         directory = self.root / stream / hour_path(hour)
