@@ -58,14 +58,16 @@ TIME_STAMP = "~" * 24
 SAMPLE_S = 0.5
 
 
-def templates(batch: int, key: str, target: Target, seed: int) -> list[bytes]:
+def templates(
+    batch: int, key: str, target: Target, seed: int, one_user: bool = False
+) -> list[bytes]:
     """seedload's requests with the seed's timestamp turned into a placeholder of the
     same length (so Content-Length holds), stamped at each send."""
     seed_time = str(seed_event()["timestamp"]).encode()
     assert len(seed_time) == len(TIME_STAMP), "the placeholder must keep Content-Length"
     return [
         t.replace(seed_time, TIME_STAMP.encode())
-        for t in request_templates(batch, key, target, seed)
+        for t in request_templates(batch, key, target, seed, one_user)
     ]
 
 
@@ -152,7 +154,8 @@ async def server_cpu(pid: int, since: float, until: float) -> float:
 
 async def drive(args: argparse.Namespace, port: int, rate: float, pid: int) -> dict[str, Any]:
     target = Target.parse(f"http://127.0.0.1:{port}")
-    load = PacedLoad(templates(args.batch, "evd-dev-key", target, args.seed),
+    one_user = getattr(args, "one_user", False)
+    load = PacedLoad(templates(args.batch, "evd-dev-key", target, args.seed, one_user),
                      b"%08x" % random.getrandbits(32), args.seed, count_accepted=True)
     loop = asyncio.get_running_loop()
     start = time.perf_counter()

@@ -58,12 +58,21 @@ def batch_body(n: int, tag: str, user_of: Callable[[int], str]) -> bytes:
     return json.dumps({"events": events}).encode()
 
 
-def request_templates(batch: int, key: str, target: Target, seed: int) -> list[bytes]:
-    """Whole HTTP requests whose event ids all start with ``STAMP``."""
+def request_templates(
+    batch: int, key: str, target: Target, seed: int, one_user: bool = False
+) -> list[bytes]:
+    """Whole HTTP requests whose event ids all start with ``STAMP``: each event's user
+    drawn from 100,000, or with ``one_user`` one user per request (a client app
+    batching its own user's events)."""
     rng = random.Random(seed)
     out = []
     for _ in range(BODIES):
-        body = batch_body(batch, STAMP.decode(), lambda _: f"user-{rng.randrange(100_000)}")
+        user = f"user-{rng.randrange(100_000)}"
+
+        def user_of(_: int, user: str = user) -> str:
+            return user if one_user else f"user-{rng.randrange(100_000)}"
+
+        body = batch_body(batch, STAMP.decode(), user_of)
         head = (
             f"POST {target.prefix}/v1/events HTTP/1.1\r\nHost: {target.host_header()}\r\n"
             f"Authorization: Bearer {key}\r\nContent-Type: application/json\r\n"
