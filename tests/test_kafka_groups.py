@@ -17,10 +17,14 @@ the snapshot directory, as pods share a volume).
   that got a 200 reaches the warehouse. (Tansu keeps topics in memory only, so
   a restarted Tansu is an empty cluster: freezing it is how a broker outage that
   keeps its data is simulated here.)
+- configs/kafka.yaml passes ``evd check-config`` and runs as the three groups
+  with only what a pod spec would set from the environment.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import random
 import signal
@@ -30,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from evdtest import EvdServer, ServerFactory, batch, make_event, post, track_id
+from aiokafka import AIOKafkaConsumer
+from evdtest import EvdServer, ServerFactory, batch, make_event, post, run_cli, track_id
 from sinkcheck import query, wait_for
 from test_sinks_e2e import CONFIG, check_delivered, post_load
 
@@ -195,3 +200,75 @@ def test_a_frozen_broker_gives_503_and_every_200_reaches_the_warehouse(
             assert pod.stop() == 0, pod.log_text()
     finally:
         broker.stop()
+
+
+def test_the_shipped_kafka_config_checks_and_runs_as_three_groups(
+    servers: ServerFactory, kafka_broker: Broker, kafka_prefix: str, tmp_path: Path
+) -> None:
+    """configs/kafka.yaml as a user deploys it, with only what a pod spec sets from the
+    environment changed (brokers, keys, one worker): an event posted to the edge pod
+    reaches the warehouse and the team's topic, filtered by event type."""
+    shipped = Path(__file__).resolve().parents[1] / "configs" / "kafka.yaml"
+    checked = run_cli("check-config", str(shipped))
+    assert checked.returncode == 0, checked.stderr
+    assert "backend: kafka" in checked.stdout
+    team_topic = f"{kafka_prefix}team"
+    env = {
+        "EVD_KAFKA__BOOTSTRAP_SERVERS": f"[{kafka_broker.bootstrap}]",
+        "EVD_KAFKA__TOPIC_PREFIX": kafka_prefix,
+        "EVD_KAFKA__IDEMPOTENCE": "false",
+        "EVD_KAFKA__REPLICATION_FACTOR": "1",
+        "EVD_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "EVD_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+        "EVD_AUTH__KEYS": "[evd-dev-key]",
+        "EVD_SNAPSHOT__DIR": str(tmp_path / "state"),
+        "EVD_LOG__PARTITIONS": "2",
+    }
+    # The team sink's topic is named in the file; point it at this test's own.
+    config = tmp_path / "kafka.yaml"
+    config.write_text(shipped.read_text().replace("topic: team-recs.plays", f"topic: {team_topic}"))
+    pods = {
+        roles: servers.start(None, args=["--config", str(config), "--roles", roles,
+                                         "--workers", "1"], env=env)
+        for roles in ("deliver", "process", "edge")
+    }
+    wait_assigned_to(pods["process"])
+    events = [make_event("k-play", user_id="u1", event_type="play", track_id=track_id(1)),
+              make_event("k-pause", user_id="u1", event_type="pause", track_id=track_id(1))]
+    assert post(pods["edge"].port, batch(events)).status == 200
+    data = pods["deliver"].data_dir
+    wait_for("both events in the warehouse",
+             lambda: {r[0] for r in query(data, "SELECT event_id FROM events")} == {
+                 "k-play", "k-pause"}, timeout=60)
+    rows = read_topic(kafka_broker.bootstrap, team_topic, 1)
+    assert [(key, json.loads(value)["event_id"]) for key, value in rows] == [(b"u1", "k-play")]
+    for pod in pods.values():
+        assert pod.stop() == 0, pod.log_text()
+
+
+def wait_assigned_to(pod: EvdServer) -> None:
+    wait_for("the processors' group to assign partitions",
+             lambda: "processors of partitions" in pod.log_text(), timeout=60)
+
+
+def read_topic(bootstrap: str, topic: str, count: int, timeout: float = 30.0) -> list[tuple[Any, Any]]:
+    """(key, value) of the first ``count`` records of ``topic`` (waits up to ``timeout``)."""
+
+    async def read() -> list[tuple[Any, Any]]:
+        consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            out: list[tuple[Any, Any]] = []
+            deadline = time.monotonic() + timeout
+            while len(out) < count and time.monotonic() < deadline:
+                for records in (await consumer.getmany(timeout_ms=500)).values():
+                    out += [(r.key, r.value) for r in records]
+            # Nothing more than expected arrives (the filter kept the pause out).
+            for records in (await consumer.getmany(timeout_ms=1500)).values():
+                out += [(r.key, r.value) for r in records]
+            return out
+        finally:
+            await consumer.stop()
+
+    return asyncio.run(read())
