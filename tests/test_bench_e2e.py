@@ -160,7 +160,7 @@ def test_closed_loop_with_gzip(servers: ServerFactory, tmp_path: Path) -> None:
     _assert_every_event_accounted(r)
 
 
-SPIKE = ["--rate", "1000", "--batch", "50", "--duration", "4", "--spike-at", "1",
+SPIKE = ["--rate", "1000", "--batch", "50", "--duration", "5", "--spike-at", "1",
          "--spike-duration", "1", "--spike-factor", "8", "--interval", "0.5"]
 
 
