@@ -59,15 +59,16 @@ def kafka_config(bootstrap: str, prefix: str, snapshots: Path) -> dict[str, Any]
 
 
 class Groups:
-    """The pods of one test: edge x2, process x2, deliver x1."""
+    """The pods of one test: ``edges`` edge pods, ``processes`` process pods, one deliver pod."""
 
-    def __init__(self, servers: ServerFactory, cfg: dict[str, Any]) -> None:
+    def __init__(
+        self, servers: ServerFactory, cfg: dict[str, Any], edges: int = 2, processes: int = 2
+    ) -> None:
         self.cfg = cfg
         self.servers = servers
-        start = self.pod
-        self.deliver = start("deliver")
-        self.process = [start("process"), start("process")]
-        self.edges = [start("edge"), start("edge")]
+        self.deliver = self.pod("deliver")
+        self.process = [self.pod("process") for _ in range(processes)]
+        self.edges = [self.pod("edge") for _ in range(edges)]
 
     def pod(self, roles: str) -> EvdServer:
         return self.servers.start(self.cfg, args=["--roles", roles, "--workers", "1"])
@@ -110,7 +111,9 @@ def test_a_killed_process_pod_moves_its_partitions_and_results_are_unchanged(
     servers: ServerFactory, kafka_broker: Broker, kafka_prefix: str, rng: random.Random,
     tmp_path: Path,
 ) -> None:
-    groups = Groups(servers, kafka_config(kafka_broker.bootstrap, kafka_prefix, tmp_path / "state"))
+    groups = Groups(
+        servers, kafka_config(kafka_broker.bootstrap, kafka_prefix, tmp_path / "state"), edges=1
+    )
     wait_assigned(groups, groups.process)
     survivor, victim = groups.process
     killed = threading.Event()
@@ -141,7 +144,7 @@ def test_a_frozen_broker_gives_503_and_every_200_reaches_the_warehouse(
     broker = Broker(log_path=tmp_path / "broker.log").start()
     try:
         cfg = kafka_config(broker.bootstrap, kafka_prefix, tmp_path / "state")
-        groups = Groups(servers, cfg)
+        groups = Groups(servers, cfg, processes=1)
         wait_assigned(groups, groups.process)
         assert broker.proc is not None
         pid = broker.proc.pid
