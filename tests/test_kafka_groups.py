@@ -6,7 +6,8 @@ the snapshot directory, as pods share a volume).
 - The sinks issue's end-to-end load and checks pass unchanged through them
   (tests/test_sinks_e2e.py: every accepted event once in sqlite and in the lake,
   sessions and charts equal to the batch computation field by field, the audit
-  adds up).
+  adds up), and both edge pods answer the top-tracks API as the warehouse's
+  charts add up.
 - SIGKILL of one process pod mid-run: its partitions move to the other, which
   restores their snapshots and replays the raw topic; the results are those of
   an undisturbed run (the same checks; only the lake, append-only files, may
@@ -30,12 +31,22 @@ import random
 import signal
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from evdtest import EvdServer, ServerFactory, batch, make_event, post, run_cli, track_id
+from evdtest import (
+    EvdServer,
+    ServerFactory,
+    batch,
+    make_event,
+    post,
+    request,
+    run_cli,
+    track_id,
+)
 from sinkcheck import query, wait_for
 from test_sinks_e2e import CONFIG, check_delivered, post_load
 
@@ -81,6 +92,11 @@ class Groups:
         return "\n".join(p.log_text() for p in [self.deliver, *self.process, *self.edges])
 
 
+def top_tracks(port: int) -> list[tuple[str, int]]:
+    answer = request(port, "GET", "/v1/charts/top-tracks?window=1h&limit=10").json()
+    return [(t["track_id"], t["plays"]) for t in answer["tracks"]]
+
+
 def wait_assigned(groups: Groups, pods: list[EvdServer], timeout: float = 60.0) -> None:
     """Until each of ``pods`` logged that it runs processors (the group has settled)."""
     wait_for(
@@ -98,6 +114,15 @@ def test_process_groups_deliver_every_event_once(
     wait_assigned(groups, groups.process)
     load = post_load(groups.edge_ports, rng)
     check_delivered(load, groups.deliver.data_dir, groups.deliver.port)
+    # Every edge pod answers the top-tracks API from the charts topic, as the warehouse has it.
+    totals: Counter[str] = Counter()
+    for track, plays in query(groups.deliver.data_dir, "SELECT track_id, plays FROM charts"):
+        totals[track] += plays
+    want = sorted(totals.items(), key=lambda kv: (-kv[1], kv[0]))[:10]
+    assert len(want) == 10
+    for port in groups.edge_ports:
+        wait_for("the charts API on every edge pod", lambda port=port: top_tracks(port) == want,
+                 timeout=30)
     # Each process pod ran some of the partitions.
     for pod in groups.process:
         assert "processors of partitions" in pod.log_text()
