@@ -31,15 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
-from evd.core import metrics
-from evd.core.config import Config, RetryConfig
+from evd.core.config import Config
 from evd.core.kafka import GroupMember, KafkaConsumer, KafkaLog
 from evd.core.log import EVENTS, RAW
-from evd.sinks import build_sink
-from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
+from evd.pipeline import delivery_loops, publish_gauges, spawn
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.ledger import Ledger
@@ -96,14 +95,16 @@ class KafkaPipeline:
             self._consumers.append(charts)
             self._spawn(self.charts.follow(charts), "charts view")
         if "process" in self.roles:
-            self._spawn(self._publish_gauges(), "processor gauges")
+            self._spawn(
+                publish_gauges(lambda: [runner for runner, _ in self.runners.values()]),
+                "processor gauges",
+            )
             self._members.append(GroupMember(
                 self.cfg, PROCESSORS_GROUP, RAW,
                 self._processors_assigned, self._processors_revoked, self.on_failure,
             ))
         if "deliver" in self.roles:
             self.ledger = Ledger(self.data_dir)
-            metrics.set_sinks([*(sink.name for sink in self.cfg.sinks), AUDIT_STAGE])
             self._members.append(GroupMember(
                 self.cfg, DELIVERERS_GROUP, EVENTS,
                 self._deliverers_assigned, self._deliverers_revoked, self.on_failure,
@@ -111,18 +112,8 @@ class KafkaPipeline:
         for member in self._members:
             await member.start()
 
-    def _spawn(self, coro: object, what: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and (exc := t.exception()) is not None:
-                log.error("%s failed: %r", what, exc, exc_info=exc)
-                self.on_failure(exc)
-
-        task.add_done_callback(done)
-        return task
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        return spawn(self._tasks, coro, what, self.on_failure)
 
     # -- process --------------------------------------------------------------------------
 
@@ -163,22 +154,6 @@ class KafkaPipeline:
         log.info("processors of partitions %s stopped (worker %d)",
                  [r.partition for r, _ in going], self.index)
 
-    async def _publish_gauges(self) -> None:
-        while True:
-            lag_bytes, lag_seconds, sessions, buffered = 0, 0.0, 0, 0
-            for runner, _ in self.runners.values():
-                lag = runner.consumer.lag()
-                lag_bytes += lag.bytes
-                lag_seconds = max(lag_seconds, lag.seconds)
-                if runner.processor is not None:
-                    sessions += runner.processor.open_sessions
-                    buffered += runner.processor.buffered
-            metrics.PROCESSOR_LAG_BYTES.set(lag_bytes)
-            metrics.PROCESSOR_LAG_SECONDS.set(lag_seconds)
-            metrics.OPEN_SESSIONS.set(sessions)
-            metrics.BUFFERED_EVENTS.set(buffered)
-            await asyncio.sleep(1.0)
-
     # -- deliver --------------------------------------------------------------------------
 
     async def _deliverers_assigned(self, partitions: set[int]) -> None:
@@ -195,23 +170,9 @@ class KafkaPipeline:
             partitions=cfg.log.partitions, chart_window_ms=cfg.charts.window_s * 1000,
             kafka=cfg.kafka, open_consumer=lambda name: KafkaConsumer(cfg, name),
         )
-        loops: list[DeliveryLoop] = []
-        for i, sink_cfg in enumerate(cfg.sinks):
-            loops.append(DeliveryLoop(
-                name=sink_cfg.name, sink=build_sink(sink_cfg, ctx),
-                consumer=KafkaConsumer(cfg, sink_cfg.name), producer=self.lg, ledger=ledger,
-                streams=sink_cfg.streams, partitions=owned, batch=sink_cfg.batch,
-                retry=sink_cfg.retry, event_types=sink_cfg.event_types,
-                sink_metrics=metrics.SinkMetrics(i),
-            ))
-        from evd.pipeline import AUDIT_BATCH
-
-        loops.append(DeliveryLoop(
-            name=AUDIT_STAGE, sink=AuditStage(), consumer=KafkaConsumer(cfg, AUDIT_STAGE),
-            producer=None, ledger=ledger, streams=AUDIT_STREAMS, partitions=owned,
-            batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit",
-            sink_metrics=metrics.SinkMetrics(len(cfg.sinks)),
-        ))
+        loops = delivery_loops(
+            cfg, ctx, lambda name: KafkaConsumer(cfg, name), self.lg, ledger, owned
+        )
         for loop in loops:
             await loop.start()
         for loop in loops:

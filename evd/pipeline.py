@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
+from typing import Any
 
 from evd.core import metrics
 from evd.core.config import BatchConfig, Config, RetryConfig
 from evd.core.consumer import EmbeddedConsumer
 from evd.core.embedded import EmbeddedLog
-from evd.core.log import RAW, SubLog, TopicPartition
+from evd.core.log import RAW, Consumer, Producer, SubLog, TopicPartition
 from evd.core.retention import Retention
 from evd.sinks import build_sink
 from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
@@ -31,7 +32,7 @@ from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import CONSUMER_NAME, PartitionRunner
 from evd.state.snapshots import DirectoryStore
 
-__all__ = ["Pipeline", "owned_partitions"]
+__all__ = ["Pipeline", "delivery_loops", "owned_partitions", "publish_gauges", "spawn"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,76 @@ AUDIT_BATCH = BatchConfig(max_events=100_000, max_bytes=8 * 1024 * 1024, max_age
 def owned_partitions(partitions: int, index: int, workers: int) -> list[int]:
     """The raw partitions worker ``index`` of ``workers`` processes."""
     return [p for p in range(partitions) if p % workers == index]
+
+
+def spawn(
+    tasks: set[asyncio.Task[None]],
+    coro: Coroutine[Any, Any, None],
+    what: str,
+    on_failure: Callable[[BaseException], None],
+) -> asyncio.Task[None]:
+    """Run ``coro`` as a task kept in ``tasks``; if it dies, log it and call ``on_failure``."""
+    task = asyncio.get_running_loop().create_task(coro)
+    tasks.add(task)
+
+    def done(t: asyncio.Task[None]) -> None:
+        tasks.discard(t)
+        if not t.cancelled() and (exc := t.exception()) is not None:
+            log.error("%s failed: %r", what, exc, exc_info=exc)
+            on_failure(exc)
+
+    task.add_done_callback(done)
+    return task
+
+
+async def publish_gauges(runners: Callable[[], Iterable[PartitionRunner]]) -> None:
+    """Every GAUGE_INTERVAL_S, the processors' lag, open sessions and buffered events."""
+    while True:
+        lag_bytes, lag_seconds, sessions, buffered = 0, 0.0, 0, 0
+        for runner in runners():
+            lag = runner.consumer.lag()
+            lag_bytes += lag.bytes
+            lag_seconds = max(lag_seconds, lag.seconds)
+            if runner.processor is not None:
+                sessions += runner.processor.open_sessions
+                buffered += runner.processor.buffered
+        metrics.PROCESSOR_LAG_BYTES.set(lag_bytes)
+        metrics.PROCESSOR_LAG_SECONDS.set(lag_seconds)
+        metrics.OPEN_SESSIONS.set(sessions)
+        metrics.BUFFERED_EVENTS.set(buffered)
+        await asyncio.sleep(GAUGE_INTERVAL_S)
+
+
+def delivery_loops(
+    cfg: Config,
+    ctx: SinkContext,
+    open_consumer: Callable[[str], Consumer],
+    producer: Producer,
+    ledger: Ledger,
+    partitions: list[int],
+    raw_ends: Callable[[], Awaitable[dict[SubLog, int]]] | None = None,
+) -> list[DeliveryLoop]:
+    """A delivery loop per configured sink, and the audit stage, over ``partitions``
+    (not started); each reads through its own consumer, named after it."""
+    # The audit stage's counts and lag are reported beside the sinks' (sink="audit").
+    metrics.set_sinks([*(sink.name for sink in cfg.sinks), AUDIT_STAGE])
+    loops = [
+        DeliveryLoop(
+            name=sink_cfg.name, sink=build_sink(sink_cfg, ctx),
+            consumer=open_consumer(sink_cfg.name), producer=producer, ledger=ledger,
+            streams=sink_cfg.streams, partitions=partitions, batch=sink_cfg.batch,
+            retry=sink_cfg.retry, event_types=sink_cfg.event_types,
+            sink_metrics=metrics.SinkMetrics(i), raw_ends=raw_ends,
+        )
+        for i, sink_cfg in enumerate(cfg.sinks)
+    ]
+    loops.append(DeliveryLoop(
+        name=AUDIT_STAGE, sink=AuditStage(), consumer=open_consumer(AUDIT_STAGE), producer=None,
+        ledger=ledger, streams=AUDIT_STREAMS, partitions=partitions,
+        batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit", raw_ends=raw_ends,
+        sink_metrics=metrics.SinkMetrics(len(cfg.sinks)),
+    ))
+    return loops
 
 
 class Pipeline:
@@ -102,7 +173,7 @@ class Pipeline:
         charts_consumer = EmbeddedConsumer(self.data_dir, None, reset="earliest")
         self._consumers.append(charts_consumer)
         self._spawn(self.charts.follow(charts_consumer), "charts view")
-        self._spawn(self._publish_gauges(), "processor gauges")
+        self._spawn(publish_gauges(lambda: self.runners), "processor gauges")
         self.retention.start()
 
     async def _raw_ends(self, partitions: list[int]) -> dict[SubLog, int]:
@@ -117,68 +188,32 @@ class Pipeline:
     async def _start_deliveries(self, owned: list[int]) -> None:
         """A delivery loop per sink, and the audit stage, over the owned partitions."""
         cfg = self.cfg
+
+        def open_consumer(name: str | None) -> EmbeddedConsumer:
+            consumer = EmbeddedConsumer(self.data_dir, name)
+            if name is not None:
+                self._consumers.append(consumer)
+            return consumer
+
         ctx = SinkContext(
             data_dir=self.data_dir, worker=self.index, workers=self.workers,
             partitions=cfg.log.partitions, chart_window_ms=cfg.charts.window_s * 1000,
             kafka=cfg.kafka, open_consumer=lambda name: EmbeddedConsumer(self.data_dir, name),
         )
-        # The audit stage's counts and lag are reported beside the sinks' (sink="audit").
-        metrics.set_sinks([*(sink.name for sink in cfg.sinks), AUDIT_STAGE])
 
         def raw_ends() -> Awaitable[dict[SubLog, int]]:
             return self._raw_ends(owned)
 
-        for i, sink_cfg in enumerate(cfg.sinks):
-            consumer = EmbeddedConsumer(self.data_dir, sink_cfg.name)
-            self._consumers.append(consumer)
-            self.deliveries.append(DeliveryLoop(
-                name=sink_cfg.name, sink=build_sink(sink_cfg, ctx), consumer=consumer,
-                producer=self.lg, ledger=self.ledger, streams=sink_cfg.streams,
-                partitions=owned, batch=sink_cfg.batch, retry=sink_cfg.retry,
-                event_types=sink_cfg.event_types, sink_metrics=metrics.SinkMetrics(i),
-                raw_ends=raw_ends,
-            ))
-        consumer = EmbeddedConsumer(self.data_dir, AUDIT_STAGE)
-        self._consumers.append(consumer)
-        self.deliveries.append(DeliveryLoop(
-            name=AUDIT_STAGE, sink=AuditStage(), consumer=consumer, producer=None,
-            ledger=self.ledger, streams=AUDIT_STREAMS, partitions=owned,
-            batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit", raw_ends=raw_ends,
-            sink_metrics=metrics.SinkMetrics(len(cfg.sinks)),
-        ))
+        self.deliveries = delivery_loops(
+            cfg, ctx, open_consumer, self.lg, self.ledger, owned, raw_ends
+        )
         for delivery in self.deliveries:
             await delivery.start()
         for delivery in self.deliveries:
             self._delivery_tasks.append(self._spawn(delivery.run(), f"sink {delivery.name}"))
 
-    def _spawn(self, coro: object, what: str) -> asyncio.Task[None]:
-        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
-        self._tasks.add(task)
-
-        def done(t: asyncio.Task[None]) -> None:
-            self._tasks.discard(t)
-            if not t.cancelled() and (exc := t.exception()) is not None:
-                log.error("%s failed: %r", what, exc, exc_info=exc)
-                self.on_failure(exc)
-
-        task.add_done_callback(done)
-        return task
-
-    async def _publish_gauges(self) -> None:
-        while True:
-            lag_bytes, lag_seconds, sessions, buffered = 0, 0.0, 0, 0
-            for runner in self.runners:
-                lag = runner.consumer.lag()
-                lag_bytes += lag.bytes
-                lag_seconds = max(lag_seconds, lag.seconds)
-                if runner.processor is not None:
-                    sessions += runner.processor.open_sessions
-                    buffered += runner.processor.buffered
-            metrics.PROCESSOR_LAG_BYTES.set(lag_bytes)
-            metrics.PROCESSOR_LAG_SECONDS.set(lag_seconds)
-            metrics.OPEN_SESSIONS.set(sessions)
-            metrics.BUFFERED_EVENTS.set(buffered)
-            await asyncio.sleep(GAUGE_INTERVAL_S)
+    def _spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
+        return spawn(self._tasks, coro, what, self.on_failure)
 
     async def stop(self) -> None:
         """Processors finish their pass and snapshot; the rest is cancelled."""
