@@ -14,10 +14,10 @@ the snapshot directory, as pods share a volume).
   hold a replayed session twice, as identical rows).
 - The broker frozen (SIGSTOP) while clients post: they get 503 with Retry-After
   within kafka.ack_timeout_s, never a 200 for what the broker did not take;
-  once it runs again (SIGCONT) the same edge takes events again, and every event
-  that got a 200 reaches the warehouse. (Tansu keeps topics in memory only, so
-  a restarted Tansu is an empty cluster: freezing it is how a broker outage that
-  keeps its data is simulated here.)
+  once it runs again (SIGCONT) the same edge takes events again, every event
+  that got a 200 reaches the warehouse and the lake, and the audit adds up.
+  (Tansu keeps topics in memory only, so a restarted Tansu is an empty cluster:
+  freezing it is how a broker outage that keeps its data is simulated here.)
 - configs/kafka.yaml passes ``evd check-config`` and runs as the three groups
   with only what a pod spec would set from the environment.
 """
@@ -47,7 +47,7 @@ from evdtest import (
     run_cli,
     track_id,
 )
-from sinkcheck import query, wait_for
+from sinkcheck import lake_rows, query, wait_for
 from test_sinks_e2e import CONFIG, check_delivered, post_load
 
 from evd.bench.tansu import Broker
@@ -224,6 +224,15 @@ def test_a_frozen_broker_gives_503_and_every_200_reaches_the_warehouse(
             lambda: acked <= {r[0] for r in query(data, "SELECT event_id FROM events")},
             timeout=90,
         )
+        wait_for(
+            "every acknowledged event in the lake",
+            lambda: acked <= {r["event_id"] for r in lake_rows(data / "lake", "events")},
+            timeout=30,
+        )
+        # A 503'd request's records that the broker took late are in the log too:
+        # accepted, and delivered like the rest.
+        wait_for("the audit to add up",
+                 lambda: run_cli("audit", "--data-dir", str(data)).returncode == 0, timeout=30)
         for pod in [*groups.edges, *groups.process, groups.deliver]:
             assert pod.stop() == 0, pod.log_text()
     finally:
