@@ -592,6 +592,14 @@ class GroupMember:
         await _start_with_retry(self._consumer, self.k, f"member of {self.group}")
         self._consumer.subscribe([self.topic], listener=_Listener(self))
         self._task = asyncio.get_running_loop().create_task(self._poll())
+        self._task.add_done_callback(self._poll_ended)
+
+    def _poll_ended(self, task: asyncio.Task[None]) -> None:
+        # aiokafka retries what is transient itself; an error out of getmany is
+        # fatal to the membership (authorization, a fenced member): the worker stops.
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("kafka: group %s: membership failed: %r", self.group, exc)
+            self.on_failure(exc)
 
     async def _poll(self) -> None:
         # Partitions are paused as they come: getmany only keeps the membership alive.
