@@ -19,6 +19,7 @@ sink's and the processors' offsets and lag by name.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -146,6 +147,16 @@ class KafkaLog(Producer):
     quick 503, and the first request after it recovers goes through: no
     restart. Bytes not yet acknowledged are bounded by ``log.max_pending_bytes``
     (LogOverloaded above it; a stage's own appends are not refused).
+
+    Batching: records are appended to one open record batch per partition
+    (aiokafka's BatchBuilder), which is handed to aiokafka whole
+    (``send_batch``) ``kafka.linger_ms`` after the first record of the round,
+    when it reaches ``kafka.max_batch_bytes``, or, while the partition's previous
+    batch is still in aiokafka's hands, as soon as that one was taken. So the
+    records of every request of a round that go to one partition travel as one
+    batch, and batches grow with the load; per record only the builder's append
+    is paid, not aiokafka's per-message send path (about 15% less of the edge's
+    CPU per event at 80,000 events/s; bench/README.md).
     """
 
     def __init__(self, cfg: Config) -> None:
@@ -160,7 +171,13 @@ class KafkaLog(Producer):
         self._unavailable_until = 0.0
         self._last_error = ""
         self._closed = False
-        self._tasks: set[asyncio.Future[Any]] = set()
+        #: Each partition's batch being filled (for kafka.linger_ms), and its waiters.
+        self._open: dict[tuple[str, int], _OpenBatch] = {}
+        self._linger: asyncio.TimerHandle | None = None
+        self._sending: set[asyncio.Future[None]] = set()
+        #: Partitions with a batch in aiokafka's hands -> full batches waiting behind it.
+        self._queued: dict[tuple[str, int], list[_OpenBatch]] = {}
+        self._waiters: set[_Waiter] = set()
 
     @property
     def writable(self) -> bool:
@@ -189,7 +206,7 @@ class KafkaLog(Producer):
             **client_options(k),
             acks="all",
             enable_idempotence=k.idempotence,
-            linger_ms=k.linger_ms,
+            linger_ms=0,  # batches are built here (kafka.linger_ms) and go as they are
             max_batch_size=k.max_batch_bytes,
             max_request_size=k.max_request_bytes,
             request_timeout_ms=int(k.ack_timeout_s * 1000),
@@ -224,58 +241,123 @@ class KafkaLog(Producer):
         self._check(records)
         size = sum(len(payload) for _, _, payload in records)
         self._admit(size, internal)
-        return self._track(self._send_all(records), size)
+        return self._enqueue(records, size, offsets=False)
 
     def append(
         self, stream: str, partition: int, payload: bytes, *, internal: bool = False
     ) -> asyncio.Future[int]:
         self._check(((stream, partition, payload),))
         self._admit(len(payload), internal)
-        return self._track(self._send_one(stream, partition, payload), len(payload))
+        return self._enqueue(((stream, partition, payload),), len(payload), offsets=True)
 
-    def _track(self, coro: Any, size: int) -> asyncio.Future[Any]:
-        # Pending from admission on (not from when the task first runs), so that
-        # appends admitted in one turn of the loop count against each other.
-        self.pending_bytes += size
-        fut: asyncio.Future[Any] = asyncio.ensure_future(coro)
-        self._tasks.add(fut)
-
-        def done(fut: asyncio.Future[Any]) -> None:
-            self._tasks.discard(fut)
-            self.pending_bytes -= size
-
-        fut.add_done_callback(done)
-        return fut
-
-    async def _send_one(self, stream: str, partition: int, payload: bytes) -> int:
-        offsets = await self._send([(stream, partition, payload)])
-        return offsets[0]
-
-    async def _send_all(self, records: Sequence[Append]) -> None:
-        await self._send(records)
-
-    async def _send(self, records: Sequence[Append]) -> list[int]:
+    def _enqueue(self, records: Sequence[Append], size: int, offsets: bool) -> asyncio.Future[Any]:
+        """Add ``records`` to the open batches of their partitions; the future of them all."""
         producer = self._producer
         assert producer is not None
-        acks: list[asyncio.Future[Any]] = []
-        try:
-            async with asyncio.timeout(self.k.ack_timeout_s):
-                for stream, partition, payload in records:
-                    acks.append(await producer.send(
-                        self._topics[stream], payload, key=self._keys[partition], partition=partition
-                    ))
-                return [(await ack).offset for ack in acks]
-        except TimeoutError:
-            for ack in acks:  # they fail later, when aiokafka expires them: nobody waits
-                ack.add_done_callback(_retrieve)
-            self._failed("no acknowledgement from the broker within "
-                         f"{self.k.ack_timeout_s:g} s")
-            raise LogUnavailable(f"kafka: {self._last_error}") from None
-        except KafkaError as exc:
-            for ack in acks:
-                ack.add_done_callback(_retrieve)
-            self._failed(f"{type(exc).__name__}: {exc}")
-            raise LogUnavailable(f"kafka: {self._last_error}") from None
+        loop = asyncio.get_running_loop()
+        # Pending from admission on, so appends admitted in one turn of the loop
+        # count against each other.
+        self.pending_bytes += size
+        waiter = _Waiter(loop.create_future(), len(records), size, offsets)
+        waiter.timer = loop.call_later(self.k.ack_timeout_s, self._expire, waiter)
+        self._waiters.add(waiter)
+        keys = self._keys
+        for index, (stream, partition, payload) in enumerate(records):
+            key = (stream, partition)
+            batch = self._open.get(key)
+            if batch is None:
+                batch = self._open[key] = _OpenBatch(producer.create_batch())
+            if batch.builder.append(timestamp=None, key=keys[partition], value=payload) is None:
+                self._ship(key, self._open.pop(key))  # full: it goes (or queues), another opens
+                batch = self._open[key] = _OpenBatch(producer.create_batch())
+                if batch.builder.append(timestamp=None, key=keys[partition], value=payload) is None:
+                    raise AssertionError("an empty batch refused a record")
+            batch.entries.append((waiter, index))
+        if self._linger is None:
+            self._linger = loop.call_later(self.k.linger_ms / 1000, self._ship_all)
+        return waiter.future
+
+    def _ship_all(self) -> None:
+        """The linger is over: every open batch goes, except those of partitions whose
+        previous batch aiokafka has not taken yet (they go when it has)."""
+        self._linger = None
+        for key in [k for k in self._open if k not in self._queued]:
+            self._ship(key, self._open.pop(key))
+
+    def _ship(self, key: tuple[str, int], batch: _OpenBatch) -> None:
+        """Hand ``batch`` to aiokafka, or queue it behind the partition's batch in hand.
+
+        aiokafka takes one batch per partition at a time (the next waits until the
+        one before was sent), so a partition has one send_batch call in progress:
+        meanwhile records gather in its open batch, which grows with the load.
+        """
+        queued = self._queued.get(key)
+        if queued is not None:
+            queued.append(batch)
+            return
+        self._queued[key] = []
+        task = asyncio.ensure_future(self._send_batch(key, batch))
+        self._sending.add(task)
+        task.add_done_callback(self._sending.discard)
+
+    async def _send_batch(self, key: tuple[str, int], batch: _OpenBatch) -> None:
+        """Hand one partition's batches to aiokafka in turn; settle each one's waiters
+        when the broker acknowledges it."""
+        producer = self._producer
+        assert producer is not None
+        stream, partition = key
+        topic = self._topics[stream]
+        while True:
+            try:
+                ack = await producer.send_batch(batch.builder, topic, partition=partition)
+            except KafkaError as exc:
+                self._fail_batch(batch, exc)
+            else:
+                ack.add_done_callback(functools.partial(self._acked, batch))
+            queued = self._queued[key]
+            if queued:
+                batch = queued.pop(0)
+            elif key in self._open and self._linger is None:
+                batch = self._open.pop(key)  # gathered while the one before was in hand
+            else:
+                del self._queued[key]
+                return
+
+    def _acked(self, batch: _OpenBatch, ack: asyncio.Future[Any]) -> None:
+        if ack.cancelled() or ack.exception() is not None:
+            self._fail_batch(batch, ack.exception() or KafkaError("cancelled"))
+            return
+        base = ack.result().offset
+        for position, (waiter, index) in enumerate(batch.entries):
+            if waiter.offsets is not None:
+                waiter.offsets[index] = base + position
+            waiter.left -= 1
+            if waiter.left == 0:
+                self._settle(waiter, None)
+
+    def _fail_batch(self, batch: _OpenBatch, exc: BaseException) -> None:
+        if all(waiter.future.done() for waiter, _ in batch.entries):
+            return  # every request in it was answered already (expired): nothing to tell
+        self._failed(f"{type(exc).__name__}: {exc}")
+        for waiter, _ in batch.entries:
+            self._settle(waiter, LogUnavailable(f"kafka: {self._last_error}"))
+
+    def _expire(self, waiter: _Waiter) -> None:
+        self._failed(f"no acknowledgement from the broker within {self.k.ack_timeout_s:g} s")
+        self._settle(waiter, LogUnavailable(f"kafka: {self._last_error}"))
+
+    def _settle(self, waiter: _Waiter, error: Exception | None) -> None:
+        """Complete ``waiter`` once (an ack after its expiry changes nothing)."""
+        if waiter.future.done() or waiter not in self._waiters:
+            return
+        self._waiters.discard(waiter)
+        self.pending_bytes -= waiter.size
+        if waiter.timer is not None:
+            waiter.timer.cancel()
+        if error is not None:
+            waiter.future.set_exception(error)
+        else:
+            waiter.future.set_result(None if waiter.offsets is None else waiter.offsets[0])
 
     def _failed(self, why: str) -> None:
         if time.monotonic() >= self._unavailable_until:
@@ -285,21 +367,45 @@ class KafkaLog(Producer):
         self._unavailable_until = time.monotonic() + self.k.unavailable_s
 
     async def flush(self) -> None:
-        if self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        if self._linger is not None:
+            self._linger.cancel()
+            self._ship_all()
+        waiting = [w.future for w in self._waiters]
+        if waiting:
+            await asyncio.gather(*waiting, return_exceptions=True)
 
     async def close(self) -> None:
         if self._closed:
             return
         await self.flush()
         self._closed = True
+        for waiter in list(self._waiters):
+            self._settle(waiter, LogUnavailable("the kafka producer is closed"))
         if self._producer is not None:
             await self._producer.stop()
 
 
-def _retrieve(fut: asyncio.Future[Any]) -> None:
-    if not fut.cancelled():
-        fut.exception()
+class _Waiter:
+    """One append call: its future completes when all its records are acknowledged."""
+
+    __slots__ = ("future", "left", "offsets", "size", "timer")
+
+    def __init__(self, future: asyncio.Future[Any], count: int, size: int, offsets: bool) -> None:
+        self.future = future
+        self.left = count
+        self.size = size
+        self.offsets: list[int] | None = [0] * count if offsets else None
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _OpenBatch:
+    """One partition's record batch being filled, and whose records are in it."""
+
+    __slots__ = ("builder", "entries")
+
+    def __init__(self, builder: Any) -> None:
+        self.builder = builder
+        self.entries: list[tuple[_Waiter, int]] = []
 
 
 class KafkaConsumer(Consumer):
