@@ -1,7 +1,9 @@
 """One worker process: recover its log, serve HTTP, drain on SIGTERM.
 
-Worker ``k`` of a server is log writer ``k``: it writes only its own journal
-and sub-log files (evd.core.embedded), so every file has one writer.
+On the embedded log, worker ``k`` of a server is log writer ``k``: it writes
+only its own journal and sub-log files (evd.core.embedded), so every file has
+one writer. With ``log.backend: kafka`` it produces to Kafka (evd.core.kafka)
+and runs the roles of ``server.roles`` (evd.groups).
 """
 
 from __future__ import annotations
