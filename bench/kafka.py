@@ -36,8 +36,9 @@ from bench.scaling import tree_cpu
 from evd.bench import metrics
 from evd.bench.tansu import Broker
 from evd.core.config import Config, KafkaConfig, LogConfig
-from evd.core.kafka import KafkaConsumer
-from evd.core.log import RAW, TopicPartition
+from evd.core.log import TopicPartition
+from evd.core.log.kafka.consumer import KafkaConsumer
+from evd.core.log.streams import Stream
 
 PARTITIONS = 8
 
@@ -83,7 +84,7 @@ async def raw_end(bootstrap: str, prefix: str) -> int:
     )
     consumer = KafkaConsumer(cfg, None)
     try:
-        consumer.assign(TopicPartition(RAW, p) for p in range(PARTITIONS))
+        consumer.assign(TopicPartition(Stream.RAW, p) for p in range(PARTITIONS))
         return sum((await consumer.end_offsets()).values())
     finally:
         await consumer.close()

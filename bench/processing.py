@@ -52,10 +52,9 @@ import msgspec
 import orjson
 
 from evd.bench.traffic import TrafficConfig, TrafficModel
-from evd.core import records
 from evd.core.config import ProcessingConfig
-from evd.core.log import partitions_for
-from evd.core.records import Kind
+from evd.core.log import partitions_for, records
+from evd.core.log.records import Kind
 from evd.core.schema import (
     Event,
     RawBatch,

@@ -59,7 +59,6 @@ from bench.processing import (
     record,
 )
 from bench.scaling import cpus_busy, wait_quiet
-from evd.core import records
 from evd.core.config import (
     AnySinkConfig,
     BatchConfig,
@@ -69,7 +68,8 @@ from evd.core.config import (
     SqliteSinkConfig,
     StdoutSinkConfig,
 )
-from evd.core.log import CHARTS, EVENTS, SESSIONS
+from evd.core.log import records
+from evd.core.log.streams import Stream
 from evd.sinks import build_sink, rows
 from evd.sinks.base import Batch, Sink, SinkContext
 
@@ -81,7 +81,7 @@ TARGETS = {"files-gzip": 300_000, "parquet": 300_000, "sqlite": 150_000}
 #: Items per write: the delivery loop's default batch.max_events (10,000) for every
 #: sink. The lake's own default is 200,000 (``--batch 200000`` to measure that).
 BATCH = 10_000
-STREAMS = (EVENTS, SESSIONS, CHARTS)
+STREAMS = (Stream.EVENTS, Stream.SESSIONS, Stream.CHARTS)
 
 
 # ---------------------------------------------------------------- the input
@@ -348,8 +348,8 @@ def run_loop(spec: str, rec: Recording, wanted: list[str], batch: int) -> dict[s
     """Time the sink behind the real delivery loop: an embedded log holding the
     records, a real consumer and audit ledger; from the loop's start until it has
     delivered everything and closed the sink."""
-    from evd.core.consumer import EmbeddedConsumer
-    from evd.core.embedded import EmbeddedLog
+    from evd.core.log.embedded.consumer import EmbeddedConsumer
+    from evd.core.log.embedded.producer import EmbeddedLog
     from evd.sinks.delivery import DeliveryLoop
     from evd.sinks.ledger import Ledger
 
@@ -464,7 +464,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--users", type=int, default=20_000, help="user population")
     p.add_argument("--rate", type=float, default=100.0, help="events per second of event time")
     p.add_argument("--sinks", default=DEFAULT_SINKS, help=f"comma-separated, of {', '.join(SPECS)}")
-    p.add_argument("--streams", default=EVENTS,
+    p.add_argument("--streams", default=Stream.EVENTS,
                    help="streams written (each sink takes those its config lists): "
                         "events, sessions, charts")
     p.add_argument("--batch", type=int, default=BATCH, help="items per write at most")
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     if "seconds" in null:
         report["loop_overhead_us_per_event"] = null["seconds"] / rec.events * 1e6
     (args.out / "sinks.json").write_text(json.dumps(report, indent=2) + "\n")
-    ev = rec.stats.get(EVENTS, {})
+    ev = rec.stats.get(Stream.EVENTS, {})
     print(f"input: {rec.events:,} events -> {ev.get('records', 0):,} events records "
           f"({ev.get('bytes', 0) / max(1, ev.get('items', 1)):.0f} bytes per event); "
           f"streams {', '.join(wanted)}, batches of {args.batch:,}; "

@@ -2,7 +2,7 @@
 
 ``evd serve --roles edge,process,deliver`` (any subset; all three by default):
 
-- **edge**: the HTTP edge appends to the raw topic (evd.core.kafka.KafkaLog), and
+- **edge**: the HTTP edge appends to the raw topic (evd.core.log.kafka.producer.KafkaLog), and
   follows the charts topic for the top-tracks API.
 - **process**: the worker is a member of consumer group ``{prefix}processors``
   over the raw topic. For each partition assigned to it, a PartitionRunner
@@ -36,14 +36,17 @@ from pathlib import Path
 from typing import Any
 
 from evd.core.config import Config
-from evd.core.kafka import GroupMember, KafkaConsumer, KafkaLog
-from evd.core.log import EVENTS, RAW
+from evd.core.log import PROCESSOR
+from evd.core.log.kafka.consumer import KafkaConsumer
+from evd.core.log.kafka.group import GroupMember
+from evd.core.log.kafka.producer import KafkaLog
+from evd.core.log.streams import Stream
 from evd.pipeline import delivery_loops, publish_gauges, spawn
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.ledger import Ledger
 from evd.state.charts_view import ChartsView, make_view
-from evd.state.runner import CONSUMER_NAME, PartitionRunner
+from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
 
 __all__ = ["KafkaPipeline", "snapshot_dir"]
@@ -100,13 +103,13 @@ class KafkaPipeline:
                 "processor gauges",
             )
             self._members.append(GroupMember(
-                self.cfg, PROCESSORS_GROUP, RAW,
+                self.cfg, PROCESSORS_GROUP, Stream.RAW,
                 self._processors_assigned, self._processors_revoked, self.on_failure,
             ))
         if "deliver" in self.roles:
             self.ledger = Ledger(self.data_dir)
             self._members.append(GroupMember(
-                self.cfg, DELIVERERS_GROUP, EVENTS,
+                self.cfg, DELIVERERS_GROUP, Stream.EVENTS,
                 self._deliverers_assigned, self._deliverers_revoked, self.on_failure,
             ))
         for member in self._members:
@@ -122,7 +125,7 @@ class KafkaPipeline:
             return
         new = sorted(p for p in partitions if p not in self.runners)
         for i, p in enumerate(new):
-            consumer = KafkaConsumer(self.cfg, CONSUMER_NAME)
+            consumer = KafkaConsumer(self.cfg, PROCESSOR)
             runner = PartitionRunner(
                 p, self.cfg, self.lg, consumer, self.store, sources=(0,), phase=i / len(new)
             )

@@ -8,10 +8,10 @@ from typing import Any
 
 import msgspec
 
-from evd.core import records as rec
-from evd.core.embedded import read_partition
+from evd.core.log import records as rec
+from evd.core.log.embedded.layout import read_partition
+from evd.core.log.embedded.sublog import writers_of
 from evd.core.schema import ChartsBatch, DeadLetter, EventsBatch, RawBatch, SessionsBatch
-from evd.core.sublog import writers_of
 
 
 def iter_stream(data_dir: str | Path, stream: str) -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ their processors (evd.state.runner), and for every configured sink a delivery
 loop over those partitions of the sink's streams (evd.sinks.delivery), plus
 the audit stage (evd.sinks.audit). Every worker follows the ``charts`` stream
 for the top-tracks API (evd.state.charts_view) and sweeps retention of its own
-sub-logs (evd.core.retention; worker 0 also those of writers that no longer
+sub-logs (evd.core.log.embedded.retention; worker 0 also those of writers that no longer
 run). Only offsets and wake-ups travel between workers, never events.
 """
 
@@ -19,17 +19,18 @@ from typing import Any
 
 from evd.core import metrics
 from evd.core.config import BatchConfig, Config, RetryConfig
-from evd.core.consumer import EmbeddedConsumer
-from evd.core.embedded import EmbeddedLog
-from evd.core.log import RAW, Consumer, Producer, SubLog, TopicPartition
-from evd.core.retention import Retention
+from evd.core.log import PROCESSOR, Consumer, Producer, SubLog, TopicPartition
+from evd.core.log.embedded.consumer import EmbeddedConsumer
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.embedded.retention import Retention
+from evd.core.log.streams import Stream
 from evd.sinks import build_sink
 from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.ledger import Ledger
 from evd.state.charts_view import ChartsView, make_view
-from evd.state.runner import CONSUMER_NAME, PartitionRunner
+from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
 
 __all__ = ["Pipeline", "delivery_loops", "owned_partitions", "publish_gauges", "spawn"]
@@ -158,7 +159,7 @@ class Pipeline:
         store = DirectoryStore(self.data_dir / "state")
         owned = owned_partitions(self.cfg.log.partitions, self.index, self.workers)
         for i, p in enumerate(owned):
-            consumer = EmbeddedConsumer(self.data_dir, CONSUMER_NAME)
+            consumer = EmbeddedConsumer(self.data_dir, PROCESSOR)
             self._consumers.append(consumer)
             runner = PartitionRunner(
                 p, self.cfg, self.lg, consumer, store,
@@ -180,7 +181,7 @@ class Pipeline:
         """End offsets of every raw sub-log of ``partitions`` (for the delivery loops)."""
         consumer = EmbeddedConsumer(self.data_dir, None)
         try:
-            consumer.assign(TopicPartition(RAW, p) for p in partitions)
+            consumer.assign(TopicPartition(Stream.RAW, p) for p in partitions)
             return await consumer.end_offsets()
         finally:
             await consumer.close()

@@ -1,8 +1,8 @@
 """One worker process: recover its log, serve HTTP, drain on SIGTERM.
 
 On the embedded log, worker ``k`` of a server is log writer ``k``: it writes
-only its own journal and sub-log files (evd.core.embedded), so every file has
-one writer. With ``log.backend: kafka`` it produces to Kafka (evd.core.kafka)
+only its own journal and sub-log files (evd.core.log.embedded), so every file has
+one writer. With ``log.backend: kafka`` it produces to Kafka (evd.core.log.kafka)
 and runs the roles of ``server.roles`` (evd.groups).
 """
 
@@ -20,10 +20,11 @@ import uvloop
 
 from evd.core import metrics
 from evd.core.config import Config
-from evd.core.embedded import EmbeddedLog, recover_writers, upgrade_layout
 from evd.core.errors import EvdError
 from evd.core.host import HostState, run_dir
-from evd.core.kafka import KafkaLog
+from evd.core.log.embedded.layout import upgrade_layout
+from evd.core.log.embedded.producer import EmbeddedLog, recover_writers
+from evd.core.log.kafka.producer import KafkaLog
 from evd.edge.auth import RateLimiter
 from evd.edge.ingest import Ingest
 from evd.edge.server import Server

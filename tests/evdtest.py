@@ -25,8 +25,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Self
 
-from evd.core import records
-from evd.core.log import DEAD_LETTER, RAW, Append, Producer
+from evd.core.log import Append, Producer, records
+from evd.core.log.streams import Stream
 
 DEV_KEY = "evd-dev-key"
 HOST = "127.0.0.1"
@@ -139,12 +139,12 @@ class MemoryLog(Producer):
         self.is_writable = False
 
     def raw_ids(self) -> list[str]:
-        return [e.event_id for s, _, p in self.appends if s == RAW
-                for e in records.decode(p, RAW).events]
+        return [e.event_id for s, _, p in self.appends if s == Stream.RAW
+                for e in records.decode(p, Stream.RAW).events]
 
     def dead_indices(self) -> list[int]:
-        return sorted(records.decode(p, DEAD_LETTER).index
-                      for s, _, p in self.appends if s == DEAD_LETTER)
+        return sorted(records.decode(p, Stream.DEAD_LETTER).index
+                      for s, _, p in self.appends if s == Stream.DEAD_LETTER)
 
 
 # -- HTTP -------------------------------------------------------------------------

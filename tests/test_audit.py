@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 from evdtest import run_cli
 
-from evd.core import records
-from evd.core.log import SubLog
-from evd.core.records import Kind
+from evd.core.log import SubLog, records
+from evd.core.log.records import Kind
 from evd.core.schema import DeadLetter, EventsBatch, RawBatch
 from evd.sinks.audit import AuditStage, parse_hour, render, report
 from evd.sinks.base import Batch

@@ -11,9 +11,8 @@ from typing import Any
 import pytest
 from evdtest import clean_env
 
-from evd.core import records
 from evd.core.config import ProcessingConfig
-from evd.core.log import partition_for
+from evd.core.log import partition_for, records
 from evd.core.schema import epoch_ms
 
 ROOT = Path(__file__).resolve().parents[1]

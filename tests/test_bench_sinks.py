@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from evdtest import clean_env
 
-from evd.core import records
+from evd.core.log import records
 
 ROOT = Path(__file__).resolve().parents[1]
 # bench/ is not installed (it runs from a checkout): import it from there.

@@ -35,16 +35,9 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from evd.bench.tansu import Broker
-from evd.core import consumer as consumer_mod
-from evd.core import records
 from evd.core.config import Config, KafkaConfig, LogConfig
-from evd.core.consumer import EmbeddedConsumer
-from evd.core.embedded import EmbeddedLog
 from evd.core.errors import LogOverloaded
-from evd.core.kafka import KafkaConsumer, KafkaLog
 from evd.core.log import (
-    CHARTS,
-    RAW,
     Consumer,
     ConsumerRecord,
     InvalidOffset,
@@ -52,10 +45,17 @@ from evd.core.log import (
     Producer,
     SubLog,
     TopicPartition,
+    records,
 )
-from evd.core.records import Kind
+from evd.core.log.embedded import consumer as consumer_mod
+from evd.core.log.embedded.consumer import EmbeddedConsumer
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.embedded.wake import Waker
+from evd.core.log.kafka.consumer import KafkaConsumer
+from evd.core.log.kafka.producer import KafkaLog
+from evd.core.log.records import Kind
+from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter
-from evd.core.sublog import Waker
 
 pytestmark = pytest.mark.workers_independent
 
@@ -72,7 +72,7 @@ WAKE_BOUND_S = 2.0
 
 
 def payload(tag: str, ts_ms: int = T0_MS, pad: int = 0) -> bytes:
-    """A tagged record (evd.core.records' header) that says ``tag``, ``pad`` bytes longer."""
+    """A tagged record (evd.core.log.records' header) that says ``tag``, ``pad`` bytes longer."""
     value = DeadLetter(received_at=ts_ms, index=0, error=tag + "." * pad, event=b"{}")
     return records.encode(Kind.DEAD_LETTER, ts_ms, value)
 
@@ -89,7 +89,7 @@ def tag_of(data: bytes) -> str:
 #: pokes readers (the negative control of the wake-up test).
 EMBEDDED_WRITER = r"""
 import asyncio, json, sys
-from evd.core import embedded, sublog
+from evd.core.log.embedded import producer as embedded, wake as sublog
 
 data_dir, writer, wake, partitions, charts, seg = sys.argv[1:7]
 before, after = json.loads(sys.argv[7]), json.loads(sys.argv[8])
@@ -153,19 +153,19 @@ class Backend:
         return SubLog(stream, partition, writer if self.sublog_per_writer else 0)
 
     def partitions_of(self, stream: str) -> int:
-        return CHARTS_PARTITIONS if stream == CHARTS else PARTITIONS
+        return CHARTS_PARTITIONS if stream == Stream.CHARTS else PARTITIONS
 
     async def two_sublogs(self) -> tuple[list[Target], list[TopicPartition]]:
         """Two distinct sub-logs to append to, and the partitions that hold them: two
-        writers' of RAW partition 0 where a partition has a sub-log per writer,
-        else (Kafka) those of RAW partitions 0 and 1."""
+        writers' of Stream.RAW partition 0 where a partition has a sub-log per writer,
+        else (Kafka) those of Stream.RAW partitions 0 and 1."""
         if self.sublog_per_writer:
             producers = [await self.producer(0), await self.producer(1)]
-            targets = [Target(p, 0, SubLog(RAW, 0, w)) for w, p in enumerate(producers)]
+            targets = [Target(p, 0, SubLog(Stream.RAW, 0, w)) for w, p in enumerate(producers)]
         else:
             producer = await self.producer(0)
-            targets = [Target(producer, p, SubLog(RAW, p, 0)) for p in (0, 1)]
-        return targets, sorted({TopicPartition(RAW, t.partition) for t in targets})
+            targets = [Target(producer, p, SubLog(Stream.RAW, p, 0)) for p in (0, 1)]
+        return targets, sorted({TopicPartition(Stream.RAW, t.partition) for t in targets})
 
     async def producer(self, writer: int = 0) -> Producer:
         """Writer ``writer``'s producer, started (streams: PARTITIONS, charts partitions_of)."""
@@ -202,7 +202,7 @@ class EmbeddedBackend(Backend):
     async def producer(self, writer: int = 0) -> Producer:
         lg = EmbeddedLog(
             self.root, PARTITIONS, writer=writer, segment_bytes=SEGMENT_BYTES,
-            stream_partitions={CHARTS: CHARTS_PARTITIONS},
+            stream_partitions={Stream.CHARTS: CHARTS_PARTITIONS},
         )
         await lg.start()
         self._producers.append(lg)
@@ -386,7 +386,7 @@ async def test_fetch_returns_what_was_appended_per_sublog_in_offset_order(
     backend: Backend,
 ) -> None:
     producers = [await backend.producer(0), await backend.producer(1)]
-    targets = [(RAW, p) for p in range(PARTITIONS)] + [(CHARTS, p) for p in range(2)]
+    targets = [(Stream.RAW, p) for p in range(PARTITIONS)] + [(Stream.CHARTS, p) for p in range(2)]
     appended: dict[SubLog, list[tuple[int, bytes]]] = defaultdict(list)
     for i in range(12):  # both writers interleaved, several segments each
         for w, producer in enumerate(producers):
@@ -394,7 +394,7 @@ async def test_fetch_returns_what_was_appended_per_sublog_in_offset_order(
             for (s, p, data), offset in zip(items, await append_many(producer, items)):
                 appended[backend.sublog(s, p, w)].append((offset, data))
     consumer = backend.consumer("contract")
-    assigned = {TopicPartition(RAW, 1), TopicPartition(CHARTS, 1)}
+    assigned = {TopicPartition(Stream.RAW, 1), TopicPartition(Stream.CHARTS, 1)}
     consumer.assign(assigned)
     assert consumer.assignment() == assigned
 
@@ -416,40 +416,40 @@ async def test_fetch_returns_what_was_appended_per_sublog_in_offset_order(
 async def test_a_stream_has_its_own_partition_count(backend: Backend) -> None:
     backend.require("stream_partition_counts")
     producer = await backend.producer(0)
-    await producer.append(RAW, PARTITIONS - 1, payload("raw"))
+    await producer.append(Stream.RAW, PARTITIONS - 1, payload("raw"))
     with pytest.raises(ValueError):
-        producer.append(CHARTS, CHARTS_PARTITIONS, payload("charts"))
+        producer.append(Stream.CHARTS, CHARTS_PARTITIONS, payload("charts"))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, PARTITIONS - 1)])
-    assert [r.sublog for r in await fetch_n(consumer, 1)] == [SubLog(RAW, PARTITIONS - 1, 0)]
+    consumer.assign([TopicPartition(Stream.RAW, PARTITIONS - 1)])
+    assert [r.sublog for r in await fetch_n(consumer, 1)] == [SubLog(Stream.RAW, PARTITIONS - 1, 0)]
 
 
 async def test_an_append_out_of_range_is_refused_at_once_and_whole(backend: Backend) -> None:
     producer = await backend.producer(0)
-    good, bad = (RAW, 0, payload("in range")), (RAW, PARTITIONS, payload("out of range"))
+    good, bad = (Stream.RAW, 0, payload("in range")), (Stream.RAW, PARTITIONS, payload("out of range"))
     with pytest.raises(ValueError):
         producer.append_all([good, bad])
     with pytest.raises(ValueError):
-        producer.append_all([good, (RAW, -1, payload("negative"))], internal=True)
+        producer.append_all([good, (Stream.RAW, -1, payload("negative"))], internal=True)
     with pytest.raises(ValueError):
-        producer.append(CHARTS, backend.partitions_of(CHARTS), payload("charts"))
+        producer.append(Stream.CHARTS, backend.partitions_of(Stream.CHARTS), payload("charts"))
     await producer.flush()
-    await producer.append(RAW, 0, payload("after"))
+    await producer.append(Stream.RAW, 0, payload("after"))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 0)])
+    consumer.assign([TopicPartition(Stream.RAW, 0)])
     # Nothing of the refused requests was queued, not even their records in range.
     assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["after"]
 
 
 async def test_assign_replaces_the_assignment(backend: Backend) -> None:
     producer = await backend.producer(0)
-    await append_many(producer, [(RAW, p, payload(f"p{p}")) for p in range(PARTITIONS)])
+    await append_many(producer, [(Stream.RAW, p, payload(f"p{p}")) for p in range(PARTITIONS)])
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 1)])
+    consumer.assign([TopicPartition(Stream.RAW, 1)])
     assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["p1"]
-    consumer.assign([TopicPartition(RAW, 2), TopicPartition(RAW, 3)])
+    consumer.assign([TopicPartition(Stream.RAW, 2), TopicPartition(Stream.RAW, 3)])
     assert sorted(tag_of(r.payload) for r in await fetch_n(consumer, 2)) == ["p2", "p3"]
-    await producer.append(RAW, 1, payload("late p1"))
+    await producer.append(Stream.RAW, 1, payload("late p1"))
     assert await consumer.fetch(timeout=0.3) == []  # partition 1 is no longer assigned
 
 
@@ -459,7 +459,7 @@ async def test_small_fetches_take_turns_between_sublogs_and_lose_nothing(
     targets, partitions = await backend.two_sublogs()
     for w, t in enumerate(targets):
         await append_many(
-            t.producer, [(RAW, t.partition, payload(f"{w}-{i}", pad=100)) for i in range(20)]
+            t.producer, [(Stream.RAW, t.partition, payload(f"{w}-{i}", pad=100)) for i in range(20)]
         )
     consumer = backend.consumer(None)
     consumer.assign(partitions)
@@ -482,10 +482,10 @@ async def test_small_fetches_take_turns_between_sublogs_and_lose_nothing(
 
 async def test_append_returns_the_offset_the_consumer_sees(backend: Backend) -> None:
     producer = await backend.producer(0)
-    offsets = [await producer.append(RAW, 2, payload(f"r{i}", pad=i * 50)) for i in range(10)]
+    offsets = [await producer.append(Stream.RAW, 2, payload(f"r{i}", pad=i * 50)) for i in range(10)]
     assert offsets == sorted(set(offsets))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 2)])
+    consumer.assign([TopicPartition(Stream.RAW, 2)])
     fetched = await fetch_n(consumer, 10)
     assert [r.offset for r in fetched] == offsets
     assert [tag_of(r.payload) for r in fetched] == [f"r{i}" for i in range(10)]
@@ -501,9 +501,9 @@ async def test_fetch_waits_for_an_append_without_polling(
     if not wake:
         backend.require("wakeup_switch")
     producer = await backend.producer(0)
-    await producer.append(RAW, 0, payload("first"))
+    await producer.append(Stream.RAW, 0, payload("first"))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 0)])
+    consumer.assign([TopicPartition(Stream.RAW, 0)])
     assert len(await fetch_n(consumer, 1)) == 1
     if not wake:
         assert isinstance(backend, EmbeddedBackend)
@@ -513,7 +513,7 @@ async def test_fetch_waits_for_an_append_without_polling(
     await asyncio.sleep(0.3)  # the fetch found nothing and waits
     assert not fetching.done()
     appended_at = time.monotonic()
-    await producer.append(RAW, 0, payload("second"))
+    await producer.append(Stream.RAW, 0, payload("second"))
     got = await asyncio.wait_for(fetching, timeout + 5)
     waited = time.monotonic() - appended_at
     print(f"fetch returned {waited:.3f} s after the append")
@@ -529,9 +529,9 @@ async def test_fetch_with_nothing_to_read_returns_empty_after_its_timeout(
 ) -> None:
     producer = await backend.producer(0)
     if has_sublog:
-        await producer.append(RAW, 0, payload("only"))
+        await producer.append(Stream.RAW, 0, payload("only"))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 0)])
+    consumer.assign([TopicPartition(Stream.RAW, 0)])
     if has_sublog:
         await fetch_n(consumer, 1)
     got, elapsed = await timed(consumer.fetch(timeout=0.5))
@@ -545,8 +545,8 @@ async def test_a_writer_in_another_process_wakes_a_waiting_fetch(
 ) -> None:
     backend.require("writer_process")
     assert isinstance(backend, EmbeddedBackend)
-    before = [(RAW, 1, payload("before"))]
-    after = [(RAW, 1, payload(f"after-{i}")) for i in range(3)]
+    before = [(Stream.RAW, 1, payload("before"))]
+    after = [(Stream.RAW, 1, payload(f"after-{i}")) for i in range(3)]
     proc = await asyncio.create_subprocess_exec(
         *backend.writer_process_argv(5, before, after, wake),
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
@@ -555,7 +555,7 @@ async def test_a_writer_in_another_process_wakes_a_waiting_fetch(
         assert proc.stdin is not None and proc.stdout is not None
         assert await asyncio.wait_for(proc.stdout.readline(), 30) == b"open\n"
         consumer = backend.consumer(None)
-        consumer.assign([TopicPartition(RAW, 1)])
+        consumer.assign([TopicPartition(Stream.RAW, 1)])
         # The writer's sub-log exists already: this is about waking, not discovery.
         assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["before"]
         timeout = 10.0 if wake else WAKE_BOUND_S + 1.0
@@ -577,26 +577,26 @@ async def test_a_writer_in_another_process_wakes_a_waiting_fetch(
     got += await fetch_n(consumer, 3 - len(got))
     assert [tag_of(r.payload) for r in got] == ["after-0", "after-1", "after-2"]
     assert [r.offset for r in got] == offsets
-    assert {r.sublog for r in got} == {SubLog(RAW, 1, 5)}
+    assert {r.sublog for r in got} == {SubLog(Stream.RAW, 1, 5)}
     assert (waited < WAKE_BOUND_S) == wake
 
 
 async def test_a_sublog_that_appears_after_assign_is_found_at_once(backend: Backend) -> None:
     backend.require("writer_sublogs")
     first = await backend.producer(0)
-    await first.append(RAW, 3, payload("w0"))
+    await first.append(Stream.RAW, 3, payload("w0"))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 3)])
+    consumer.assign([TopicPartition(Stream.RAW, 3)])
     assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["w0"]
     fetching = asyncio.ensure_future(consumer.fetch(timeout=5.0))
     await asyncio.sleep(0.05)
     # Writer 1 appends to this partition for the first time: a new sub-log.
     second = await backend.producer(1)
     appended_at = time.monotonic()
-    await second.append(RAW, 3, payload("w1"))
+    await second.append(Stream.RAW, 3, payload("w1"))
     got = await asyncio.wait_for(fetching, 10)
     waited = time.monotonic() - appended_at
-    assert [(r.sublog, tag_of(r.payload)) for r in got] == [(SubLog(RAW, 3, 1), "w1")]
+    assert [(r.sublog, tag_of(r.payload)) for r in got] == [(SubLog(Stream.RAW, 3, 1), "w1")]
     assert waited < WAKE_BOUND_S, f"the new sub-log was found only after {waited:.2f} s"
 
 
@@ -609,12 +609,12 @@ async def appended_sublog(
     """A consumer of a partition that writer 0 appended ``count`` records to, read once."""
     producer = await backend.producer(0)
     await append_many(
-        producer, [(RAW, partition, payload(f"r{i}", pad=300)) for i in range(count)]
+        producer, [(Stream.RAW, partition, payload(f"r{i}", pad=300)) for i in range(count)]
     )
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, partition)])
+    consumer.assign([TopicPartition(Stream.RAW, partition)])
     fetched = await fetch_n(consumer, count)
-    return consumer, SubLog(RAW, partition, 0), fetched
+    return consumer, SubLog(Stream.RAW, partition, 0), fetched
 
 
 async def test_seek_to_a_record_boundary_reads_again_from_there(backend: Backend) -> None:
@@ -666,10 +666,10 @@ async def test_seek_to_beginning_reads_everything_again(backend: Backend) -> Non
 async def test_a_seek_before_the_sublog_exists_applies_when_it_appears(backend: Backend) -> None:
     producer = await backend.producer(0)
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 0)])
-    offsets = await append_many(producer, [(RAW, 0, payload(f"r{i}")) for i in range(4)])
+    consumer.assign([TopicPartition(Stream.RAW, 0)])
+    offsets = await append_many(producer, [(Stream.RAW, 0, payload(f"r{i}")) for i in range(4)])
     # Seek before the consumer looked for the sub-log again.
-    consumer.seek(SubLog(RAW, 0, 0), offsets[2])
+    consumer.seek(SubLog(Stream.RAW, 0, 0), offsets[2])
     got, waited = await timed(consumer.fetch(timeout=5.0))
     assert [r.offset for r in got] == offsets[2:]
     assert waited < WAKE_BOUND_S
@@ -683,16 +683,16 @@ async def test_commit_and_committed_survive_a_new_consumer_per_partition(
 ) -> None:
     producers = [await backend.producer(0), await backend.producer(1)]
     for w, producer in enumerate(producers):
-        await append_many(producer, [(RAW, p, payload(f"{w}{p}")) for p in (0, 1) for _ in "ab"])
+        await append_many(producer, [(Stream.RAW, p, payload(f"{w}{p}")) for p in (0, 1) for _ in "ab"])
     first = backend.consumer("sink-a")
-    first.assign([TopicPartition(RAW, 0), TopicPartition(RAW, 1)])
+    first.assign([TopicPartition(Stream.RAW, 0), TopicPartition(Stream.RAW, 1)])
     assert await first.committed() == {}
     await fetch_n(first, 8)
     await first.commit()  # the positions
     positions = first.positions()
-    assert set(positions) == {backend.sublog(RAW, p, w) for p in (0, 1) for w in (0, 1)}
+    assert set(positions) == {backend.sublog(Stream.RAW, p, w) for p in (0, 1) for w in (0, 1)}
     assert await first.committed() == positions
-    explicit = {SubLog(RAW, 1, 0): positions[SubLog(RAW, 1, 0)] // 2}
+    explicit = {SubLog(Stream.RAW, 1, 0): positions[SubLog(Stream.RAW, 1, 0)] // 2}
     await first.commit(explicit)
     after = positions | explicit
     assert await first.committed() == after
@@ -700,29 +700,29 @@ async def test_commit_and_committed_survive_a_new_consumer_per_partition(
 
     again = backend.consumer("sink-a")
     # committed() covers the assigned partitions only.
-    again.assign([TopicPartition(RAW, 1)])
+    again.assign([TopicPartition(Stream.RAW, 1)])
     assert await again.committed() == {s: o for s, o in after.items() if s.partition == 1}
-    again.assign([TopicPartition(RAW, 0), TopicPartition(RAW, 1)])
+    again.assign([TopicPartition(Stream.RAW, 0), TopicPartition(Stream.RAW, 1)])
     assert await again.committed() == after
     other = backend.consumer("sink-b")  # another name: its own offsets
-    other.assign([TopicPartition(RAW, 0), TopicPartition(RAW, 1)])
+    other.assign([TopicPartition(Stream.RAW, 0), TopicPartition(Stream.RAW, 1)])
     assert await other.committed() == {}
 
 
 async def test_a_consumer_starts_at_its_committed_offsets(backend: Backend) -> None:
     """Like aiokafka's group consumer: committed offsets first, else the oldest record."""
     producer = await backend.producer(0)
-    await append_many(producer, [(RAW, 0, payload(f"c{i}")) for i in range(4)])
+    await append_many(producer, [(Stream.RAW, 0, payload(f"c{i}")) for i in range(4)])
     first = backend.consumer("resumer")
-    first.assign([TopicPartition(RAW, 0)])
+    first.assign([TopicPartition(Stream.RAW, 0)])
     got = await fetch_n(first, 4)
     await first.commit({got[1].sublog: got[1].next_offset})  # consumed two of four
     await first.close()
     again = backend.consumer("resumer")
-    again.assign([TopicPartition(RAW, 0)])
+    again.assign([TopicPartition(Stream.RAW, 0)])
     assert [tag_of(r.payload) for r in await fetch_n(again, 2)] == ["c2", "c3"]
     fresh = backend.consumer("newcomer")
-    fresh.assign([TopicPartition(RAW, 0)])
+    fresh.assign([TopicPartition(Stream.RAW, 0)])
     assert len(await fetch_n(fresh, 4)) == 4
 
 
@@ -732,7 +732,7 @@ async def test_concurrent_commits_of_one_consumer_both_survive(
 ) -> None:
     targets, partitions = await backend.two_sublogs()
     for t in targets:
-        await t.producer.append(RAW, t.partition, payload("x", pad=40))
+        await t.producer.append(Stream.RAW, t.partition, payload("x", pad=40))
     consumer = backend.consumer("processor")
     consumer.assign(partitions)
     await fetch_n(consumer, 2)
@@ -760,9 +760,9 @@ async def test_consumer_names_of_letters_digits_dashes_underscores_are_accepted(
 
 
 async def test_an_anonymous_consumer_cannot_commit(backend: Backend) -> None:
-    await (await backend.producer(0)).append(RAW, 0, payload("x"))
+    await (await backend.producer(0)).append(Stream.RAW, 0, payload("x"))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 0)])
+    consumer.assign([TopicPartition(Stream.RAW, 0)])
     await fetch_n(consumer, 1)
     with pytest.raises(RuntimeError):
         await consumer.commit()
@@ -778,7 +778,7 @@ async def test_end_offsets_backlog_and_lag_in_bytes_and_seconds(backend: Backend
     stamps = {0: [T0_MS + 1000 * i for i in range(5)], 1: [T0_MS + 500 + 1000 * i for i in range(5)]}
     offsets: dict[int, list[int]] = {}
     for w, t in enumerate(targets):
-        items = [(RAW, t.partition, payload(f"{w}-{i}", ts, pad=100)) for i, ts in enumerate(stamps[w])]
+        items = [(Stream.RAW, t.partition, payload(f"{w}-{i}", ts, pad=100)) for i, ts in enumerate(stamps[w])]
         offsets[w] = await append_many(t.producer, items)
     s0, s1 = (t.sublog for t in targets)
     consumer = backend.consumer(None)
@@ -821,7 +821,7 @@ async def test_end_offsets_backlog_and_lag_in_bytes_and_seconds(backend: Backend
     if not backend.sublog_per_writer:
         assert ends == {s0: offsets[0][-1] + 1, s1: offsets[1][-1] + 1}
 
-    await targets[1].producer.append(RAW, targets[1].partition, payload("new", T0_MS + 10_000))
+    await targets[1].producer.append(Stream.RAW, targets[1].partition, payload("new", T0_MS + 10_000))
     ends2 = await consumer.end_offsets()
     assert ends2[s0] == ends[s0] and ends2[s1] > ends[s1]
     assert consumer.backlog() == {s1}
@@ -835,9 +835,9 @@ async def test_end_offsets_backlog_and_lag_in_bytes_and_seconds(backend: Backend
 
 async def test_lag_counts_records_produced_now_as_almost_zero_seconds(backend: Backend) -> None:
     producer = await backend.producer(0)
-    await producer.append(RAW, 0, payload("now", time.time_ns() // 1_000_000))
+    await producer.append(Stream.RAW, 0, payload("now", time.time_ns() // 1_000_000))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 0)])
+    consumer.assign([TopicPartition(Stream.RAW, 0)])
     await backend.learn_ends(consumer)
     lag = consumer.lag()
     assert lag.bytes > 0 and 0.0 <= lag.seconds < 5.0
@@ -850,32 +850,32 @@ async def test_a_full_disk_refuses_every_append_except_internal_ones(backend: Ba
     backend.require("disk_full")
     assert isinstance(backend, EmbeddedBackend)
     producer = await backend.producer(0)
-    await producer.append(RAW, 0, payload("before"))
+    await producer.append(Stream.RAW, 0, payload("before"))
     consumer = backend.consumer(None)
-    consumer.assign([TopicPartition(RAW, 0), TopicPartition(RAW, 1)])
+    consumer.assign([TopicPartition(Stream.RAW, 0), TopicPartition(Stream.RAW, 1)])
     await fetch_n(consumer, 1)
     ends = await consumer.end_offsets()
     assert not producer.overloaded
 
     backend.set_disk_full(producer, True)
     assert producer.overloaded and producer.writable
-    batch = [(RAW, 0, payload("a")), (RAW, 1, payload("b")), (RAW, 0, payload("c"))]
+    batch = [(Stream.RAW, 0, payload("a")), (Stream.RAW, 1, payload("b")), (Stream.RAW, 0, payload("c"))]
     with pytest.raises(LogOverloaded):
         producer.append_all(batch)
     with pytest.raises(LogOverloaded):
-        producer.append(RAW, 0, payload("d"))
+        producer.append(Stream.RAW, 0, payload("d"))
     await producer.flush()
     assert await consumer.end_offsets() == ends  # none of them was queued
     assert await consumer.fetch(timeout=0.2) == []
 
     # A stage's outputs are what lets retention free the disk: never refused.
     await producer.append_all(batch, internal=True)
-    await producer.append(RAW, 1, payload("e"), internal=True)
+    await producer.append(Stream.RAW, 1, payload("e"), internal=True)
     got = await fetch_n(consumer, 4)
     assert sorted(tag_of(r.payload) for r in got) == ["a", "b", "c", "e"]
 
     backend.set_disk_full(producer, False)
     assert not producer.overloaded
-    await producer.append(RAW, 0, payload("after"))
+    await producer.append(Stream.RAW, 0, payload("after"))
     assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["after"]
 

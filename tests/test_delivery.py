@@ -23,12 +23,12 @@ from typing import Any
 import msgspec
 import pytest
 
-from evd.core import records
 from evd.core.config import BatchConfig, RetryConfig
-from evd.core.consumer import EmbeddedConsumer, committed_offsets
-from evd.core.embedded import EmbeddedLog
-from evd.core.log import DEAD_LETTER, EVENTS, SubLog, TopicPartition
-from evd.core.records import Kind
+from evd.core.log import SubLog, TopicPartition, records
+from evd.core.log.embedded.consumer import EmbeddedConsumer, committed_offsets
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.records import Kind
+from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter, Event, EventsBatch, Playback
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkError
 from evd.sinks.delivery import DeliveryLoop
@@ -96,7 +96,7 @@ def make_loop(
 ) -> DeliveryLoop:
     return DeliveryLoop(
         name=name, sink=sink, consumer=EmbeddedConsumer(root, name), producer=lg,
-        ledger=ledger, streams=streams or [EVENTS], partitions=list(range(PARTITIONS)),
+        ledger=ledger, streams=streams or [Stream.EVENTS], partitions=list(range(PARTITIONS)),
         batch=BatchConfig(max_events=max_events, max_bytes=1 << 20, max_age_s=max_age_s),
         retry=RetryConfig(max_attempts=max_attempts, initial_backoff_s=0.01, max_backoff_s=0.02),
         event_types=event_types,
@@ -126,19 +126,19 @@ async def test_everything_is_written_once_and_committed_after(
     tmp_path: Path, log: EmbeddedLog
 ) -> None:
     for i in range(20):
-        await log.append(EVENTS, i % PARTITIONS, events_record([f"e{i}a", f"e{i}b"], i))
+        await log.append(Stream.EVENTS, i % PARTITIONS, events_record([f"e{i}a", f"e{i}b"], i))
     sink, ledger = RecordingSink(), Ledger(tmp_path)
     loop = make_loop(tmp_path, log, sink, ledger)
     await run_until(loop, lambda: len(sink.ids()) == 40)
     assert sorted(sink.ids()) == sorted(f"e{i}{x}" for i in range(20) for x in "ab")
     assert sink.closed
     assert counts(tmp_path) == {("s", "delivered", "play"): 40}
-    ends = {p: committed_offsets(tmp_path, "s", EVENTS, p) for p in range(PARTITIONS)}
+    ends = {p: committed_offsets(tmp_path, "s", Stream.EVENTS, p) for p in range(PARTITIONS)}
     assert all(ends[p][0] > 0 for p in range(PARTITIONS))
     # A new loop of the same sink resumes where the ledger says: nothing again.
     again = RecordingSink()
     loop2 = make_loop(tmp_path, log, again, ledger)
-    await log.append(EVENTS, 0, events_record(["new"], 100))
+    await log.append(Stream.EVENTS, 0, events_record(["new"], 100))
     await run_until(loop2, lambda: again.ids() == ["new"])
     await ledger.close()
     assert counts(tmp_path) == {("s", "delivered", "play"): 41}
@@ -146,7 +146,7 @@ async def test_everything_is_written_once_and_committed_after(
 
 async def test_batches_by_count_and_by_age(tmp_path: Path, log: EmbeddedLog) -> None:
     for i in range(10):
-        await log.append(EVENTS, 0, events_record([f"a{i}", f"b{i}", f"c{i}"], i))
+        await log.append(Stream.EVENTS, 0, events_record([f"a{i}", f"b{i}", f"c{i}"], i))
     sink, ledger = RecordingSink(), Ledger(tmp_path)
     loop = make_loop(tmp_path, log, sink, ledger, max_events=6, max_age_s=30.0)
     task = asyncio.create_task(loop.run())
@@ -156,7 +156,7 @@ async def test_batches_by_count_and_by_age(tmp_path: Path, log: EmbeddedLog) -> 
             await asyncio.sleep(0.01)
         # 30 items in batches that each reached 6: no batch waited for its age.
         assert [b.count for b in sink.batches] == [6] * 5
-        await log.append(EVENTS, 0, events_record(["late1"], 50))
+        await log.append(Stream.EVENTS, 0, events_record(["late1"], 50))
         await asyncio.sleep(0.3)
         assert "late1" not in sink.ids()  # 1 item, far from 6 and from 30 s
     finally:
@@ -168,7 +168,7 @@ async def test_batches_by_count_and_by_age(tmp_path: Path, log: EmbeddedLog) -> 
 
 
 async def test_a_failed_write_is_retried_then_committed(tmp_path: Path, log: EmbeddedLog) -> None:
-    await log.append(EVENTS, 0, events_record(["x"], 0))
+    await log.append(Stream.EVENTS, 0, events_record(["x"], 0))
     sink, ledger = RecordingSink(), Ledger(tmp_path)
     sink.failures = [SinkError("503"), OSError("reset"), SinkError("429", retry_after=0.2)]
     loop = make_loop(tmp_path, log, sink, ledger, max_attempts=4)
@@ -182,8 +182,8 @@ async def test_a_failed_write_is_retried_then_committed(tmp_path: Path, log: Emb
 
 async def dead_letters(root: Path) -> list[DeadLetter]:
     c = EmbeddedConsumer(root, None)
-    c.assign(TopicPartition(DEAD_LETTER, p) for p in range(PARTITIONS))
-    out = [records.decode(r.payload, DEAD_LETTER) for r in await c.fetch(1 << 20, 0.5)]
+    c.assign(TopicPartition(Stream.DEAD_LETTER, p) for p in range(PARTITIONS))
+    out = [records.decode(r.payload, Stream.DEAD_LETTER) for r in await c.fetch(1 << 20, 0.5)]
     await c.close()
     return out
 
@@ -196,8 +196,8 @@ async def dead_letters(root: Path) -> list[DeadLetter]:
 async def test_a_batch_that_keeps_failing_goes_to_dead_letter(
     tmp_path: Path, log: EmbeddedLog, failures: list[SinkError], attempts: int
 ) -> None:
-    await log.append(EVENTS, 1, events_record(["d1", "d2"], 0, ["play", "skip"]))
-    await log.append(EVENTS, 1, events_record(["ok"], 1))
+    await log.append(Stream.EVENTS, 1, events_record(["d1", "d2"], 0, ["play", "skip"]))
+    await log.append(Stream.EVENTS, 1, events_record(["ok"], 1))
     sink, ledger = RecordingSink(), Ledger(tmp_path)
     sink.failures = list(failures)
     loop = make_loop(tmp_path, log, sink, ledger, max_events=2)  # [d1, d2] then [ok]
@@ -207,7 +207,7 @@ async def test_a_batch_that_keeps_failing_goes_to_dead_letter(
     assert loop.dead_lettered == 2
     letters = await dead_letters(tmp_path)
     assert [msgspec.json.decode(d.event)["event_id"] for d in letters] == ["d1", "d2"]
-    assert {d.stage for d in letters} == {"sink:s"} and {d.stream for d in letters} == {EVENTS}
+    assert {d.stage for d in letters} == {"sink:s"} and {d.stream for d in letters} == {Stream.EVENTS}
     assert all(str(failures[-1]) in d.error for d in letters)
     assert counts(tmp_path) == {
         ("s", "dead_lettered", "play"): 1, ("s", "dead_lettered", "skip"): 1,
@@ -217,10 +217,10 @@ async def test_a_batch_that_keeps_failing_goes_to_dead_letter(
 
 async def test_dead_letters_are_not_dead_lettered_again(tmp_path: Path, log: EmbeddedLog) -> None:
     letter = DeadLetter(T0, 0, "bad", b'{"event_id": 1}')
-    await log.append(DEAD_LETTER, 0, records.encode(Kind.DEAD_LETTER, T0, letter))
+    await log.append(Stream.DEAD_LETTER, 0, records.encode(Kind.DEAD_LETTER, T0, letter))
     sink, ledger = RecordingSink(), Ledger(tmp_path)
     sink.failures = [PermanentSinkError("no")]
-    loop = make_loop(tmp_path, log, sink, ledger, streams=[DEAD_LETTER])
+    loop = make_loop(tmp_path, log, sink, ledger, streams=[Stream.DEAD_LETTER])
     await run_until(loop, lambda: loop.dead_lettered == 1)
     await ledger.close()
     assert len(await dead_letters(tmp_path)) == 1  # only the original
@@ -228,7 +228,7 @@ async def test_dead_letters_are_not_dead_lettered_again(tmp_path: Path, log: Emb
 
 async def test_event_types_filter_and_late_indexes(tmp_path: Path, log: EmbeddedLog) -> None:
     kinds = ["play", "pause", "play", "skip"]
-    await log.append(EVENTS, 0, events_record(["p1", "x1", "p2", "x2"], 0, kinds, late=[1, 2]))
+    await log.append(Stream.EVENTS, 0, events_record(["p1", "x1", "p2", "x2"], 0, kinds, late=[1, 2]))
     sink, ledger = RecordingSink(), Ledger(tmp_path)
     loop = make_loop(tmp_path, log, sink, ledger, event_types=["play"])
     await run_until(loop, lambda: len(sink.ids()) == 2)
@@ -246,18 +246,18 @@ async def test_records_a_replaying_processor_emits_again_are_skipped(
     tmp_path: Path, log: EmbeddedLog
 ) -> None:
     for off in (0, 1, 2):
-        await log.append(EVENTS, 0, events_record([f"r{off}"], off))
+        await log.append(Stream.EVENTS, 0, events_record([f"r{off}"], off))
     # The processor restarted from a snapshot at raw offset 1 and emits 1 and 2 again.
     for off in (1, 2, 3):
-        await log.append(EVENTS, 0, events_record([f"r{off}"], off))
+        await log.append(Stream.EVENTS, 0, events_record([f"r{off}"], off))
     sink, ledger = RecordingSink(), Ledger(tmp_path)
     loop = make_loop(tmp_path, log, sink, ledger)
     await run_until(loop, lambda: "r3" in sink.ids())
     assert sink.ids() == ["r0", "r1", "r2", "r3"]
     await ledger.close()
     # Across a restart of the sink too: the ledger keeps what it saw.
-    await log.append(EVENTS, 0, events_record(["r2"], 2))
-    await log.append(EVENTS, 0, events_record(["r4"], 4))
+    await log.append(Stream.EVENTS, 0, events_record(["r2"], 2))
+    await log.append(Stream.EVENTS, 0, events_record(["r4"], 4))
     ledger = Ledger(tmp_path)
     again = RecordingSink()
     loop = make_loop(tmp_path, log, again, ledger)
@@ -267,15 +267,15 @@ async def test_records_a_replaying_processor_emits_again_are_skipped(
 
 
 async def test_a_stop_during_retries_commits_nothing(tmp_path: Path, log: EmbeddedLog) -> None:
-    await log.append(EVENTS, 0, events_record(["s1"], 0))
+    await log.append(Stream.EVENTS, 0, events_record(["s1"], 0))
     sink, ledger = RecordingSink(), Ledger(tmp_path)
     sink.failures = [SinkError("down", retry_after=60.0)]
     loop = make_loop(tmp_path, log, sink, ledger, max_attempts=10)
     await run_until(loop, lambda: sink.attempts == 1, timeout=5)
     await ledger.close()
-    assert committed_offsets(tmp_path, "s", EVENTS, 0) == {}
+    assert committed_offsets(tmp_path, "s", Stream.EVENTS, 0) == {}
     assert read_counts(tmp_path) == []
-    assert CountKey(HOUR, EVENTS, "play", "delivered")  # the key shape the ledger uses
+    assert CountKey(HOUR, Stream.EVENTS, "play", "delivered")  # the key shape the ledger uses
 
 
 async def test_offsets_past_the_logs_end_read_on_from_the_end(
@@ -283,14 +283,14 @@ async def test_offsets_past_the_logs_end_read_on_from_the_end(
 ) -> None:
     # A power cut (fsync never) took records this sink had delivered: the ledger's
     # offset is past the end, and appends go on from the end.
-    await log.append(EVENTS, 0, events_record(["a"], 0))
-    end = log.end_offset(EVENTS, 0)
+    await log.append(Stream.EVENTS, 0, events_record(["a"], 0))
+    end = log.end_offset(Stream.EVENTS, 0)
     ledger = Ledger(tmp_path)
-    await ledger.commit("s", {}, {SubLog(EVENTS, 0, 0): end + 5_000}, {})
+    await ledger.commit("s", {}, {SubLog(Stream.EVENTS, 0, 0): end + 5_000}, {})
     sink = RecordingSink()
     loop = make_loop(tmp_path, log, sink, ledger)
     await loop.start()  # restarts after the power cut, then the writer appends again
-    await log.append(EVENTS, 0, events_record(["b"], 1))
+    await log.append(Stream.EVENTS, 0, events_record(["b"], 1))
     await run_until(loop, lambda: "b" in sink.ids())
     await ledger.close()
     assert sink.ids() == ["b"]
@@ -301,10 +301,10 @@ async def test_raw_offsets_past_the_raw_logs_end_are_not_taken_for_replays(
     tmp_path: Path, log: EmbeddedLog, raw_end: int | None
 ) -> None:
     ledger = Ledger(tmp_path)
-    await ledger.commit("s", {}, {}, {SeenKey(EVENTS, 0, 0): 100})
+    await ledger.commit("s", {}, {}, {SeenKey(Stream.EVENTS, 0, 0): 100})
     # The raw log lost its records from offset 50 on: new raw records reuse 50..100.
-    await log.append(EVENTS, 0, events_record(["new"], 60))
-    await log.append(EVENTS, 0, events_record(["after"], 200))
+    await log.append(Stream.EVENTS, 0, events_record(["new"], 60))
+    await log.append(Stream.EVENTS, 0, events_record(["after"], 200))
     sink = RecordingSink()
     loop = make_loop(tmp_path, log, sink, ledger)
 

@@ -34,9 +34,10 @@ from evdtest import (
 )
 
 from evd.core.config import Config, load_config, with_overrides
-from evd.core.embedded import EmbeddedLog
 from evd.core.errors import LogOverloaded, LogUnavailable
-from evd.core.log import DEAD_LETTER, RAW, partition_for
+from evd.core.log import partition_for
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.streams import Stream
 from evd.core.throttle import ThrottledLog
 from evd.edge.http import HttpProtocol
 from evd.edge.ingest import Ingest, Pending
@@ -65,7 +66,7 @@ async def edge(tmp_path: Path) -> AsyncIterator[tuple[Server, EmbeddedLog]]:
 
 
 def logged_ids(data_dir: Path | str) -> set[str]:
-    return {e["event_id"] for e in iter_stream(data_dir, RAW)}
+    return {e["event_id"] for e in iter_stream(data_dir, Stream.RAW)}
 
 
 # -- 500: an unexpected error is contained -------------------------------------------------------
@@ -212,7 +213,7 @@ async def test_a_request_is_admitted_whole_or_refused_whole(tmp_path: Path) -> N
         assert isinstance(result, Pending)
         await result.durable
         assert ids <= logged_ids(tmp_path)
-        assert len(list(iter_stream(tmp_path, DEAD_LETTER))) == 1
+        assert len(list(iter_stream(tmp_path, Stream.DEAD_LETTER))) == 1
 
         # The log is over its bound now: the next request is refused, and none of
         # its records is queued behind the 503.
@@ -222,7 +223,7 @@ async def test_a_request_is_admitted_whole_or_refused_whole(tmp_path: Path) -> N
         assert not isinstance(refused, Pending) and refused.status == 503
         await lg.flush()
         assert not ids & logged_ids(tmp_path)
-        assert len(list(iter_stream(tmp_path, DEAD_LETTER))) == 1
+        assert len(list(iter_stream(tmp_path, Stream.DEAD_LETTER))) == 1
     finally:
         await lg.close()
 
@@ -233,16 +234,16 @@ async def test_append_all_refuses_every_record_if_one_partition_cannot_open(
     lg = EmbeddedLog(tmp_path, 4)
     lg.open()
     try:
-        (tmp_path / "log" / RAW).mkdir(parents=True, exist_ok=True)
-        (tmp_path / "log" / RAW / "0003").write_bytes(b"")  # a file where the directory goes
+        (tmp_path / "log" / Stream.RAW).mkdir(parents=True, exist_ok=True)
+        (tmp_path / "log" / Stream.RAW / "0003").write_bytes(b"")  # a file where the directory goes
         with pytest.raises(LogUnavailable, match="cannot open raw/3"):
-            lg.append_all([(RAW, 0, b"first"), (RAW, 3, b"second")])
+            lg.append_all([(Stream.RAW, 0, b"first"), (Stream.RAW, 3, b"second")])
         await lg.flush()
-        assert lg.end_offset(RAW, 0) == 0  # the first record was not queued either
-        lg.append(RAW, 1, b"x" * 64)
+        assert lg.end_offset(Stream.RAW, 0) == 0  # the first record was not queued either
+        lg.append(Stream.RAW, 1, b"x" * 64)
         lg.max_pending_bytes = 1
         with pytest.raises(LogOverloaded):
-            lg.append_all([(RAW, 0, b"a"), (RAW, 1, b"b")])
+            lg.append_all([(Stream.RAW, 0, b"a"), (Stream.RAW, 1, b"b")])
     finally:
         await lg.close()
 

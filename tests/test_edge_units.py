@@ -19,10 +19,10 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from strategies import error_of, events
 
-from evd.core import records
 from evd.core.config import AuthConfig, LimitsConfig, load_config
 from evd.core.errors import LogOverloaded, LogUnavailable
-from evd.core.log import RAW
+from evd.core.log import records
+from evd.core.log.streams import Stream
 from evd.edge.auth import KeyRing, RateLimiter
 from evd.edge.ingest import Ingest, Pending, RecentIds, Reply, TooLarge, gunzip
 
@@ -136,8 +136,8 @@ async def test_events_are_partitioned_by_user() -> None:
     body = await settle(ingest.handle(batch(events), None, b"k"), ingest)
     assert body["accepted"] == 40
     for stream, partition, payload in log.appends:
-        assert stream == RAW
-        for event in records.decode(payload, RAW).events:
+        assert stream == Stream.RAW
+        for event in records.decode(payload, Stream.RAW).events:
             assert partition == zlib.crc32(event.user_id.encode()) % 4
     # One record per partition per request, not one per event.
     assert len(log.appends) == len({zlib.crc32(f"user-{i}".encode()) % 4 for i in range(7)})

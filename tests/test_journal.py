@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 from test_log import open_log, read_all, segments
 
-from evd.core.embedded import EmbeddedLog
-from evd.core.framing import frame
-from evd.core.journal import DIRNAME, Journal, entry_head, read_entries
-from evd.core.log import RAW
+from evd.core.log.embedded.framing import frame
+from evd.core.log.embedded.journal import DIRNAME, Journal, entry_head, read_entries
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.streams import Stream
 
 
 def journal_files(root: Path, writer: int = 0) -> list[Path]:
@@ -31,7 +31,7 @@ async def crash_copy(tmp_path: Path, payloads: dict[int, list[bytes]], **kw: obj
     try:
         for partition, items in payloads.items():
             for payload in items:
-                await lg.append(RAW, partition, payload)
+                await lg.append(Stream.RAW, partition, payload)
         crashed = tmp_path / "crashed"
         shutil.copytree(live, crashed)
     finally:
@@ -44,11 +44,11 @@ async def test_one_flush_is_one_journal_write_and_fsync(tmp_path: Path) -> None:
     calls: list[int] = []
     lg.fsync_fn = calls.append  # type: ignore[assignment]
     try:
-        futures = [lg.append(RAW, p, b"x" * 100) for p in range(8)]
+        futures = [lg.append(Stream.RAW, p, b"x" * 100) for p in range(8)]
         for fut in futures:
             await fut
         assert len(calls) == 1  # eight partitions, one group commit, one fsync
-        assert [await read_all(lg, RAW, p) for p in range(8)] == [[b"x" * 100]] * 8
+        assert [await read_all(lg, Stream.RAW, p) for p in range(8)] == [[b"x" * 100]] * 8
     finally:
         await lg.close()
 
@@ -61,19 +61,19 @@ async def test_partition_files_missing_a_durable_tail_are_replayed(
     assert journal_files(crashed), "the journal of an open log must exist"
     # The page cache held the partition writes and the machine lost power: the
     # partition files lost their tails, the fsynced journal did not.
-    seg0 = segments(crashed, RAW, 0)[-1]
+    seg0 = segments(crashed, Stream.RAW, 0)[-1]
     os.truncate(seg0, seg0.stat().st_size // 3)  # mid-record: a torn tail as well
-    for seg in segments(crashed, RAW, 3):
+    for seg in segments(crashed, Stream.RAW, 3):
         os.truncate(seg, 0)
     with caplog.at_level(logging.WARNING):
         lg = open_log(crashed, fsync="always")
     try:
-        assert await read_all(lg, RAW, 0) == payloads[0]
-        assert await read_all(lg, RAW, 3) == payloads[3]
+        assert await read_all(lg, Stream.RAW, 0) == payloads[0]
+        assert await read_all(lg, Stream.RAW, 3) == payloads[3]
         assert "journal entries into the partition files" in caplog.text
         # New appends continue at the replayed end.
-        await lg.append(RAW, 0, b"after")
-        assert (await read_all(lg, RAW, 0))[-1] == b"after"
+        await lg.append(Stream.RAW, 0, b"after")
+        assert (await read_all(lg, Stream.RAW, 0))[-1] == b"after"
     finally:
         await lg.close()
 
@@ -86,7 +86,7 @@ async def test_replay_does_not_duplicate_records_already_in_the_partition(
     for _ in range(2):  # and replaying twice changes nothing
         lg = open_log(crashed, fsync="always")
         try:
-            assert await read_all(lg, RAW, 1) == payloads[1]
+            assert await read_all(lg, Stream.RAW, 1) == payloads[1]
         finally:
             await lg.close()
 
@@ -96,12 +96,12 @@ async def test_a_torn_journal_tail_is_ignored(tmp_path: Path) -> None:
     crashed = await crash_copy(tmp_path, payloads)
     journal = journal_files(crashed)[-1]
     with journal.open("ab") as f:  # half an entry: a flush torn by the crash
-        f.write(entry_head(RAW, 2, 10**6, 500)[:7])
+        f.write(entry_head(Stream.RAW, 2, 10**6, 500)[:7])
     entries = list(read_entries(journal))
     assert sum(len(e.frames) for e in entries) > 0
     lg = open_log(crashed, fsync="always")
     try:
-        assert await read_all(lg, RAW, 2) == payloads[2]
+        assert await read_all(lg, Stream.RAW, 2) == payloads[2]
     finally:
         await lg.close()
 
@@ -110,7 +110,7 @@ async def test_checkpoints_drop_the_journal_and_keep_the_data(tmp_path: Path) ->
     lg = open_log(tmp_path, fsync="always", checkpoint_bytes=4096)
     try:
         for i in range(200):
-            await lg.append(RAW, i % 4, b"c" * 100)
+            await lg.append(Stream.RAW, i % 4, b"c" * 100)
         for _ in range(200):  # a checkpoint runs beside the flushes
             if len(journal_files(tmp_path)) <= 1:
                 break
@@ -122,7 +122,7 @@ async def test_checkpoints_drop_the_journal_and_keep_the_data(tmp_path: Path) ->
     assert all(p.stat().st_size == 0 for p in journal_files(tmp_path))
     lg = open_log(tmp_path, fsync="always")
     try:
-        assert sum([len(await read_all(lg, RAW, p)) for p in range(4)]) == 200
+        assert sum([len(await read_all(lg, Stream.RAW, p)) for p in range(4)]) == 200
     finally:
         await lg.close()
 
@@ -132,11 +132,11 @@ async def test_a_journal_left_by_fsync_always_is_replayed_under_another_policy(
 ) -> None:
     payloads = {0: [b"p%d" % i for i in range(5)]}
     crashed = await crash_copy(tmp_path, payloads)
-    for seg in segments(crashed, RAW, 0):
+    for seg in segments(crashed, Stream.RAW, 0):
         os.truncate(seg, 0)
     lg = open_log(crashed, fsync="never")
     try:
-        assert await read_all(lg, RAW, 0) == payloads[0]
+        assert await read_all(lg, Stream.RAW, 0) == payloads[0]
     finally:
         await lg.close()
     assert not journal_files(crashed)
@@ -170,7 +170,7 @@ async def test_checkpoints_under_concurrent_flushes_lose_nothing(tmp_path: Path)
     try:
         pending = []
         for i in range(3000):
-            pending.append(lg.append(RAW, i % 4, b"%06d" % i))
+            pending.append(lg.append(Stream.RAW, i % 4, b"%06d" % i))
             if i % 10 == 9:
                 # Appends keep arriving while a flush is in the journal's thread.
                 await asyncio.sleep(0.0005)
@@ -184,7 +184,7 @@ async def test_checkpoints_under_concurrent_flushes_lose_nothing(tmp_path: Path)
         await lg.close()
     lg = open_log(tmp_path, fsync="always")
     try:
-        got = [int(p) for part in range(4) for p in await read_all(lg, RAW, part)]
+        got = [int(p) for part in range(4) for p in await read_all(lg, Stream.RAW, part)]
         assert sorted(got) == list(range(3000))
     finally:
         await lg.close()
@@ -206,20 +206,20 @@ async def test_rolled_segments_are_synced_and_closed_by_the_next_checkpoint(
     fds_before = len(os.listdir("/proc/self/fd"))
     try:
         for i in range(400):
-            await lg.append(RAW, i % 2, b"s" * 200)
+            await lg.append(Stream.RAW, i % 2, b"s" * 200)
         await lg.flush()
         for _ in range(200):
             if lg._checkpoint is None and not any(p.rolled for p in lg._parts.values()):
                 break
             await asyncio.sleep(0.005)
-        assert len(segments(tmp_path, RAW, 0)) > 5
+        assert len(segments(tmp_path, Stream.RAW, 0)) > 5
         assert len(os.listdir("/proc/self/fd")) - fds_before < 10
     finally:
         await lg.close()
     lg = open_log(tmp_path, fsync="always")
     try:
-        assert len(await read_all(lg, RAW, 0)) == 200
-        assert len(await read_all(lg, RAW, 1)) == 200
+        assert len(await read_all(lg, Stream.RAW, 0)) == 200
+        assert len(await read_all(lg, Stream.RAW, 1)) == 200
     finally:
         await lg.close()
 
@@ -242,7 +242,7 @@ async def test_partitions_the_journal_covers_are_synced_before_it_is_dropped(
     lg = open_log(crashed, fsync="always")
     await lg.close()
     for partition in (0, 2):
-        assert str(segments(crashed, RAW, partition)[-1]) in synced
+        assert str(segments(crashed, Stream.RAW, partition)[-1]) in synced
 
 
 async def test_a_segment_that_lost_its_tail_after_a_roll_is_refilled_from_the_journal(
@@ -253,14 +253,14 @@ async def test_a_segment_that_lost_its_tail_after_a_roll_is_refilled_from_the_jo
     # That gap must not hide acknowledged records the journal still holds.
     payloads = {0: [b"r%03d" % i + b"." * 300 for i in range(40)]}
     crashed = await crash_copy(tmp_path, payloads, segment_bytes=4096)
-    segs = segments(crashed, RAW, 0)
+    segs = segments(crashed, Stream.RAW, 0)
     assert len(segs) >= 3
     os.truncate(segs[1], segs[1].stat().st_size // 3)  # mid-record
     os.truncate(segs[-1], 0)
     lg = open_log(crashed, fsync="always", segment_bytes=4096)
     try:
-        assert await read_all(lg, RAW, 0) == payloads[0]
-        await lg.append(RAW, 0, b"after")
-        assert (await read_all(lg, RAW, 0))[-1] == b"after"
+        assert await read_all(lg, Stream.RAW, 0) == payloads[0]
+        await lg.append(Stream.RAW, 0, b"after")
+        assert (await read_all(lg, Stream.RAW, 0))[-1] == b"after"
     finally:
         await lg.close()

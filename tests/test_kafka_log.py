@@ -32,8 +32,11 @@ from aiokafka import TopicPartition as KafkaTP
 from evd.bench.tansu import Broker
 from evd.core.config import Config, KafkaConfig, LogConfig
 from evd.core.errors import LogOverloaded, LogUnavailable
-from evd.core.kafka import KafkaConsumer, KafkaLog, topic_name
-from evd.core.log import CHARTS, EVENTS, RAW, Append, SubLog, TopicPartition
+from evd.core.log import Append, SubLog, TopicPartition
+from evd.core.log.kafka.consumer import KafkaConsumer
+from evd.core.log.kafka.producer import KafkaLog
+from evd.core.log.kafka.topics import topic_name
+from evd.core.log.streams import Stream
 
 pytestmark = pytest.mark.workers_independent
 
@@ -93,7 +96,7 @@ async def started(logs: list[KafkaLog], cfg: Config) -> KafkaLog:
     lg = KafkaLog(cfg)
     logs.append(lg)
     await asyncio.wait_for(lg.start(), WAIT_S)
-    await asyncio.wait_for(lg.append(RAW, 0, b"warm-up"), WAIT_S)
+    await asyncio.wait_for(lg.append(Stream.RAW, 0, b"warm-up"), WAIT_S)
     return lg
 
 
@@ -132,7 +135,7 @@ async def test_append_all_completes_once_acknowledged_and_readable(
 ) -> None:
     cfg = config(own_broker, kafka_prefix, ack_timeout_s=10.0)
     lg = await started(logs, cfg)
-    records: list[Append] = [(RAW, p, f"r{p}-{i}".encode()) for p in range(PARTITIONS) for i in range(3)]
+    records: list[Append] = [(Stream.RAW, p, f"r{p}-{i}".encode()) for p in range(PARTITIONS) for i in range(3)]
     with frozen(own_broker):
         fut = lg.append_all(records)
         await asyncio.sleep(1.0)
@@ -144,15 +147,15 @@ async def test_append_all_completes_once_acknowledged_and_readable(
     # Readable as soon as the future is done: the ends already count them.
     reader = KafkaConsumer(cfg, None)
     try:
-        reader.assign(TopicPartition(RAW, p) for p in range(PARTITIONS))
+        reader.assign(TopicPartition(Stream.RAW, p) for p in range(PARTITIONS))
         ends = await asyncio.wait_for(reader.end_offsets(), WAIT_S)
     finally:
         await reader.close()
     warm = 1  # the warm-up record of partition 0
-    assert ends == {SubLog(RAW, p, 0): 3 + (warm if p == 0 else 0) for p in range(PARTITIONS)}
-    got = await read_back(own_broker, cfg, [RAW], len(records) + warm)
+    assert ends == {SubLog(Stream.RAW, p, 0): 3 + (warm if p == 0 else 0) for p in range(PARTITIONS)}
+    got = await read_back(own_broker, cfg, [Stream.RAW], len(records) + warm)
     for p in range(PARTITIONS):
-        values = [m.value for m in got[(RAW, p)] if m.value != b"warm-up"]
+        values = [m.value for m in got[(Stream.RAW, p)] if m.value != b"warm-up"]
         assert values == [f"r{p}-{i}".encode() for i in range(3)]
 
 
@@ -163,7 +166,7 @@ async def test_an_unanswered_append_fails_then_refuses_at_once_then_recovers(
     cfg = config(own_broker, kafka_prefix, ack_timeout_s=ack_timeout, unavailable_s=unavailable)
     lg = await started(logs, cfg)
     with frozen(own_broker):
-        fut = lg.append_all([(RAW, 1, b"never acknowledged")])
+        fut = lg.append_all([(Stream.RAW, 1, b"never acknowledged")])
         began = time.monotonic()
         with pytest.raises(LogUnavailable):
             await asyncio.wait_for(fut, ack_timeout + WAIT_S)
@@ -177,9 +180,9 @@ async def test_an_unanswered_append_fails_then_refuses_at_once_then_recovers(
         while time.monotonic() < refused_until:
             called = time.monotonic()
             with pytest.raises(LogUnavailable):
-                lg.append_all([(RAW, 2, b"refused")])
+                lg.append_all([(Stream.RAW, 2, b"refused")])
             with pytest.raises(LogUnavailable):
-                lg.append(RAW, 2, b"refused")
+                lg.append(Stream.RAW, 2, b"refused")
             assert time.monotonic() - called < 0.1
             assert lg.pending_bytes == 0
             checks += 1
@@ -187,12 +190,12 @@ async def test_an_unanswered_append_fails_then_refuses_at_once_then_recovers(
         assert checks >= 5
     # The broker answers again: once the refusal period is over, the same log appends.
     await asyncio.sleep(max(0.0, refused_until + 0.3 - time.monotonic()) + 0.1)
-    await asyncio.wait_for(lg.append_all([(RAW, 3, b"after")]), WAIT_S)
-    offset = await asyncio.wait_for(lg.append(RAW, 3, b"after, again"), WAIT_S)
+    await asyncio.wait_for(lg.append_all([(Stream.RAW, 3, b"after")]), WAIT_S)
+    offset = await asyncio.wait_for(lg.append(Stream.RAW, 3, b"after, again"), WAIT_S)
     assert offset == 1
     # (The unacknowledged record may have been written late: it is not looked for.)
-    got = await read_back(own_broker, cfg, [RAW], 2, partitions=[3])
-    assert [m.value for m in got[(RAW, 3)]] == [b"after", b"after, again"]
+    got = await read_back(own_broker, cfg, [Stream.RAW], 2, partitions=[3])
+    assert [m.value for m in got[(Stream.RAW, 3)]] == [b"after", b"after, again"]
 
 
 async def test_max_pending_bytes_refuses_edge_appends_but_not_internal_ones(
@@ -203,30 +206,30 @@ async def test_max_pending_bytes_refuses_edge_appends_but_not_internal_ones(
     assert not lg.overloaded
     with frozen(own_broker):
         # One request is admitted whatever its size; it waits for the frozen broker.
-        first = lg.append_all([(RAW, 0, b"a" * 700), (RAW, 1, b"b" * 500)])
+        first = lg.append_all([(Stream.RAW, 0, b"a" * 700), (Stream.RAW, 1, b"b" * 500)])
         assert lg.pending_bytes == 1200 and lg.overloaded
         # Refused in the same turn of the loop, before the first one's task ever ran ...
         with pytest.raises(LogOverloaded):
-            lg.append_all([(RAW, 2, b"c")])
+            lg.append_all([(Stream.RAW, 2, b"c")])
         await asyncio.sleep(0.3)
         # ... and while it waits.
         with pytest.raises(LogOverloaded):
-            lg.append_all([(RAW, 2, b"c")])
+            lg.append_all([(Stream.RAW, 2, b"c")])
         with pytest.raises(LogOverloaded):
-            lg.append(RAW, 2, b"c")
+            lg.append(Stream.RAW, 2, b"c")
         # A stage's outputs are admitted all the same.
-        internal = lg.append_all([(RAW, 3, b"d" * 600)], internal=True)
+        internal = lg.append_all([(Stream.RAW, 3, b"d" * 600)], internal=True)
         assert lg.pending_bytes == 1800
         assert not first.done() and not internal.done()
     await asyncio.wait_for(asyncio.gather(first, internal), WAIT_S)
     assert lg.pending_bytes == 0 and not lg.overloaded
-    await asyncio.wait_for(lg.append_all([(RAW, 2, b"c")]), WAIT_S)
-    got = await read_back(own_broker, cfg, [RAW], 5)
+    await asyncio.wait_for(lg.append_all([(Stream.RAW, 2, b"c")]), WAIT_S)
+    got = await read_back(own_broker, cfg, [Stream.RAW], 5)
     assert {k: [m.value for m in v] for k, v in got.items()} == {
-        (RAW, 0): [b"warm-up", b"a" * 700],
-        (RAW, 1): [b"b" * 500],
-        (RAW, 2): [b"c"],
-        (RAW, 3): [b"d" * 600],
+        (Stream.RAW, 0): [b"warm-up", b"a" * 700],
+        (Stream.RAW, 1): [b"b" * 500],
+        (Stream.RAW, 2): [b"c"],
+        (Stream.RAW, 3): [b"d" * 600],
     }
 
 
@@ -235,7 +238,7 @@ async def test_records_are_keyed_by_partition_and_carry_the_payload_unchanged(
 ) -> None:
     cfg = config(kafka_broker, kafka_prefix)
     lg = await started(logs, cfg)
-    streams = [RAW, EVENTS, CHARTS]
+    streams = [Stream.RAW, Stream.EVENTS, Stream.CHARTS]
     # Any bytes at all: every byte value, an empty payload, a large one.
     payloads = [bytes(range(256)), b"", b"\x00\xff" * 40_000]
     records: list[Append] = [
@@ -244,16 +247,16 @@ async def test_records_are_keyed_by_partition_and_carry_the_payload_unchanged(
     ]
     await asyncio.wait_for(lg.append_all(records), WAIT_S)
     last = b"\xc1 one more"
-    offset = await asyncio.wait_for(lg.append(CHARTS, 2, last), WAIT_S)
+    offset = await asyncio.wait_for(lg.append(Stream.CHARTS, 2, last), WAIT_S)
     got = await read_back(kafka_broker, cfg, streams, len(records) + 2)  # + warm-up, + last
     for (stream, partition), messages in got.items():
         for m in messages:
             assert m.topic == f"{kafka_prefix}{stream}" and m.partition == partition
             assert m.key == str(partition).encode()
         want = [d for s, p, d in records if (s, p) == (stream, partition)]
-        if (stream, partition) == (RAW, 0):
+        if (stream, partition) == (Stream.RAW, 0):
             want = [b"warm-up", *want]
-        if (stream, partition) == (CHARTS, 2):
+        if (stream, partition) == (Stream.CHARTS, 2):
             want.append(last)
             assert messages[-1].offset == offset
         assert [m.value for m in messages] == want

@@ -19,11 +19,12 @@ import pytest
 from test_sink_files import GRACE_MS, H1, HOUR, WINDOW_MS, batch, config, event, events_batch
 
 from evd.bench.tansu import Broker
-from evd.core import records
 from evd.core.config import Config, KafkaConfig, LogConfig
-from evd.core.kafka import KafkaConsumer, KafkaLog
-from evd.core.log import EVENTS, RAW, SubLog, TopicPartition
-from evd.core.records import Kind
+from evd.core.log import SubLog, TopicPartition, records
+from evd.core.log.kafka.consumer import KafkaConsumer
+from evd.core.log.kafka.producer import KafkaLog
+from evd.core.log.records import Kind
+from evd.core.log.streams import Stream
 from evd.core.schema import EventsBatch, RawBatch
 from evd.sinks.base import SinkContext
 from evd.sinks.files import FilesSink, hour_path
@@ -67,11 +68,11 @@ class KafkaLake:
     async def raw(self, partition: int, received_at: int) -> int:
         """Append a raw record received (stamped) at ``received_at``; its offset."""
         value = RawBatch(received_at, [event(0, received_at)])
-        return await self._append(RAW, partition, records.encode(Kind.RAW, received_at, value))
+        return await self._append(Stream.RAW, partition, records.encode(Kind.RAW, received_at, value))
 
     async def events(self, partition: int, value: EventsBatch) -> int:
         return await self._append(
-            EVENTS, partition, records.encode(Kind.EVENTS, value.received_at, value)
+            Stream.EVENTS, partition, records.encode(Kind.EVENTS, value.received_at, value)
         )
 
     async def commit(self, name: str, stream: str, offsets: dict[int, int]) -> None:
@@ -125,17 +126,17 @@ async def test_events_hour_is_marked_once_the_processor_and_the_sink_committed_p
     for partition, value in zip([0, 0, 1], out, strict=True):
         await lake.events(partition, value)
     await lake.sink.write(batch("events", out, [0, 0, 1]))
-    await lake.commit("lake", EVENTS, {p: lake.ends[EVENTS, p] for p in range(PARTITIONS)})
+    await lake.commit("lake", Stream.EVENTS, {p: lake.ends[Stream.EVENTS, p] for p in range(PARTITIONS)})
 
     # The sink delivered everything, but the processor has committed nothing:
     # the hour's records are not processed.
     assert await lake.marked(now) == []
     # The processor behind a record of the hour (at end - 5) on partition 0.
-    await lake.commit("processor", RAW, {0: behind, 1: lake.ends[RAW, 1]})
+    await lake.commit("processor", Stream.RAW, {0: behind, 1: lake.ends[Stream.RAW, 1]})
     assert await lake.marked(now) == []
     assert not lake.marker(H1).exists()
     # The processor at the record stamped end + grace, and at the other partition's end.
-    await lake.commit("processor", RAW, {0: after, 1: lake.ends[RAW, 1]})
+    await lake.commit("processor", Stream.RAW, {0: after, 1: lake.ends[Stream.RAW, 1]})
     assert await lake.marked(now) == [lake.marker(H1)]
 
 
@@ -152,11 +153,11 @@ async def test_events_hour_waits_for_the_sinks_own_commit_past_an_empty_raw_part
     for value in out:
         await lake.events(0, value)
     await lake.sink.write(batch("events", out, [0, 0]))
-    await lake.commit("processor", RAW, {0: lake.ends[RAW, 0]})
+    await lake.commit("processor", Stream.RAW, {0: lake.ends[Stream.RAW, 0]})
     # The sink has not committed what it wrote, then is one record short.
     assert await lake.marked(now) == []
-    await lake.commit("lake", EVENTS, {0: lake.ends[EVENTS, 0] - 1})
+    await lake.commit("lake", Stream.EVENTS, {0: lake.ends[Stream.EVENTS, 0] - 1})
     assert await lake.marked(now) == []
-    await lake.commit("lake", EVENTS, {0: lake.ends[EVENTS, 0]})
+    await lake.commit("lake", Stream.EVENTS, {0: lake.ends[Stream.EVENTS, 0]})
     assert await lake.marked(now - 2) == []  # the grace has not passed
     assert await lake.marked(now) == [lake.marker(H1)]

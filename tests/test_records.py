@@ -7,8 +7,8 @@ import msgspec
 import pytest
 from evdtest import make_event
 
-from evd.core import records
-from evd.core.records import Kind, RecordFormatError
+from evd.core.log import records
+from evd.core.log.records import Kind, RecordFormatError
 from evd.core.schema import Event, EventsBatch, RawBatch, event_decoder
 
 pytestmark = pytest.mark.workers_independent

@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 from evdtest import ServerFactory, batch, make_event, post, run_cli
 
-from evd.core import records
 from evd.core.config import LogConfig, RetentionConfig
-from evd.core.consumer import EmbeddedConsumer
-from evd.core.embedded import EmbeddedLog
 from evd.core.errors import LogOverloaded
-from evd.core.log import DEAD_LETTER, RAW, InvalidOffset, SubLog, TopicPartition
-from evd.core.records import Kind
-from evd.core.retention import SWEEP_INTERVAL_S, Retention, log_disk_usage
+from evd.core.log import InvalidOffset, SubLog, TopicPartition, records
+from evd.core.log.embedded.consumer import EmbeddedConsumer
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.embedded.retention import SWEEP_INTERVAL_S, Retention, log_disk_usage
+from evd.core.log.records import Kind
+from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter
 
 SEGMENT_BYTES = 4096
@@ -45,7 +45,7 @@ def payload(i: int) -> bytes:
 
 
 def index_of(data: bytes) -> int:
-    value: DeadLetter = records.decode(data, DEAD_LETTER)
+    value: DeadLetter = records.decode(data, Stream.DEAD_LETTER)
     return value.index
 
 
@@ -108,7 +108,7 @@ async def logs(tmp_path: Path) -> AsyncIterator[Logs]:
         await held.close()
 
 
-async def fill(lg: EmbeddedLog, stream: str = RAW, partition: int = 0, n: int = RECORDS) -> list[int]:
+async def fill(lg: EmbeddedLog, stream: str = Stream.RAW, partition: int = 0, n: int = RECORDS) -> list[int]:
     """Append ``n`` records (indexes 0..n-1); their offsets, and the end after them."""
     offsets = list(await asyncio.gather(*(lg.append(stream, partition, payload(i)) for i in range(n))))
     return [*offsets, lg.end_offset(stream, partition)]
@@ -133,21 +133,21 @@ async def test_segments_below_every_consumers_commit_go_never_the_last(logs: Log
     root = logs.root
     lg = logs.open(0)
     offsets = await fill(lg)
-    before = bases(root, RAW, 0)
+    before = bases(root, Stream.RAW, 0)
     assert len(before) >= 4
-    sizes = {b: p.stat().st_size for b, p in zip(before, seg_files(root, RAW, 0))}
-    sub = SubLog(RAW, 0, 0)
+    sizes = {b: p.stat().st_size for b, p in zip(before, seg_files(root, Stream.RAW, 0))}
+    sub = SubLog(Stream.RAW, 0, 0)
     await commit(logs, "sink", {sub: offsets[30]})
     retention = Retention(lg, config(), root, None)
 
     freed = retention.sweep(time.time())
-    assert bases(root, RAW, 0) == kept_from(before, offsets[30])
-    assert freed == sum(sizes[b] for b in before if b not in bases(root, RAW, 0)) > 0
+    assert bases(root, Stream.RAW, 0) == kept_from(before, offsets[30])
+    assert freed == sum(sizes[b] for b in before if b not in bases(root, Stream.RAW, 0)) > 0
     assert retention.sweep(time.time()) == 0  # nothing more until the consumer moves
 
     # Everything from the committed offset on is still there.
     reader = logs.consumer(None)
-    reader.assign([TopicPartition(RAW, 0)])
+    reader.assign([TopicPartition(Stream.RAW, 0)])
     reader.seek(sub, offsets[30])
     got = []
     while fetched := await reader.fetch(timeout=0.2):
@@ -156,25 +156,25 @@ async def test_segments_below_every_consumers_commit_go_never_the_last(logs: Log
 
     await commit(logs, "sink", {sub: offsets[-1]})  # the end: all passed
     retention.sweep(time.time())
-    assert bases(root, RAW, 0) == before[-1:]  # the last segment holds the end
-    assert lg.end_offset(RAW, 0) == offsets[-1]
-    await lg.append(RAW, 0, payload(RECORDS))  # and the writer goes on after it
+    assert bases(root, Stream.RAW, 0) == before[-1:]  # the last segment holds the end
+    assert lg.end_offset(Stream.RAW, 0) == offsets[-1]
+    await lg.append(Stream.RAW, 0, payload(RECORDS))  # and the writer goes on after it
 
 
 async def test_the_slowest_consumer_holds_the_segments(logs: Logs) -> None:
     root = logs.root
     lg = logs.open(0)
     offsets = await fill(lg)
-    before = bases(root, RAW, 0)
-    sub = SubLog(RAW, 0, 0)
+    before = bases(root, Stream.RAW, 0)
+    sub = SubLog(Stream.RAW, 0, 0)
     await commit(logs, "fast", {sub: offsets[50]})
     await commit(logs, "slow", {sub: offsets[15]})
     retention = Retention(lg, config(), root, None)
     retention.sweep(time.time())
-    assert bases(root, RAW, 0) == kept_from(before, offsets[15])
+    assert bases(root, Stream.RAW, 0) == kept_from(before, offsets[15])
     await commit(logs, "slow", {sub: offsets[40]})
     retention.sweep(time.time())
-    assert bases(root, RAW, 0) == kept_from(before, offsets[40])
+    assert bases(root, Stream.RAW, 0) == kept_from(before, offsets[40])
 
 
 async def test_a_registered_consumer_holds_everything_before_its_first_commit(
@@ -185,17 +185,17 @@ async def test_a_registered_consumer_holds_everything_before_its_first_commit(
     root = logs.root
     lg = logs.open(0)
     offsets = await fill(lg)
-    before = bases(root, RAW, 0)
+    before = bases(root, Stream.RAW, 0)
     slow = logs.consumer("processor")
-    slow.assign([TopicPartition(RAW, 0)])
+    slow.assign([TopicPartition(Stream.RAW, 0)])
     await slow.register()
     await slow.register()  # again: harmless
-    await commit(logs, "audit", {SubLog(RAW, 0, 0): offsets[-1]})
+    await commit(logs, "audit", {SubLog(Stream.RAW, 0, 0): offsets[-1]})
     Retention(lg, config(), root, None).sweep(time.time())
-    assert bases(root, RAW, 0) == before
-    await slow.commit({SubLog(RAW, 0, 0): offsets[40]})
+    assert bases(root, Stream.RAW, 0) == before
+    await slow.commit({SubLog(Stream.RAW, 0, 0): offsets[40]})
     Retention(lg, config(), root, None).sweep(time.time())
-    assert bases(root, RAW, 0) == kept_from(before, offsets[40])
+    assert bases(root, Stream.RAW, 0) == kept_from(before, offsets[40])
 
 
 async def test_a_keep_window_holds_recent_segments_consumers_passed(logs: Logs) -> None:
@@ -204,40 +204,40 @@ async def test_a_keep_window_holds_recent_segments_consumers_passed(logs: Logs) 
     root = logs.root
     lg = logs.open(0)
     offsets = await fill(lg)
-    before = bases(root, RAW, 0)
-    files = seg_files(root, RAW, 0)
+    before = bases(root, Stream.RAW, 0)
+    files = seg_files(root, Stream.RAW, 0)
     age(files[:2], 3600)  # the two oldest segments are an hour old, the rest new
-    await commit(logs, "sink", {SubLog(RAW, 0, 0): offsets[-1]})
-    retention = Retention(lg, config(), root, None, keep_s={RAW: 600.0})
+    await commit(logs, "sink", {SubLog(Stream.RAW, 0, 0): offsets[-1]})
+    retention = Retention(lg, config(), root, None, keep_s={Stream.RAW: 600.0})
     retention.sweep(time.time())
-    assert bases(root, RAW, 0) == before[2:]
+    assert bases(root, Stream.RAW, 0) == before[2:]
     Retention(lg, config(), root, None).sweep(time.time())  # negative control: no window
-    assert bases(root, RAW, 0) == before[-1:]
+    assert bases(root, Stream.RAW, 0) == before[-1:]
 
 
 async def test_a_consumer_without_a_commit_for_a_sublog_holds_it_whole(logs: Logs) -> None:
     root = logs.root
     lg = logs.open(0)
-    offsets = await fill(lg, RAW, 0)
-    await fill(lg, RAW, 1)
-    await fill(lg, DEAD_LETTER, 0)
+    offsets = await fill(lg, Stream.RAW, 0)
+    await fill(lg, Stream.RAW, 1)
+    await fill(lg, Stream.DEAD_LETTER, 0)
     other = logs.open(1)
-    await fill(other, RAW, 0)
-    raw0, raw1, dead = bases(root, RAW, 0), bases(root, RAW, 1), bases(root, DEAD_LETTER, 0)
-    other0 = bases(root, RAW, 0, 1)
+    await fill(other, Stream.RAW, 0)
+    raw0, raw1, dead = bases(root, Stream.RAW, 0), bases(root, Stream.RAW, 1), bases(root, Stream.DEAD_LETTER, 0)
+    other0 = bases(root, Stream.RAW, 0, 1)
     # The consumer of raw committed for writer 0's sub-log of partition 0 only.
-    await commit(logs, "sink", {SubLog(RAW, 0, 0): offsets[30]})
+    await commit(logs, "sink", {SubLog(Stream.RAW, 0, 0): offsets[30]})
     # Old and over every byte cap: retention by age and bytes would take all but the
     # last segment of each, but a stream with a consumer goes by its commits only.
-    for stream, partition, writer in ((RAW, 0, 0), (RAW, 1, 0), (DEAD_LETTER, 0, 0), (RAW, 0, 1)):
+    for stream, partition, writer in ((Stream.RAW, 0, 0), (Stream.RAW, 1, 0), (Stream.DEAD_LETTER, 0, 0), (Stream.RAW, 0, 1)):
         age(seg_files(root, stream, partition, writer), 2 * HOUR)
     cfg = config(max_age_s=HOUR, retention_bytes=1)
     Retention(lg, cfg, root, None).sweep(time.time())
     Retention(other, cfg, root, None).sweep(time.time())
-    assert bases(root, RAW, 0) == kept_from(raw0, offsets[30])
-    assert bases(root, RAW, 1) == raw1  # held at 0: no offsets file for the partition
-    assert bases(root, RAW, 0, 1) == other0  # held at 0: the file lacks this writer
-    assert bases(root, DEAD_LETTER, 0) == dead[-1:]  # no consumer: by age (control)
+    assert bases(root, Stream.RAW, 0) == kept_from(raw0, offsets[30])
+    assert bases(root, Stream.RAW, 1) == raw1  # held at 0: no offsets file for the partition
+    assert bases(root, Stream.RAW, 0, 1) == other0  # held at 0: the file lacks this writer
+    assert bases(root, Stream.DEAD_LETTER, 0) == dead[-1:]  # no consumer: by age (control)
 
 
 @pytest.mark.parametrize("after_sweep", [False, True], ids=["assigned-before", "seeks-after"])
@@ -247,16 +247,16 @@ async def test_a_reader_on_a_deleted_segment_moves_to_the_oldest_retained_record
     root = logs.root
     lg = logs.open(0)
     offsets = await fill(lg)
-    sub = SubLog(RAW, 0, 0)
+    sub = SubLog(Stream.RAW, 0, 0)
     await commit(logs, "sink", {sub: offsets[30]})
     reader = logs.consumer("reader", reset="earliest")  # never commits: not registered
     if not after_sweep:
-        reader.assign([TopicPartition(RAW, 0)])  # positioned at 0, which the sweep deletes
+        reader.assign([TopicPartition(Stream.RAW, 0)])  # positioned at 0, which the sweep deletes
     Retention(lg, config(), root, None).sweep(time.time())
-    oldest = bases(root, RAW, 0)[0]
+    oldest = bases(root, Stream.RAW, 0)[0]
     assert 0 < oldest <= offsets[30]
     if after_sweep:
-        reader.assign([TopicPartition(RAW, 0)])
+        reader.assign([TopicPartition(Stream.RAW, 0)])
         reader.seek(sub, 0)
     started = time.monotonic()
     got = await reader.fetch(timeout=5.0)
@@ -277,20 +277,20 @@ async def test_a_reader_that_asked_for_errors_raises_on_a_deleted_segment(
     root = logs.root
     lg = logs.open(0)
     offsets = await fill(lg)
-    sub = SubLog(RAW, 0, 0)
+    sub = SubLog(Stream.RAW, 0, 0)
     await commit(logs, "sink", {sub: offsets[30]})
     reader = logs.consumer(None, reset="error")
     if not after_sweep:
-        reader.assign([TopicPartition(RAW, 0)])
+        reader.assign([TopicPartition(Stream.RAW, 0)])
     Retention(lg, config(), root, None).sweep(time.time())
     if after_sweep:
-        reader.assign([TopicPartition(RAW, 0)])
+        reader.assign([TopicPartition(Stream.RAW, 0)])
         reader.seek(sub, 0)
     with pytest.raises(InvalidOffset):
         await reader.fetch(timeout=1.0)
     reader.seek_to_beginning(sub)
     got = await reader.fetch(timeout=1.0)
-    assert got[0].offset == bases(root, RAW, 0)[0]
+    assert got[0].offset == bases(root, Stream.RAW, 0)[0]
 
 
 # -- streams without consumers ------------------------------------------------------------
@@ -300,16 +300,16 @@ async def test_without_consumers_old_segments_go_by_age(logs: Logs) -> None:
     root = logs.root
     lg = logs.open(0)
     await fill(lg)
-    before = seg_files(root, RAW, 0)
+    before = seg_files(root, Stream.RAW, 0)
     retention = Retention(lg, config(max_age_s=HOUR), root, None)
     age(before, HOUR / 2)
     assert retention.sweep(time.time()) == 0  # not old enough (control)
     age(before[:2], 2 * HOUR)
     retention.sweep(time.time())
-    assert seg_files(root, RAW, 0) == before[2:]
+    assert seg_files(root, Stream.RAW, 0) == before[2:]
     age(before[2:], 2 * HOUR)
     retention.sweep(time.time())
-    assert seg_files(root, RAW, 0) == before[-1:]  # never the last
+    assert seg_files(root, Stream.RAW, 0) == before[-1:]  # never the last
     assert Retention(lg, config(max_age_s=0), root, None).sweep(time.time() + 1e9) == 0
 
 
@@ -320,10 +320,10 @@ async def test_without_consumers_the_oldest_segments_go_above_the_byte_cap(
     root = logs.root
     lg = logs.open(0)
     await fill(lg)
-    before = seg_files(root, RAW, 0)
+    before = seg_files(root, Stream.RAW, 0)
     sizes = [p.stat().st_size for p in before]
     Retention(lg, config(retention_bytes=cap), root, None).sweep(time.time())
-    kept = seg_files(root, RAW, 0)
+    kept = seg_files(root, Stream.RAW, 0)
     assert kept == before[len(before) - len(kept):]  # the oldest went
     kept_bytes = sum(sizes[len(before) - len(kept):])
     assert kept_bytes <= cap or len(kept) == 1
@@ -338,35 +338,35 @@ async def test_worker_0_sweeps_the_writers_that_no_longer_run(logs: Logs) -> Non
     root = logs.root
     for writer in (1, 3):  # writer 1 still runs (another worker), writer 3 was retired
         other = logs.open(writer)
-        await fill(other, DEAD_LETTER, 1)
-        await fill(other, RAW, 1)
+        await fill(other, Stream.DEAD_LETTER, 1)
+        await fill(other, Stream.RAW, 1)
         await other.close()
     lg = logs.open(0)
-    await fill(lg, DEAD_LETTER, 1)
-    raw1, raw3 = bases(root, RAW, 1, 1), bases(root, RAW, 1, 3)
+    await fill(lg, Stream.DEAD_LETTER, 1)
+    raw1, raw3 = bases(root, Stream.RAW, 1, 1), bases(root, Stream.RAW, 1, 3)
     # raw has a consumer: the retired writer's raw segments go by its commit, not by age.
-    await commit(logs, "sink", {SubLog(RAW, 1, 3): raw3[2], SubLog(RAW, 1, 1): raw1[-1]})
+    await commit(logs, "sink", {SubLog(Stream.RAW, 1, 3): raw3[2], SubLog(Stream.RAW, 1, 1): raw1[-1]})
     for writer in (0, 1, 3):
-        age(seg_files(root, DEAD_LETTER, 1, writer), 2 * HOUR)
-        age(seg_files(root, RAW, 1, writer), 2 * HOUR)
-    dead = {w: bases(root, DEAD_LETTER, 1, w) for w in (0, 1, 3)}
+        age(seg_files(root, Stream.DEAD_LETTER, 1, writer), 2 * HOUR)
+        age(seg_files(root, Stream.RAW, 1, writer), 2 * HOUR)
+    dead = {w: bases(root, Stream.DEAD_LETTER, 1, w) for w in (0, 1, 3)}
     cfg = config(max_age_s=HOUR)
 
     Retention(lg, cfg, root, None).sweep(time.time())  # not worker 0: its own sub-logs only
-    assert bases(root, DEAD_LETTER, 1, 0) == dead[0][-1:]
-    assert bases(root, DEAD_LETTER, 1, 3) == dead[3]
-    assert bases(root, RAW, 1, 3) == raw3
+    assert bases(root, Stream.DEAD_LETTER, 1, 0) == dead[0][-1:]
+    assert bases(root, Stream.DEAD_LETTER, 1, 3) == dead[3]
+    assert bases(root, Stream.RAW, 1, 3) == raw3
 
     sweeper = Retention(lg, cfg, root, retired_from=2)
     try:
         assert sweeper.sweep(time.time()) > 0
     finally:
         await sweeper.stop()
-    assert bases(root, DEAD_LETTER, 1, 3) == dead[3][-1:]
-    assert bases(root, RAW, 1, 3) == raw3[2:]
+    assert bases(root, Stream.DEAD_LETTER, 1, 3) == dead[3][-1:]
+    assert bases(root, Stream.RAW, 1, 3) == raw3[2:]
     # Writer 1 runs and sweeps its own sub-logs: worker 0 leaves them alone.
-    assert bases(root, DEAD_LETTER, 1, 1) == dead[1]
-    assert bases(root, RAW, 1, 1) == raw1
+    assert bases(root, Stream.DEAD_LETTER, 1, 1) == dead[1]
+    assert bases(root, Stream.RAW, 1, 1) == raw1
 
 
 # -- the disk cap --------------------------------------------------------------------------
@@ -386,12 +386,12 @@ async def test_check_disk_sets_and_clears_disk_full(logs: Logs) -> None:
         retention.check_disk(usage, free)
         if why is None:
             assert lg.disk_full is None and not lg.overloaded
-            await lg.append(RAW, 0, payload(usage))
+            await lg.append(Stream.RAW, 0, payload(usage))
         else:
             assert lg.disk_full is not None and why in lg.disk_full
             assert lg.overloaded
             with pytest.raises(LogOverloaded, match=why.replace(".", r"\.")):
-                lg.append_all([(RAW, 0, payload(usage))])
+                lg.append_all([(Stream.RAW, 0, payload(usage))])
     # log.max_bytes 0: no fixed cap, only the free space counts.
     uncapped = Retention(lg, config(max_bytes=0, min_free_bytes=100), logs.root, None)
     uncapped.check_disk(10**15, 10**9)
@@ -402,9 +402,9 @@ async def test_log_disk_usage_counts_segments_and_journals(logs: Logs) -> None:
     root = logs.root
     assert log_disk_usage(root) == 0
     lg = logs.open(0)  # fsync "always": the journal holds what the flushes wrote
-    await fill(lg, RAW, 0)
-    await fill(lg, DEAD_LETTER, 1, n=5)
-    await commit(logs, "sink", {SubLog(RAW, 0, 0): 0})  # offsets files are not counted
+    await fill(lg, Stream.RAW, 0)
+    await fill(lg, Stream.DEAD_LETTER, 1, n=5)
+    await commit(logs, "sink", {SubLog(Stream.RAW, 0, 0): 0})  # offsets files are not counted
     segs = sum(p.stat().st_size for p in (root / "log").rglob("*.seg"))
     journals = sum(p.stat().st_size for p in (root / "log").rglob("*.journal"))
     assert segs > 0 and journals > 0
@@ -422,8 +422,8 @@ async def test_the_sweeping_task_sets_disk_full_within_a_sweep(logs: Logs) -> No
             await asyncio.sleep(0.05)
         assert lg.disk_full is not None
         with pytest.raises(LogOverloaded):
-            lg.append_all([(RAW, 0, payload(0))])
-        await lg.append(RAW, 0, payload(0), internal=True)
+            lg.append_all([(Stream.RAW, 0, payload(0))])
+        await lg.append(Stream.RAW, 0, payload(0), internal=True)
     finally:
         await retention.stop()
 
@@ -485,7 +485,7 @@ def test_a_full_log_turns_posts_into_503_and_loses_nothing_acknowledged(
         assert again.status == 503, again
     # ... and every acknowledged event is in the log (read while the server runs:
     # its shutdown snapshot lets retention delete raw segments).
-    out = run_cli("log-read", "--data-dir", str(server.data_dir), "--stream", RAW)
+    out = run_cli("log-read", "--data-dir", str(server.data_dir), "--stream", Stream.RAW)
     assert out.returncode == 0, out.stderr
     logged = {json.loads(line)["event_id"] for line in out.stdout.splitlines()}
     assert len(acked) >= 100

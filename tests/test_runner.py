@@ -9,11 +9,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from evd.core import records
 from evd.core.config import load_config
-from evd.core.consumer import EmbeddedConsumer
-from evd.core.embedded import EmbeddedLog
-from evd.core.log import RAW, SubLog, TopicPartition
+from evd.core.log import PROCESSOR, SubLog, TopicPartition, records
+from evd.core.log.embedded.consumer import EmbeddedConsumer
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.streams import Stream
 from evd.core.schema import RawBatch
 from evd.state import runner
 from evd.state.charts import ChartsState
@@ -75,23 +75,23 @@ async def raw_log(root: Path, n: int) -> tuple[EmbeddedLog, list[int]]:
     offsets = []
     for i in range(n):
         batch = RawBatch(1000 + i, [])
-        offsets.append(await lg.append(RAW, 1, records.encode(records.Kind.RAW, 1000 + i, batch)))
+        offsets.append(await lg.append(Stream.RAW, 1, records.encode(records.Kind.RAW, 1000 + i, batch)))
     return lg, offsets
 
 
 async def test_without_a_snapshot_everything_retained_is_read_again(tmp_path: Path) -> None:
     """Offsets committed for a snapshot that is gone are not where an empty state starts."""
     lg, offsets = await raw_log(tmp_path, 3)
-    committer = EmbeddedConsumer(tmp_path, runner.CONSUMER_NAME)
-    committer.assign([TopicPartition(RAW, 1)])
-    await committer.commit({SubLog(RAW, 1, 0): offsets[2]})
+    committer = EmbeddedConsumer(tmp_path, PROCESSOR)
+    committer.assign([TopicPartition(Stream.RAW, 1)])
+    await committer.commit({SubLog(Stream.RAW, 1, 0): offsets[2]})
     await committer.close()
-    consumer = EmbeddedConsumer(tmp_path, runner.CONSUMER_NAME)
+    consumer = EmbeddedConsumer(tmp_path, PROCESSOR)
     run = runner.PartitionRunner(
         1, load_config(None, environ={}), lg, consumer, DirectoryStore(tmp_path / "state")
     )
     await run.restore()
-    assert consumer.positions() == {SubLog(RAW, 1, 0): 0}
+    assert consumer.positions() == {SubLog(Stream.RAW, 1, 0): 0}
     await consumer.close()
     await lg.close()
 
@@ -100,10 +100,10 @@ async def test_a_snapshot_past_the_end_of_the_raw_log_reads_on_from_its_end(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     lg, _ = await raw_log(tmp_path, 2)
-    end = await lg.append(RAW, 1, records.encode(records.Kind.RAW, 9, RawBatch(9, [])))
+    end = await lg.append(Stream.RAW, 1, records.encode(records.Kind.RAW, 9, RawBatch(9, [])))
     store = DirectoryStore(tmp_path / "state")
     cfg = load_config(None, environ={})
-    consumer = EmbeddedConsumer(tmp_path, runner.CONSUMER_NAME)
+    consumer = EmbeddedConsumer(tmp_path, PROCESSOR)
     first = runner.PartitionRunner(1, cfg, lg, consumer, store)
     await first.restore()
     await first.step(0.1)
@@ -115,11 +115,11 @@ async def test_a_snapshot_past_the_end_of_the_raw_log_reads_on_from_its_end(
     assert snap is not None
     snap.offsets[0] = end + 10_000
     await store.save(snap)
-    again = EmbeddedConsumer(tmp_path, runner.CONSUMER_NAME)
+    again = EmbeddedConsumer(tmp_path, PROCESSOR)
     second = runner.PartitionRunner(1, cfg, lg, again, store)
     await second.restore()
-    durable_end = (await again.end_offsets())[SubLog(RAW, 1, 0)]
-    assert again.positions()[SubLog(RAW, 1, 0)] == durable_end
+    durable_end = (await again.end_offsets())[SubLog(Stream.RAW, 1, 0)]
+    assert again.positions()[SubLog(Stream.RAW, 1, 0)] == durable_end
     assert "reading on from its end" in caplog.text
     await again.close()
     await lg.close()

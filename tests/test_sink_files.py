@@ -27,13 +27,13 @@ import msgspec
 import pytest
 import zstandard
 
-from evd.core import records
 from evd.core.config import FilesSinkConfig
-from evd.core.consumer import EmbeddedConsumer
-from evd.core.embedded import EmbeddedLog
 from evd.core.errors import ConfigError
-from evd.core.log import EVENTS, RAW, Consumer, ConsumerRecord, Lag, SubLog, TopicPartition
-from evd.core.records import Kind
+from evd.core.log import Consumer, ConsumerRecord, Lag, SubLog, TopicPartition, records
+from evd.core.log.embedded.consumer import EmbeddedConsumer
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.records import Kind
+from evd.core.log.streams import Stream
 from evd.core.schema import (
     ChartRow,
     ChartsBatch,
@@ -641,11 +641,11 @@ class Log:
         """Append a raw record received at ``received_at``; its offset."""
         value = RawBatch(received_at, [event(0, received_at)])
         payload = records.encode(Kind.RAW, received_at, value)
-        return await self.writers[writer].append(RAW, partition, payload)
+        return await self.writers[writer].append(Stream.RAW, partition, payload)
 
     async def events(self, writer: int, partition: int, value: EventsBatch) -> int:
         payload = records.encode(Kind.EVENTS, value.received_at, value)
-        return await self.writers[writer].append(EVENTS, partition, payload)
+        return await self.writers[writer].append(Stream.EVENTS, partition, payload)
 
     def end(self, writer: int, stream: str, partition: int) -> int:
         return self.writers[writer].end_offset(stream, partition)
@@ -694,15 +694,15 @@ async def test_events_hour_needs_the_processor_past_it_then_the_sink_caught_up(
     # The processor has committed nothing: its records of the hour are not processed.
     assert await sink.mark_complete_hours(now) == []
     # Processor behind: writer 0 committed at the record of end - 5.
-    await log.commit("processor", RAW, {(0, 0): behind, (1, 1): log.end(1, RAW, 1)})
+    await log.commit("processor", Stream.RAW, {(0, 0): behind, (1, 1): log.end(1, Stream.RAW, 1)})
     assert await sink.mark_complete_hours(now) == []
     # Processor past the hour (at a record stamped end + grace, and at the end of the other).
-    await log.commit("processor", RAW, {(0, 0): after, (1, 1): log.end(1, RAW, 1)})
+    await log.commit("processor", Stream.RAW, {(0, 0): after, (1, 1): log.end(1, Stream.RAW, 1)})
     # ... but the sink has not committed what it wrote.
     assert await sink.mark_complete_hours(now) == []
-    await log.commit("lake", EVENTS, {(0, 0): log.end(0, EVENTS, 0), (1, 1): 0})
+    await log.commit("lake", Stream.EVENTS, {(0, 0): log.end(0, Stream.EVENTS, 0), (1, 1): 0})
     assert await sink.mark_complete_hours(now) == []  # partition 1 not yet
-    await log.commit("lake", EVENTS, {(1, 1): log.end(1, EVENTS, 1)})
+    await log.commit("lake", Stream.EVENTS, {(1, 1): log.end(1, Stream.EVENTS, 1)})
     assert await sink.mark_complete_hours(now - 2) == []  # the grace has not passed
     assert await sink.mark_complete_hours(now) == [marker(sink, "events", H1)]
 
@@ -713,16 +713,16 @@ async def test_processed_until_reads_the_stamp_of_the_record_at_the_committed_of
     first = await log.raw(0, 0, H1)
     second = await log.raw(0, 0, H1 + 10)
     big = [await log.raw(1, 0, H1 + 20 + i) for i in range(40)]  # several segments
-    end0, end1 = log.end(0, RAW, 0), log.end(1, RAW, 0)
+    end0, end1 = log.end(0, Stream.RAW, 0), log.end(1, Stream.RAW, 0)
     consumer = EmbeddedConsumer(tmp_path, None)
-    consumer.assign(TopicPartition(RAW, p) for p in range(PARTITIONS))
+    consumer.assign(TopicPartition(Stream.RAW, p) for p in range(PARTITIONS))
     try:
         def at(o0: int | None, o1: int | None) -> dict[SubLog, int]:
             out = {}
             if o0 is not None:
-                out[SubLog(RAW, 0, 0)] = o0
+                out[SubLog(Stream.RAW, 0, 0)] = o0
             if o1 is not None:
-                out[SubLog(RAW, 0, 1)] = o1
+                out[SubLog(Stream.RAW, 0, 1)] = o1
             return out
 
         assert await processed_until(consumer, at(end0, end1), H1 + 1000)
@@ -746,7 +746,7 @@ class GrowingRaw(Consumer):
     else the sub-logs with records take turns."""
 
     def __init__(self, stamp: int, hot_first: bool) -> None:
-        self.cold, self.hot = SubLog(RAW, 0, 0), SubLog(RAW, 0, 1)
+        self.cold, self.hot = SubLog(Stream.RAW, 0, 0), SubLog(Stream.RAW, 0, 1)
         self.stamp = stamp
         self.hot_first = hot_first
         self.hot_end = 10
@@ -788,7 +788,7 @@ class GrowingRaw(Consumer):
         raise NotImplementedError
 
     def assignment(self) -> set[TopicPartition]:
-        return {TopicPartition(RAW, 0)}
+        return {TopicPartition(Stream.RAW, 0)}
 
     def positions(self) -> dict[SubLog, int]:
         return dict(self.pos)
@@ -824,7 +824,7 @@ async def test_processed_until_ends_while_a_sublog_keeps_growing(hot_first: bool
 
 async def test_processed_until_is_false_without_any_raw_sublog(tmp_path: Path) -> None:
     consumer = EmbeddedConsumer(tmp_path, None)
-    consumer.assign([TopicPartition(RAW, 0)])
+    consumer.assign([TopicPartition(Stream.RAW, 0)])
     try:
         assert not await processed_until(consumer, {}, H1)
     finally:
@@ -835,13 +835,13 @@ async def test_caught_up_compares_every_sublog_with_its_end(log: Log, tmp_path: 
     await log.events(0, 0, events_batch(H1, 1))
     await log.events(1, 1, events_batch(H1, 1))
     consumer = EmbeddedConsumer(tmp_path, None)
-    consumer.assign(TopicPartition(EVENTS, p) for p in range(PARTITIONS))
+    consumer.assign(TopicPartition(Stream.EVENTS, p) for p in range(PARTITIONS))
     try:
-        ends = {SubLog(EVENTS, 0, 0): log.end(0, EVENTS, 0), SubLog(EVENTS, 1, 1): log.end(1, EVENTS, 1)}
+        ends = {SubLog(Stream.EVENTS, 0, 0): log.end(0, Stream.EVENTS, 0), SubLog(Stream.EVENTS, 1, 1): log.end(1, Stream.EVENTS, 1)}
         assert await caught_up(consumer, ends)
-        assert not await caught_up(consumer, {SubLog(EVENTS, 0, 0): ends[SubLog(EVENTS, 0, 0)]})
+        assert not await caught_up(consumer, {SubLog(Stream.EVENTS, 0, 0): ends[SubLog(Stream.EVENTS, 0, 0)]})
         short = dict(ends)
-        short[SubLog(EVENTS, 1, 1)] -= 1
+        short[SubLog(Stream.EVENTS, 1, 1)] -= 1
         assert not await caught_up(consumer, short)
     finally:
         await consumer.close()

@@ -20,7 +20,6 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from evd.bench.tansu import Broker
-from evd.core import records
 from evd.core.config import (
     BatchConfig,
     KafkaConfig,
@@ -28,11 +27,12 @@ from evd.core.config import (
     RetryConfig,
     load_config,
 )
-from evd.core.consumer import EmbeddedConsumer
-from evd.core.embedded import EmbeddedLog
 from evd.core.errors import ConfigError
-from evd.core.log import EVENTS, LATE
-from evd.core.records import Kind
+from evd.core.log import records
+from evd.core.log.embedded.consumer import EmbeddedConsumer
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.records import Kind
+from evd.core.log.streams import Stream
 from evd.core.schema import (
     ChartRow,
     ChartsBatch,
@@ -189,13 +189,13 @@ async def test_the_loops_streams_and_event_types_filter_what_is_produced(
     lg = EmbeddedLog(tmp_path, PARTITIONS, writer=0, fsync="never")
     await lg.start()
     kinds = ["play", "skip", "play", "end"]
-    await lg.append(EVENTS, 0, records.encode_events(
+    await lg.append(Stream.EVENTS, 0, records.encode_events(
         Kind.EVENTS, T_MS, events_value(["p1", "x1", "p2", "x2"], ["u1", "u1", "u2", "u2"],
                                         kinds, raw_offset=0)))
-    await lg.append(EVENTS, 1, records.encode_events(
+    await lg.append(Stream.EVENTS, 1, records.encode_events(
         Kind.EVENTS, T_MS, events_value(["p3", "x3"], ["u3", "u3"], ["play", "seek"],
                                         raw_offset=0)))
-    await lg.append(LATE, 0, records.encode_events(
+    await lg.append(Stream.LATE, 0, records.encode_events(
         Kind.LATE, T_MS, events_value(["l1"], ["u4"], raw_offset=1)))
     sink_cfg = KafkaSinkConfig(name="plays", topic=f"{kafka_prefix}plays",
                                streams=["events"], event_types=["play"])

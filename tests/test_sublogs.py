@@ -19,19 +19,15 @@ from pathlib import Path
 import pytest
 from test_log import open_log, read_all, segments
 
-from evd.core.embedded import EmbeddedLog, read_partition, recover_writers, upgrade_layout
 from evd.core.errors import ConfigError
-from evd.core.framing import frame
-from evd.core.journal import entry_head
-from evd.core.log import DEAD_LETTER, RAW
+from evd.core.log.embedded.framing import frame
+from evd.core.log.embedded.journal import entry_head
+from evd.core.log.embedded.layout import read_partition, upgrade_layout
+from evd.core.log.embedded.producer import EmbeddedLog, recover_writers
+from evd.core.log.embedded.sublog import OffsetOutOfRange, SubLogReader, writers_of
+from evd.core.log.embedded.wake import DurableWatch, Waker
+from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter, RawBatch, event_decoder, msgpack_encoder
-from evd.core.sublog import (
-    DurableWatch,
-    OffsetOutOfRange,
-    SubLogReader,
-    Waker,
-    writers_of,
-)
 from evd.logtool import iter_stream
 
 SEED_EVENT = json.loads((Path(__file__).parent / "data" / "seed-event.json").read_text())
@@ -43,10 +39,10 @@ def raw_record(*event_ids: str) -> bytes:
     return msgpack_encoder.encode(RawBatch(received_at=1, events=events))
 
 
-def logged(data_dir: Path, stream: str = RAW) -> list[tuple[int, int, str]]:
+def logged(data_dir: Path, stream: str = Stream.RAW) -> list[tuple[int, int, str]]:
     """(partition, writer, event id) of every event ``evd log-read`` shows."""
     return sorted(
-        (e["partition"], e["writer"], e["event_id"] if stream == RAW else e["event"]["event_id"])
+        (e["partition"], e["writer"], e["event_id"] if stream == Stream.RAW else e["event"]["event_id"])
         for e in iter_stream(data_dir, stream)
     )
 
@@ -71,8 +67,8 @@ def reader_payloads(data_dir: Path, stream: str, partition: int, writer: int) ->
 async def test_a_writer_writes_only_its_own_files(tmp_path: Path) -> None:
     lg = open_log(tmp_path, writer=3, fsync="always")
     try:
-        await lg.append(RAW, 1, b"one")
-        await lg.append(DEAD_LETTER, 0, b"two")
+        await lg.append(Stream.RAW, 1, b"one")
+        await lg.append(Stream.DEAD_LETTER, 0, b"two")
         files = files_under(tmp_path / "log")
     finally:
         await lg.close()
@@ -85,7 +81,7 @@ async def test_a_writer_writes_only_its_own_files(tmp_path: Path) -> None:
         "dead_letter/0000/w003/00000000000000000000.seg",
         "dead_letter/0000/w003/durable",
     }
-    assert writers_of(tmp_path, RAW, 1) == [3] and writers_of(tmp_path, RAW, 0) == []
+    assert writers_of(tmp_path, Stream.RAW, 1) == [3] and writers_of(tmp_path, Stream.RAW, 0) == []
     with pytest.raises(ValueError, match="writer 1000"):
         EmbeddedLog(tmp_path, 4, writer=1000)
 
@@ -95,26 +91,26 @@ async def test_two_writers_share_partitions_and_log_read_shows_both(tmp_path: Pa
     w1 = open_log(tmp_path, writer=1)
     try:
         await asyncio.gather(
-            *(w0.append(RAW, p, raw_record(f"w0-p{p}-{i}")) for p in range(4) for i in range(3)),
-            *(w1.append(RAW, p, raw_record(f"w1-p{p}-{i}")) for p in range(2) for i in range(2)),
-            w1.append_all([(DEAD_LETTER, 3, msgpack_encoder.encode(DeadLetter(
+            *(w0.append(Stream.RAW, p, raw_record(f"w0-p{p}-{i}")) for p in range(4) for i in range(3)),
+            *(w1.append(Stream.RAW, p, raw_record(f"w1-p{p}-{i}")) for p in range(2) for i in range(2)),
+            w1.append_all([(Stream.DEAD_LETTER, 3, msgpack_encoder.encode(DeadLetter(
                 received_at=1, index=0, error="bad", event=b'{"event_id":"dl-1"}',
             )))]),
         )
         # Each writer's own reads see its own sub-log, offsets from 0.
-        assert len(await read_all(w0, RAW, 0)) == 3 and len(await read_all(w1, RAW, 0)) == 2
-        assert (await w1.read(RAW, 0, 0))[0].offset == 0
-        assert w1.end_offset(RAW, 3) == 0
+        assert len(await read_all(w0, Stream.RAW, 0)) == 3 and len(await read_all(w1, Stream.RAW, 0)) == 2
+        assert (await w1.read(Stream.RAW, 0, 0))[0].offset == 0
+        assert w1.end_offset(Stream.RAW, 3) == 0
     finally:
         await w0.close()
         await w1.close()
-    assert writers_of(tmp_path, RAW, 0) == [0, 1] and writers_of(tmp_path, RAW, 3) == [0]
+    assert writers_of(tmp_path, Stream.RAW, 0) == [0, 1] and writers_of(tmp_path, Stream.RAW, 3) == [0]
     expected = sorted(
         [(p, 0, f"w0-p{p}-{i}") for p in range(4) for i in range(3)]
         + [(p, 1, f"w1-p{p}-{i}") for p in range(2) for i in range(2)]
     )
     assert logged(tmp_path) == expected
-    assert logged(tmp_path, DEAD_LETTER) == [(3, 1, "dl-1")]
+    assert logged(tmp_path, Stream.DEAD_LETTER) == [(3, 1, "dl-1")]
     # The command itself: one JSON line per event, with its writer.
     out = (await asyncio.to_thread(
         subprocess.run,
@@ -134,7 +130,7 @@ async def crash_copy(tmp_path: Path, writers: dict[int, dict[int, list[bytes]]])
         for w, parts in writers.items():
             for partition, payloads in parts.items():
                 for payload in payloads:
-                    await logs[w].append(RAW, partition, payload)
+                    await logs[w].append(Stream.RAW, partition, payload)
         crashed = tmp_path / "crashed"
         shutil.copytree(live, crashed)
     finally:
@@ -151,7 +147,7 @@ async def test_recovery_runs_per_writer(tmp_path: Path) -> None:
     crashed = await crash_copy(tmp_path, data)
     # A power cut took the unsynced tails of both writers' partition files.
     for w in (0, 1):
-        for seg in segments(crashed, RAW, 0, writer=w):
+        for seg in segments(crashed, Stream.RAW, 0, writer=w):
             os.truncate(seg, seg.stat().st_size // 2)
     w0_files = {
         p: p.read_bytes() for p in (crashed / "log").rglob("*") if "w000" in p.parts and p.is_file()
@@ -159,14 +155,14 @@ async def test_recovery_runs_per_writer(tmp_path: Path) -> None:
     w1 = open_log(crashed, writer=1, fsync="always")
     try:
         # Writer 1 replays its own journal and leaves writer 0's files alone.
-        assert await read_all(w1, RAW, 0) == data[1][0]
-        assert await read_all(w1, RAW, 2) == data[1][2]
+        assert await read_all(w1, Stream.RAW, 0) == data[1][0]
+        assert await read_all(w1, Stream.RAW, 2) == data[1][2]
         assert {p: p.read_bytes() for p in w0_files} == w0_files
     finally:
         await w1.close()
     w0 = open_log(crashed, writer=0, fsync="always")
     try:
-        assert await read_all(w0, RAW, 0) == data[0][0]
+        assert await read_all(w0, Stream.RAW, 0) == data[0][0]
     finally:
         await w0.close()
 
@@ -194,10 +190,10 @@ def old_layout(root: Path) -> dict[tuple[str, int], list[bytes]]:
     (log_dir / "_journal").mkdir()
     ab = frame(a) + frame(b)
     (log_dir / "_journal" / f"{7:020d}.journal").write_bytes(
-        entry_head(RAW, 0, 0, len(ab)) + ab
-        + entry_head(RAW, 2, len(frame(c)), len(frame(d))) + frame(d)
+        entry_head(Stream.RAW, 0, 0, len(ab)) + ab
+        + entry_head(Stream.RAW, 2, len(frame(c)), len(frame(d))) + frame(d)
     )
-    return {(RAW, 0): [a, b], (RAW, 2): [c, d], (DEAD_LETTER, 1): [letter]}
+    return {(Stream.RAW, 0): [a, b], (Stream.RAW, 2): [c, d], (Stream.DEAD_LETTER, 1): [letter]}
 
 
 async def test_upgrade_layout_moves_an_old_data_dir_to_writer_0_losing_nothing(
@@ -235,7 +231,7 @@ async def test_writer_0_upgrades_on_open_and_other_writers_refuse_the_old_layout
         EmbeddedLog(tmp_path, 2).open()
     lg = open_log(tmp_path, writer=0)
     try:
-        assert await read_all(lg, RAW, 2) == records[(RAW, 2)]
+        assert await read_all(lg, Stream.RAW, 2) == records[(Stream.RAW, 2)]
     finally:
         await lg.close()
     other = open_log(tmp_path, writer=1)
@@ -263,23 +259,23 @@ async def test_recover_writers_completes_an_orphan_with_unreplayed_journal_entri
     }
     crashed = await crash_copy(tmp_path, data)
     for partition in (0, 3):  # writer 2's partition files lost their unsynced tails
-        for seg in segments(crashed, RAW, partition, writer=2):
+        for seg in segments(crashed, Stream.RAW, partition, writer=2):
             os.truncate(seg, seg.stat().st_size // 3)
     # Negative control: before recovery a reader stops where the file ends.
-    assert len(reader_payloads(crashed, RAW, 0, 2)) < 40
+    assert len(reader_payloads(crashed, Stream.RAW, 0, 2)) < 40
     w0_journal = sorted((crashed / "log" / "_journal" / "w000").iterdir())
     assert w0_journal
 
     # As the supervisor calls it: in a thread without an event loop, any policy.
     assert await asyncio.to_thread(recover_writers, crashed, 4, 2, fsync="interval") == [2]
-    assert reader_payloads(crashed, RAW, 0, 2) == data[2][0]
-    assert reader_payloads(crashed, RAW, 3, 2) == data[2][3]
+    assert reader_payloads(crashed, Stream.RAW, 0, 2) == data[2][0]
+    assert reader_payloads(crashed, Stream.RAW, 3, 2) == data[2][3]
     assert not list((crashed / "log" / "_journal" / "w002").iterdir())
     # Writers that will run are left to recover themselves.
     assert sorted((crashed / "log" / "_journal" / "w000").iterdir()) == w0_journal
     assert recover_writers(crashed, 4, 2, fsync="always") == [2]  # harmless again
     assert recover_writers(crashed, 4, 3) == []
-    assert writers_of(crashed, RAW, 0) == [0, 2] and writers_of(crashed, RAW, 3) == [2]
+    assert writers_of(crashed, Stream.RAW, 0) == [0, 2] and writers_of(crashed, Stream.RAW, 3) == [2]
     with pytest.raises(ConfigError, match="log.partitions"):
         recover_writers(crashed, 2, 2)
 
@@ -290,24 +286,24 @@ async def test_recover_writers_completes_an_orphan_with_unreplayed_journal_entri
 async def test_a_sublog_reader_stops_at_the_published_end_and_refuses_bad_offsets(
     tmp_path: Path,
 ) -> None:
-    missing = SubLogReader(tmp_path, RAW, 0, 5)
+    missing = SubLogReader(tmp_path, Stream.RAW, 0, 5)
     assert missing.durable_end() == 0 and missing.read(0) == []
     with pytest.raises(OffsetOutOfRange, match="past the durable end"):
         missing.read(8)
     missing.close()
 
     lg = open_log(tmp_path, writer=5, segment_bytes=256, fsync="never")
-    reader = SubLogReader(tmp_path, RAW, 0, 5)
+    reader = SubLogReader(tmp_path, Stream.RAW, 0, 5)
     try:
-        await lg.append(RAW, 0, b"x" * 100)
+        await lg.append(Stream.RAW, 0, b"x" * 100)
         first = reader.read(0)
         assert [r.payload for r in first] == [b"x" * 100]
         # The writer rolls to segments the reader has not listed yet.
         payloads = [bytes([65 + i]) * 100 for i in range(10)]
         for p in payloads:
-            await lg.append(RAW, 0, p)
-        assert len(segments(tmp_path, RAW, 0, writer=5)) > 3
-        assert reader.durable_end() == lg.end_offset(RAW, 0)
+            await lg.append(Stream.RAW, 0, p)
+        assert len(segments(tmp_path, Stream.RAW, 0, writer=5)) > 3
+        assert reader.durable_end() == lg.end_offset(Stream.RAW, 0)
         rest = reader.read(first[-1].next_offset, max_bytes=150)
         assert rest[0].payload == payloads[0]
         offset, got = first[-1].next_offset, []
@@ -319,18 +315,18 @@ async def test_a_sublog_reader_stops_at_the_published_end_and_refuses_bad_offset
         with pytest.raises(OffsetOutOfRange, match="not the start of a record"):
             reader.read(first[0].offset + 3)
         with pytest.raises(OffsetOutOfRange, match="not the start of a record"):
-            await lg.read(RAW, 0, first[0].offset + 3)
+            await lg.read(Stream.RAW, 0, first[0].offset + 3)
         with pytest.raises(OffsetOutOfRange, match="past the durable end"):
             reader.read(reader.durable_end() + 1)
 
         # Bytes in the file past the published end (a flush in progress) are not read;
         # they are there: a read of the files' whole frames returns them.
-        seg = segments(tmp_path, RAW, 0, writer=5)[-1]
+        seg = segments(tmp_path, Stream.RAW, 0, writer=5)[-1]
         with seg.open("ab") as f:
             f.write(frame(b"unpublished"))
         end = reader.durable_end()
         assert reader.read(end) == []
-        whole = read_partition(tmp_path, RAW, 0, end, writer=5)
+        whole = read_partition(tmp_path, Stream.RAW, 0, end, writer=5)
         assert [r.payload for r in whole] == [b"unpublished"]
     finally:
         reader.close()
@@ -339,7 +335,8 @@ async def test_a_sublog_reader_stops_at_the_published_end_and_refuses_bad_offset
 
 READER = r"""
 import asyncio, json, sys, time
-from evd.core.sublog import DurableWatch, SubLogReader
+from evd.core.log.embedded.sublog import SubLogReader
+from evd.core.log.embedded.wake import DurableWatch
 
 async def main(data_dir, want, timeout):
     watch = DurableWatch(data_dir)
@@ -384,7 +381,7 @@ async def test_a_reader_in_another_process_waits_without_polling_and_wakes_on_ne
             for b in range(bursts):
                 await asyncio.sleep(0.3)  # the reader has caught up and waits
                 await asyncio.gather(
-                    *(lg.append(RAW, 0, b"%d-%d" % (b, i)) for i in range(per_burst))
+                    *(lg.append(Stream.RAW, 0, b"%d-%d" % (b, i)) for i in range(per_burst))
                 )
             out = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
             elapsed = time.monotonic() - started
@@ -410,7 +407,7 @@ async def test_a_reader_in_another_process_waits_without_polling_and_wakes_on_ne
 
 WRITER = r"""
 import asyncio, os, signal, sys, time
-from evd.core import embedded
+from evd.core.log.embedded import producer as embedded
 
 data_dir, fsync, mode, arg = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 real_write = embedded._Partition.write
@@ -465,7 +462,7 @@ async def recovered_payloads(data_dir: Path, fsync: str) -> tuple[list[bytes], i
     lg = EmbeddedLog(data_dir, 2, writer=4, fsync=fsync)  # type: ignore[arg-type]
     lg.open()
     try:
-        return await read_all(lg, RAW, 1), lg.end_offset(RAW, 1)
+        return await read_all(lg, Stream.RAW, 1), lg.end_offset(Stream.RAW, 1)
     finally:
         await lg.close()
 
@@ -480,7 +477,7 @@ async def test_a_writer_killed_mid_flush_exposes_nothing_unpublished_and_loses_n
     finally:
         if proc.stdout is not None:
             proc.stdout.close()
-    with SubLogReader(tmp_path, RAW, 1, 4) as reader:
+    with SubLogReader(tmp_path, Stream.RAW, 1, 4) as reader:
         published = reader.durable_end()
         seen: list[bytes] = []
         offset = 0
@@ -492,7 +489,7 @@ async def test_a_writer_killed_mid_flush_exposes_nothing_unpublished_and_loses_n
     check_sequence(seen)
     # The killed flush left whole frames (and a torn one) past the published end:
     # there was something to expose.
-    on_disk = read_partition(tmp_path, RAW, 1, published, writer=4)
+    on_disk = read_partition(tmp_path, Stream.RAW, 1, published, writer=4)
     assert len(on_disk) >= 2
 
     payloads, end = await recovered_payloads(tmp_path, fsync)
@@ -509,7 +506,7 @@ async def test_a_reader_racing_a_writer_killed_at_a_random_moment(
     seen: list[tuple[int, int, bytes]] = []
     try:
         kill_at = time.monotonic() + rng.uniform(0.3, 1.5)
-        with DurableWatch(tmp_path) as watch, SubLogReader(tmp_path, RAW, 1, 4) as reader:
+        with DurableWatch(tmp_path) as watch, SubLogReader(tmp_path, Stream.RAW, 1, 4) as reader:
             offset = 0
             killed = False
             while True:
@@ -542,7 +539,7 @@ async def test_a_reader_racing_a_writer_killed_at_a_random_moment(
     assert payloads[: len(seen)] == [p for _, _, p in seen]
     assert end >= seen[-1][1]
     # After the recovery the same records sit at the same offsets.
-    with SubLogReader(tmp_path, RAW, 1, 4) as reader:
+    with SubLogReader(tmp_path, Stream.RAW, 1, 4) as reader:
         again = [(r.offset, r.next_offset, r.payload) for r in reader.read(0, 1 << 30)]
     assert again[: len(seen)] == seen
 

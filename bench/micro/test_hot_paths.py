@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from evd.core.config import Config
-from evd.core.embedded import EmbeddedLog, frame
 from evd.core.log import Append
+from evd.core.log.embedded.framing import frame
+from evd.core.log.embedded.producer import EmbeddedLog
 from evd.core.schema import (
     RawBatch,
     batch_is_valid,

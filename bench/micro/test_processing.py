@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from bench.processing import CHART_WINDOW_MS, Recorded, record
-from evd.core import records
 from evd.core.config import ProcessingConfig
-from evd.core.records import Kind
+from evd.core.log import records
+from evd.core.log.records import Kind
 from evd.core.schema import ChartsBatch, RawBatch, SessionsBatch
 
 processor = pytest.importorskip("evd.state.processor", reason="evd.state.processor not there")

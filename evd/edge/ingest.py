@@ -18,10 +18,11 @@ from typing import Any, NamedTuple
 import msgspec
 
 from evd.core import metrics
-from evd.core import records as rec
 from evd.core.config import Config
 from evd.core.errors import LogOverloaded, LogUnavailable, explain_validation
-from evd.core.log import DEAD_LETTER, RAW, Append, Producer, partition_for, partitions_for
+from evd.core.log import Append, Producer, partition_for, partitions_for
+from evd.core.log import records as rec
+from evd.core.log.streams import Stream
 from evd.core.schema import (
     DeadLetter,
     Event,
@@ -199,12 +200,12 @@ class Ingest:
         by_partition, accepted_ids, duplicates = self._split(events)
         encode = rec.encode
         records: list[Append] = [
-            (RAW, p, encode(rec.Kind.RAW, received_at, RawBatch(received_at, batch, skew)))
+            (Stream.RAW, p, encode(rec.Kind.RAW, received_at, RawBatch(received_at, batch, skew)))
             for p, batch in by_partition.items()
         ]
         for letter in dead:
             records.append((
-                DEAD_LETTER,
+                Stream.DEAD_LETTER,
                 partition_for(letter.event.decode(errors="replace"), self.partitions),
                 encode(rec.Kind.DEAD_LETTER, received_at, letter),
             ))

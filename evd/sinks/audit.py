@@ -27,8 +27,8 @@ from typing import Any
 
 import msgspec
 
-from evd.core import records
 from evd.core.config import EVENT_TYPES
+from evd.core.log import Stream, records
 from evd.core.schema import DeadLetter
 from evd.sinks import rows
 from evd.sinks.base import Batch, Sink
@@ -37,7 +37,7 @@ from evd.sinks.ledger import read_counts, read_stages
 __all__ = ["AUDIT_STAGE", "AUDIT_STREAMS", "AuditStage", "Report", "report"]
 
 AUDIT_STAGE = "audit"
-AUDIT_STREAMS = ["raw", "dead_letter", "events"]
+AUDIT_STREAMS: list[str] = [Stream.RAW, Stream.DEAD_LETTER, Stream.EVENTS]
 
 
 class _Typed(msgspec.Struct):
@@ -76,14 +76,14 @@ def _type_of_rejected(event: bytes) -> str:
 class AuditStage(Sink):
     """Counts what the edge and the processors did; delivers nothing."""
 
-    streams = ("raw", "dead_letter", "events")
+    streams = (Stream.RAW, Stream.DEAD_LETTER, Stream.EVENTS)
 
     def decode(self, stream: str, payload: bytes) -> Any:
         start = records.header_of(payload, stream).start
         body = memoryview(payload)[start:]
-        if stream == "raw":
+        if stream == Stream.RAW:
             return _raw_decoder.decode(body)
-        if stream == "events":
+        if stream == Stream.EVENTS:
             return _events_decoder.decode(body)
         return _dead_decoder.decode(body)
 
@@ -92,23 +92,23 @@ class AuditStage(Sink):
 
     def counts(self, batch: Batch) -> Counter[tuple[int, str, str, str]]:
         out: Counter[tuple[int, str, str, str]] = Counter()
-        if batch.stream == "raw":
+        if batch.stream == Stream.RAW:
             for b in batch.values:
                 hour = rows.hour_of(b.received_at)
                 for ev in b.events:
-                    out[hour, "events", ev.event_type, "accepted"] += 1
-        elif batch.stream == "events":
+                    out[hour, Stream.EVENTS, ev.event_type, "accepted"] += 1
+        elif batch.stream == Stream.EVENTS:
             for b in batch.values:
                 hour = rows.hour_of(b.received_at)
                 for t, n in b.duplicates.items():
-                    out[hour, "events", t, "duplicate"] += n
+                    out[hour, Stream.EVENTS, t, "duplicate"] += n
                 for i in b.late:
-                    out[hour, "events", b.events[i].event_type, "late"] += 1
+                    out[hour, Stream.EVENTS, b.events[i].event_type, "late"] += 1
         else:
             for d in batch.values:
                 if d.stage == "edge":
                     hour = rows.hour_of(d.received_at)
-                    out[hour, "events", _type_of_rejected(d.event), "rejected"] += 1
+                    out[hour, Stream.EVENTS, _type_of_rejected(d.event), "rejected"] += 1
         return out
 
 
@@ -148,11 +148,11 @@ def report(data_dir: str | Path, hour: int | None = None) -> list[Report]:
     stages = read_stages(data_dir)
     event_sinks = {
         name: types for name, (kind, streams, types) in stages.items()
-        if kind == "sink" and "events" in streams
+        if kind == "sink" and Stream.EVENTS in streams
     }
     table: dict[tuple[int, str], Counter[tuple[str, str]]] = {}
     for h, stream, event_type, stage, metric, n in read_counts(data_dir, hour):
-        if stream != "events":
+        if stream != Stream.EVENTS:
             continue
         table.setdefault((h, event_type), Counter())[stage, metric] += n
     out = []

@@ -22,10 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from evd.core import records
 from evd.core.config import KafkaConfig
 from evd.core.errors import EvdError
-from evd.core.log import Consumer
+from evd.core.log import Consumer, Stream, records
 
 __all__ = ["Batch", "PermanentSinkError", "Sink", "SinkContext", "SinkError"]
 
@@ -108,7 +107,7 @@ class Sink(ABC):
     once, then handed batches one at a time (never two writes at once)."""
 
     #: The streams this sink type can take; config naming others is an error.
-    streams: tuple[str, ...] = ("events", "late", "sessions", "charts", "dead_letter")
+    streams: tuple[str, ...] = (Stream.EVENTS, Stream.LATE, Stream.SESSIONS, Stream.CHARTS, Stream.DEAD_LETTER)
 
     async def start(self) -> None:  # most sinks need no start-up
         """Open connections or files; called before the first write."""

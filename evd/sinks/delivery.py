@@ -32,9 +32,10 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from evd.core import metrics, records
+from evd.core import metrics
 from evd.core.config import BatchConfig, RetryConfig
-from evd.core.log import DEAD_LETTER, RAW, Consumer, Producer, SubLog, TopicPartition
+from evd.core.log import Consumer, Producer, SubLog, TopicPartition, records
+from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter
 from evd.sinks import rows
 from evd.sinks.base import Batch, Sink
@@ -156,7 +157,7 @@ class DeliveryLoop:
         if self._seen and self.raw_ends is not None:
             raw_ends = await self.raw_ends()
             for key, raw_offset in self._seen.items():
-                end = raw_ends.get(SubLog(RAW, key.partition, key.raw_source))
+                end = raw_ends.get(SubLog(Stream.RAW, key.partition, key.raw_source))
                 if end is not None and raw_offset >= end:
                     # The raw log lost records the processor had processed; the raw
                     # offsets from its end on belong to new records, never replays.
@@ -345,7 +346,7 @@ class DeliveryLoop:
         self.dead_lettered += batch.count
         if self.metrics is not None:
             self.metrics.dead_lettered(batch.count)
-        if batch.stream == DEAD_LETTER or self.producer is None:
+        if batch.stream == Stream.DEAD_LETTER or self.producer is None:
             # Dead letters are never dead-lettered again (a loop); they stay in the log.
             log.error("sink %s: %d dead letters not written: %s", self.name, batch.count, exc)
             return
@@ -355,7 +356,7 @@ class DeliveryLoop:
         partition = batch.partitions[0] if batch.partitions else 0
         appends = [
             (
-                DEAD_LETTER,
+                Stream.DEAD_LETTER,
                 partition,
                 records.encode(
                     records.Kind.DEAD_LETTER, now,

@@ -97,11 +97,11 @@ from msgspec.structs import astuple
 
 from evd.core import metrics
 from evd.core.config import SINK_STREAMS, FilesSinkConfig
-from evd.core.consumer import EmbeddedConsumer
 from evd.core.errors import ConfigError, EvdError
-from evd.core.framing import fsync_dir, write_atomic
-from evd.core.log import RAW, Consumer, SubLog, TopicPartition
-from evd.core.records import header_of
+from evd.core.log import PROCESSOR, Consumer, Stream, SubLog, TopicPartition
+from evd.core.log.embedded.consumer import EmbeddedConsumer
+from evd.core.log.embedded.framing import fsync_dir, write_atomic
+from evd.core.log.records import header_of
 from evd.core.schema import (
     Context,
     DeadLetter,
@@ -115,7 +115,6 @@ from evd.core.schema import (
 )
 from evd.sinks import rows
 from evd.sinks.base import Batch, Sink, SinkContext, SinkError
-from evd.state.runner import CONSUMER_NAME as PROCESSOR
 
 __all__ = ["FilesSink", "caught_up", "hour_path", "processed_until"]
 
@@ -126,7 +125,7 @@ SUCCESS = "_SUCCESS"
 LATE_DIR = "_late"
 PROGRESS_DIR = "_progress"
 #: Streams whose completeness the processor reports per partition.
-PROGRESS_STREAMS = frozenset(("sessions", "charts"))
+PROGRESS_STREAMS = frozenset((Stream.SESSIONS, Stream.CHARTS))
 
 #: gzip level (see the module docstring).
 GZIP_LEVEL = 1
@@ -240,7 +239,7 @@ def _event_rows(values: Sequence[EventsBatch], all_late: bool) -> list[_EventRow
 def _chunks(batch: Batch, size: int) -> Iterator[Batch]:
     """``batch`` (one hour's group) in consecutive batches of about ``size`` items."""
     stream = batch.stream
-    if stream == "sessions":
+    if stream == Stream.SESSIONS:
         items = [s for b in batch.values for s in b.sessions]
         for i in range(0, len(items), size):
             part = items[i : i + size]
@@ -308,7 +307,7 @@ class _Ndjson:
         events = stream in rows.EVENT_STREAMS
         for chunk in _chunks(group, NDJSON_CHUNK_ITEMS):
             if events:
-                data = _encode_lines(_event_rows(chunk.values, stream == "late"))
+                data = _encode_lines(_event_rows(chunk.values, stream == Stream.LATE))
             else:
                 data = rows.json_lines(chunk, self.window_ms)
             f.write(comp.compress(data))
@@ -375,8 +374,8 @@ class _Parquet:
             pa.field("error", s, False), pa.field("event", s, False),
         ])
         self.schemas: dict[str, Any] = {
-            "events": events, "late": events, "sessions": sessions,
-            "charts": charts, "dead_letter": dead,
+            Stream.EVENTS: events, Stream.LATE: events, Stream.SESSIONS: sessions,
+            Stream.CHARTS: charts, Stream.DEAD_LETTER: dead,
         }
         # Dictionary pages for the events' few-valued columns only: on ids and
         # times (all distinct) a dictionary is built and thrown away. Measured on
@@ -386,17 +385,18 @@ class _Parquet:
             "context.playlist_uri", "device.os", "device.client_version", "geo.country",
             "geo.region",
         ]
-        self.dictionary: dict[str, list[str] | bool] = {"events": few, "late": few}
+        self.dictionary: dict[str, list[str] | bool] = {Stream.EVENTS: few, Stream.LATE: few}
         #: An events row without its timestamp (see _events).
         self.event_rows = pa.struct([f for f in events if f.name != "timestamp"])
 
     def write(self, f: BinaryIO, group: Batch) -> None:
         stream = group.stream
         schema = self.schemas[stream]
-        build: Callable[[Batch], list[Any]] = {
-            "events": self._events, "late": self._events, "sessions": self._sessions,
-            "charts": self._charts, "dead_letter": self._dead_letters,
-        }[stream]
+        builders: dict[str, Callable[[Batch], list[Any]]] = {
+            Stream.EVENTS: self._events, Stream.LATE: self._events, Stream.SESSIONS: self._sessions,
+            Stream.CHARTS: self._charts, Stream.DEAD_LETTER: self._dead_letters,
+        }
+        build = builders[stream]
         dictionary = self.dictionary.get(stream, True)
         with self.pq.ParquetWriter(
             f, schema, compression="zstd", use_dictionary=dictionary
@@ -413,7 +413,7 @@ class _Parquet:
         NDJSON rows, encoded for the whole chunk at once (RFC 3339 has no '"'
         or ',')."""
         pa = self.pa
-        all_late = chunk.stream == "late"
+        all_late = chunk.stream == Stream.LATE
         out: list[tuple[Any, ...]] = []
         stamps: list[datetime] = []
         for b in chunk.values:
@@ -448,11 +448,11 @@ class _Parquet:
         items: list[Session] = [s for b in chunk.values for s in b.sessions]
         columns = [
             pa.array(list(map(attrgetter(field.name), items)), field.type)
-            for field in self.schemas["sessions"]
+            for field in self.schemas[Stream.SESSIONS]
             if field.name != "plays"
         ]
         plays = [[astuple(p) for p in x.plays] for x in items]
-        columns.append(pa.array(plays, self.schemas["sessions"].field("plays").type))
+        columns.append(pa.array(plays, self.schemas[Stream.SESSIONS].field("plays").type))
         return columns
 
     def _charts(self, chunk: Batch) -> list[Any]:
@@ -496,7 +496,7 @@ async def processed_until(
 ) -> bool:
     """True when, in every sub-log of the partitions ``consumer`` is assigned
     (raw), ``committed`` (the processor's committed offsets) is at the end or at
-    a record stamped (evd.core.records' header) ``until_ms`` or later: every
+    a record stamped (evd.core.log.records' header) ``until_ms`` or later: every
     record received before it was processed and its outputs are durable.
 
     False when there is no sub-log at all: nothing vouches for the hour (e.g.
@@ -784,10 +784,10 @@ class FilesSink(Sink):
         """Remember the newest progress per partition that ``batch`` carries."""
         stream = batch.stream
         found: dict[int, int] = {}
-        if stream == "charts":
+        if stream == Stream.CHARTS:
             for b in batch.values:
                 found[b.partition] = max(found.get(b.partition, b.closed_until), b.closed_until)
-        elif stream == "sessions":
+        elif stream == Stream.SESSIONS:
             for b, p in zip(batch.values, batch.partitions):
                 if b.complete_until is not None:
                     found[p] = max(found.get(p, b.complete_until), b.complete_until)
@@ -886,7 +886,7 @@ class FilesSink(Sink):
         (``ctx.open_consumer``; without it, embedded consumers of data_dir)."""
         data_dir = Path(self.ctx.data_dir)
         open_consumer = self.ctx.open_consumer or (lambda name: EmbeddedConsumer(data_dir, name))
-        raw = [TopicPartition(RAW, p) for p in range(self.ctx.partitions)]
+        raw = [TopicPartition(Stream.RAW, p) for p in range(self.ctx.partitions)]
         mine = [TopicPartition(stream, p) for p in range(self.ctx.partitions)]
         async with AsyncExitStack() as opened:  # every consumer opened is closed
 

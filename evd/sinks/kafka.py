@@ -46,7 +46,8 @@ from aiokafka.errors import (
 )
 
 from evd.core.config import KafkaConfig, KafkaSecurityConfig, KafkaSinkConfig
-from evd.core.kafka import client_options
+from evd.core.log import Stream
+from evd.core.log.kafka.topics import client_options
 from evd.sinks import rows
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkContext, SinkError
 
@@ -201,9 +202,9 @@ def _keys(batch: Batch) -> list[bytes | None]:
     stream = batch.stream
     if stream in rows.EVENT_STREAMS:
         return [ev.user_id.encode() for b in batch.values for ev in b.events]
-    if stream == "sessions":
+    if stream == Stream.SESSIONS:
         return [s.user_id.encode() for s in rows.sessions(batch.values)]
-    if stream == "charts":
+    if stream == Stream.CHARTS:
         return [row.track_id.encode() for _, row in rows.chart_rows(batch.values)]
     keys: list[bytes | None] = []
     for d in batch.values:

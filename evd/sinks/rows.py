@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from evd.core.log import Stream
 from evd.core.schema import (
     ChartRow,
     ChartsBatch,
@@ -56,7 +57,11 @@ __all__ = [
 
 HOUR_MS = 3_600_000
 #: Streams whose items are events (filtered by a sink's ``event_types``).
-EVENT_STREAMS = frozenset(("events", "late"))
+EVENT_STREAMS = frozenset((Stream.EVENTS, Stream.LATE))
+#: The dead-letter item type of a stream's items that are not events.
+_ITEM_TYPES: dict[str, str] = {
+    Stream.SESSIONS: "session", Stream.CHARTS: "chart_row", Stream.DEAD_LETTER: "dead_letter"
+}
 
 _json = msgspec.json.Encoder()
 _encode = _json.encode
@@ -76,9 +81,9 @@ def hour_of(ms: int) -> int:
     return ms - ms % HOUR_MS
 
 
-def event_rows(values: Sequence[EventsBatch], stream: str = "events") -> Iterator[EventRow]:
+def event_rows(values: Sequence[EventsBatch], stream: str = Stream.EVENTS) -> Iterator[EventRow]:
     """Every event of ``values`` with its received_at, event time and late flag."""
-    all_late = stream == "late"
+    all_late = stream == Stream.LATE
     for b in values:
         late = set(b.late) if b.late and not all_late else ()
         skew = b.skew_ms
@@ -105,7 +110,7 @@ def dead_letters(values: Sequence[DeadLetter]) -> Iterator[DeadLetter]:
 
 def item_type(stream: str) -> str:
     """The audit's "event type" of the items of a stream that is not events."""
-    return {"sessions": "session", "charts": "chart_row", "dead_letter": "dead_letter"}[stream]
+    return _ITEM_TYPES[stream]
 
 
 def filter_event_types(stream: str, value: Any, types: frozenset[str] | None) -> tuple[Any, int]:
@@ -128,9 +133,9 @@ def count_items(stream: str, value: Any) -> int:
     """Items in one decoded record."""
     if stream in EVENT_STREAMS:
         return len(value.events)
-    if stream == "sessions":
+    if stream == Stream.SESSIONS:
         return len(value.sessions)
-    if stream == "charts":
+    if stream == Stream.CHARTS:
         return len(value.rows)
     return 1
 
@@ -144,10 +149,10 @@ def tally(batch: Batch) -> Counter[tuple[int, str]]:
             hour = hour_of(b.received_at)
             for ev in b.events:
                 out[hour, ev.event_type] += 1
-    elif stream == "sessions":
+    elif stream == Stream.SESSIONS:
         for s in sessions(batch.values):
             out[hour_of(s.started_at), "session"] += 1
-    elif stream == "charts":
+    elif stream == Stream.CHARTS:
         for _, row in chart_rows(batch.values):
             out[hour_of(row.window_start), "chart_row"] += 1
     else:
@@ -161,12 +166,12 @@ def by_hour(batch: Batch) -> dict[int, Batch]:
     stream = batch.stream
     groups: dict[int, list[Any]] = {}
     counts: Counter[int] = Counter()
-    if stream in EVENT_STREAMS or stream == "dead_letter":
+    if stream in EVENT_STREAMS or stream == Stream.DEAD_LETTER:
         for v in batch.values:
             hour = hour_of(v.received_at)
             groups.setdefault(hour, []).append(v)
             counts[hour] += count_items(stream, v)
-    elif stream == "sessions":
+    elif stream == Stream.SESSIONS:
         per: dict[int, list[Session]] = {}
         for s in sessions(batch.values):
             per.setdefault(hour_of(s.started_at), []).append(s)
@@ -197,7 +202,7 @@ def json_lines(batch: Batch, window_ms: int = 60_000) -> bytes:
     parts: list[bytes] = []
     add = parts.append
     if stream in EVENT_STREAMS:
-        all_late = stream == "late"
+        all_late = stream == Stream.LATE
         for b in batch.values:
             late = set(b.late) if b.late and not all_late else ()
             received = b.received_at
@@ -208,11 +213,11 @@ def json_lines(batch: Batch, window_ms: int = 60_000) -> bytes:
                     all_late or i in late,
                 ))
                 add(b"\n")
-    elif stream == "sessions":
+    elif stream == Stream.SESSIONS:
         for s in sessions(batch.values):
             add(_encode(s))
             add(b"\n")
-    elif stream == "charts":
+    elif stream == Stream.CHARTS:
         for partition, row in chart_rows(batch.values):
             add(_encode(chart_dict(partition, row, window_ms)))
             add(b"\n")

@@ -59,6 +59,7 @@ from typing import Any
 import msgspec
 
 from evd.core.config import SqliteSinkConfig
+from evd.core.log import Stream
 from evd.core.schema import ChartsBatch, DeadLetter, SessionsBatch, epoch_ms
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkContext, SinkError
 from evd.sinks.rows import chart_rows, event_json, sessions
@@ -172,7 +173,7 @@ def _event_params(batch: Batch, window_ms: int) -> Params:
     # once instead of twice is about a tenth of a write's cost.
     out: Params = []
     add = out.append
-    all_late = batch.stream == "late"
+    all_late = batch.stream == Stream.LATE
     for rec in batch.values:
         late = set(rec.late) if rec.late and not all_late else ()
         received = rec.received_at
@@ -242,11 +243,11 @@ _Builder = Callable[[Batch, int], Params]
 
 #: stream -> (statement, rows builder)
 _WRITERS: dict[str, tuple[str, _Builder]] = {
-    "events": (_INSERT_EVENT, _event_params),
-    "late": (_INSERT_EVENT, _event_params),
-    "sessions": (_UPSERT_SESSION, _session_params),
-    "charts": (_UPSERT_CHART, _chart_params),
-    "dead_letter": (_INSERT_LETTER, _letter_params),
+    Stream.EVENTS: (_INSERT_EVENT, _event_params),
+    Stream.LATE: (_INSERT_EVENT, _event_params),
+    Stream.SESSIONS: (_UPSERT_SESSION, _session_params),
+    Stream.CHARTS: (_UPSERT_CHART, _chart_params),
+    Stream.DEAD_LETTER: (_INSERT_LETTER, _letter_params),
 }
 
 

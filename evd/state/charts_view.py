@@ -22,9 +22,10 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from evd.core import records as rec
 from evd.core.config import Config
-from evd.core.log import CHARTS, Consumer, InvalidOffset, TopicPartition
+from evd.core.log import Consumer, InvalidOffset, TopicPartition
+from evd.core.log import records as rec
+from evd.core.log.streams import Stream
 from evd.core.schema import COUNTRIES, ChartsBatch
 
 __all__ = ["ChartsView", "QueryError", "TopTracks", "parse_query"]
@@ -169,7 +170,7 @@ class ChartsView:
 
     async def follow(self, consumer: Consumer) -> None:
         """Apply the charts stream as it grows, until cancelled."""
-        consumer.assign([TopicPartition(CHARTS, p) for p in range(self.partitions)])
+        consumer.assign([TopicPartition(Stream.CHARTS, p) for p in range(self.partitions)])
         while True:
             try:
                 records = await consumer.fetch(FETCH_BYTES, 5.0)
@@ -179,7 +180,7 @@ class ChartsView:
                     consumer.seek_to_beginning(sublog)
                 continue
             for record in records:
-                value = rec.decode(record.payload, CHARTS)
+                value = rec.decode(record.payload, Stream.CHARTS)
                 if isinstance(value, ChartsBatch):
                     self.apply(value)
 

@@ -29,31 +29,18 @@ from typing import Any
 import msgspec
 
 from evd.core import metrics
-from evd.core import records as rec
 from evd.core.config import Config
-from evd.core.log import (
-    CHARTS,
-    EVENTS,
-    LATE,
-    RAW,
-    SESSIONS,
-    Append,
-    Consumer,
-    Producer,
-    SubLog,
-    TopicPartition,
-)
+from evd.core.log import Append, Consumer, Producer, SubLog, TopicPartition
+from evd.core.log import records as rec
+from evd.core.log.streams import Stream
 from evd.core.schema import ChartsBatch, SessionsBatch
 from evd.state.processor import Outputs, PartitionProcessor, PartitionState
 from evd.state.snapshots import Snapshot, SnapshotStore
 
-__all__ = ["CONSUMER_NAME", "PartitionRunner", "output_records"]
+__all__ = ["PartitionRunner", "output_records"]
 
 log = logging.getLogger(__name__)
 
-#: The raw stream's consumer name of the processors (its commits are the
-#: snapshots' offsets).
-CONSUMER_NAME = "processor"
 #: Raw bytes one fetch takes at most: bounds one pass's decoded events and outputs.
 FETCH_BYTES = 128 << 10
 #: Longest wait for raw data before the processor ticks the wall clock anyway
@@ -108,7 +95,7 @@ class PartitionRunner:
 
     async def restore(self) -> None:
         """Load the latest snapshot (or start empty) and position the consumer after it."""
-        self.consumer.assign([TopicPartition(RAW, self.partition)])
+        self.consumer.assign([TopicPartition(Stream.RAW, self.partition)])
         snapshot = await self.store.load(self.partition)
         now = _now_ms()
         chart_ms = self.cfg.charts.window_s * 1000
@@ -118,7 +105,7 @@ class PartitionRunner:
             )
             # No state: read everything retained, not from offsets committed
             # for a snapshot that is gone.
-            known = {SubLog(RAW, self.partition, s) for s in self.sources}
+            known = {SubLog(Stream.RAW, self.partition, s) for s in self.sources}
             for sublog in known | set(self.consumer.positions()):
                 self.consumer.seek_to_beginning(sublog)
             self.processor.tick(now, self.sources, self.out)
@@ -130,7 +117,7 @@ class PartitionRunner:
         ends = await self.consumer.end_offsets()
         self._forced = self.processor.forced
         for writer, offset in snapshot.offsets.items():
-            sublog = SubLog(RAW, self.partition, writer)
+            sublog = SubLog(Stream.RAW, self.partition, writer)
             end = ends.get(sublog, 0)
             if offset > end:
                 # The raw log lost records this snapshot already covers (fsync:
@@ -295,18 +282,18 @@ def output_records(
     p = partition
     encode = rec.encode
     appends: list[Append] = [
-        (EVENTS, p, rec.encode_events(rec.Kind.EVENTS, b.received_at, b, forward.get(i)))
+        (Stream.EVENTS, p, rec.encode_events(rec.Kind.EVENTS, b.received_at, b, forward.get(i)))
         for i, b in enumerate(out.events)
     ]
-    appends += [(LATE, p, encode(rec.Kind.LATE, b.received_at, b)) for b in out.late]
+    appends += [(Stream.LATE, p, encode(rec.Kind.LATE, b.received_at, b)) for b in out.late]
     if out.sessions or out.sessions_until is not None:
         batch = SessionsBatch(out.sessions, out.sessions_until)
-        appends.append((SESSIONS, p, encode(rec.Kind.SESSIONS, now, batch)))
+        appends.append((Stream.SESSIONS, p, encode(rec.Kind.SESSIONS, now, batch)))
     if out.chart_rows or (out.closed_until is not None and out.closed_until != closed_until):
         closed = out.closed_until if out.closed_until is not None else closed_until
         assert closed is not None, "chart rows before any window closed"
         closed_until = closed
         appends.append(
-            (CHARTS, p, encode(rec.Kind.CHARTS, now, ChartsBatch(p, closed, out.chart_rows)))
+            (Stream.CHARTS, p, encode(rec.Kind.CHARTS, now, ChartsBatch(p, closed, out.chart_rows)))
         )
     return appends, closed_until

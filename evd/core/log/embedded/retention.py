@@ -28,9 +28,10 @@ from pathlib import Path
 
 from evd.core import metrics
 from evd.core.config import LogConfig
-from evd.core.consumer import committed_offsets, consumer_names
-from evd.core.embedded import EmbeddedLog, writers_on_disk
-from evd.core.sublog import SEGMENT_SUFFIX, Segments, sublog_dir
+from evd.core.log.embedded.consumer import committed_offsets, consumer_names
+from evd.core.log.embedded.layout import writers_on_disk
+from evd.core.log.embedded.producer import EmbeddedLog
+from evd.core.log.embedded.sublog import SEGMENT_SUFFIX, Segments, sublog_dir
 
 __all__ = ["Retention", "deletable_before", "log_disk_usage"]
 

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from evd.core.errors import LogError
+from evd.core.log import Stream
 from evd.core.schema import (
     ChartsBatch,
     DeadLetter,
@@ -73,13 +74,13 @@ _pack = HEADER.pack
 _encode = _ENCODER.encode
 
 #: The kind of an untagged (version 0) record, by the stream it is in.
-KIND_OF_STREAM = {
-    "raw": Kind.RAW,
-    "dead_letter": Kind.DEAD_LETTER,
-    "events": Kind.EVENTS,
-    "late": Kind.LATE,
-    "sessions": Kind.SESSIONS,
-    "charts": Kind.CHARTS,
+KIND_OF_STREAM: dict[str, int] = {
+    Stream.RAW: Kind.RAW,
+    Stream.DEAD_LETTER: Kind.DEAD_LETTER,
+    Stream.EVENTS: Kind.EVENTS,
+    Stream.LATE: Kind.LATE,
+    Stream.SESSIONS: Kind.SESSIONS,
+    Stream.CHARTS: Kind.CHARTS,
 }
 
 
@@ -164,7 +165,7 @@ def decode_raw(payload: bytes) -> tuple[RawBatch, msgspec.Raw]:
     every event of the record (encode_events), instead of encoding the events
     again: the usual case, and about a fifth of the processing time.
     """
-    head = header_of(payload, "raw")
+    head = header_of(payload, Stream.RAW)
     if head.kind != Kind.RAW or head.version > VERSION:
         raise RecordFormatError(
             f"raw record of kind {head.kind} version {head.version}; this evd reads kind"

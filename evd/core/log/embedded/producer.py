@@ -1,7 +1,7 @@
 """The embedded log: segment files on local disk with group commit.
 
 Each worker process is a log writer with a stable id (its index); a writer
-only ever writes its own files (evd.core.sublog). Layout under
+only ever writes its own files (evd.core.log.embedded.sublog). Layout under
 ``<data_dir>/log``::
 
     <stream>/<partition:04d>/w<writer:03d>/<base offset:020d>.seg   segments
@@ -20,7 +20,7 @@ Group commit: appends are queued in memory and share one flush; every append
 waits on the future of the flush that covers it. A flush starts once a pass of
 the event loop brings no new append (or after a few passes), so a busy worker
 makes fewer, larger flushes. With ``fsync: always`` a flush
-is one write and one fsync of the journal (evd.core.journal) in a dedicated
+is one write and one fsync of the journal (evd.core.log.embedded.journal) in a dedicated
 thread, so the event loop keeps serving; then the frames are copied into the
 partition files from the loop (page cache), the new durable ends are published
 for readers in other processes, and the future completes. Partition
@@ -50,29 +50,31 @@ from typing import Any, Literal
 
 from evd.core import metrics
 from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
-from evd.core.framing import HEADER as FRAME_HEADER
-from evd.core.framing import IOV_MAX, frame, fsync_dir, scan_frames
-from evd.core.journal import DIRNAME as JOURNAL_DIR
-from evd.core.journal import SUFFIX as JOURNAL_SUFFIX
-from evd.core.journal import Journal, entry_head
 from evd.core.log import Append, Producer, Record
-from evd.core.sublog import (
-    SEGMENT_SUFFIX,
+from evd.core.log.embedded.framing import HEADER as FRAME_HEADER
+from evd.core.log.embedded.framing import IOV_MAX, frame, fsync_dir, scan_frames
+from evd.core.log.embedded.journal import DIRNAME as JOURNAL_DIR
+from evd.core.log.embedded.journal import Journal, entry_head
+from evd.core.log.embedded.layout import (
+    make_dirs,
+    old_layout,
+    partition_dirs,
+    upgrade_layout,
+    writers_on_disk,
+)
+from evd.core.log.embedded.sublog import (
     OffsetOutOfRange,
     PublishedEnd,
     Segments,
-    Waker,
-    parse_writer,
     sublog_dir,
     writer_name,
 )
+from evd.core.log.embedded.wake import Waker
 
 __all__ = [
     "EmbeddedLog",
     "FsyncPolicy",
-    "read_partition",
     "recover_writers",
-    "upgrade_layout",
 ]
 
 log = logging.getLogger(__name__)
@@ -237,16 +239,6 @@ class _Partition:
             self.published = None
 
 
-def _make_dirs(path: Path) -> list[Path]:
-    """Create ``path`` and its missing parents; the directories whose entries changed."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for directory in reversed(missing):
-        directory.mkdir(exist_ok=True)
-    return [directory.parent for directory in reversed(missing)]
 
 
 class EmbeddedLog(Producer):
@@ -254,7 +246,7 @@ class EmbeddedLog(Producer):
 
     The Producer of a worker. ``read`` and ``end_offset`` see this writer's own
     sub-logs (for tools and tests); consumers of every writer's sub-logs, in
-    any process, use evd.core.consumer.EmbeddedConsumer.
+    any process, use evd.core.log.embedded.consumer.EmbeddedConsumer.
     """
 
     def __init__(
@@ -311,7 +303,7 @@ class EmbeddedLog(Producer):
             min(partitions, FSYNC_THREADS), thread_name_prefix="evd-fsync"
         )
         #: Why the edge's appends are refused for disk space (log.max_bytes,
-        #: log.min_free_bytes), set by evd.core.retention; None while there is room.
+        #: log.min_free_bytes), set by evd.core.log.embedded.retention; None while there is room.
         self.disk_full: str | None = None
         #: Called once with the exception when the log turns read-only.
         self.on_failure: Callable[[BaseException], None] | None = None
@@ -344,7 +336,7 @@ class EmbeddedLog(Producer):
         if self.writer == 0:
             upgrade_layout(self.root.parent)
         self.root.mkdir(parents=True, exist_ok=True)
-        found = _partition_dirs(self.root)
+        found = partition_dirs(self.root)
         for stream, partition, _ in found:
             if partition >= self.partitions_of(stream):
                 # Users are mapped by crc32(user_id) % partitions: a smaller count
@@ -354,7 +346,7 @@ class EmbeddedLog(Producer):
                     f" {partition + 1} partitions of {stream} already in {self.root}; the"
                     " partition count of a data_dir cannot shrink"
                 )
-        if self.writer != 0 and _old_layout(self.root, found):
+        if self.writer != 0 and old_layout(self.root, found):
             raise ConfigError(
                 f"{self.root} still has the single-writer layout: upgrade_layout must move"
                 " it to writer 0 before other writers start (evd serve does)"
@@ -427,7 +419,7 @@ class EmbeddedLog(Producer):
             if stream.startswith("_"):
                 raise ValueError(f"{stream!r} is not a stream name (a leading _ is reserved)")
             directory = sublog_dir(self.root, stream, partition, self.writer)
-            changed = _make_dirs(directory)
+            changed = make_dirs(directory)
             part = _Partition(
                 directory,
                 self.segment_bytes,
@@ -760,122 +752,6 @@ class EmbeddedLog(Producer):
         if part is None:
             return 0
         return part.segments.delete_before(before)
-
-
-def read_partition(
-    root: str | Path,
-    stream: str,
-    partition: int,
-    offset: int = 0,
-    max_bytes: int = 1 << 20,
-    *,
-    writer: int = 0,
-) -> list[Record]:
-    """Records of writer ``writer``'s sub-log of a partition, for tools in another process.
-
-    Reads every whole frame on disk and stops at the first incomplete or
-    corrupt one, which may be an append still in flight; for a reader that must
-    not go past the published durable end, use evd.core.sublog.SubLogReader.
-    An ``offset`` before the oldest retained segment (0: from the beginning)
-    reads from that segment on: what retention deleted is gone.
-    """
-    directory = sublog_dir(Path(root) / "log", stream, partition, writer)
-    if not directory.is_dir():
-        return []
-    segments = Segments(directory)
-    try:
-        offset = max(offset, segments.bases[0])
-        last = segments.bases[-1]
-        path = segments.path(last)
-        end = last + (path.stat().st_size if path.exists() else 0)
-        return segments.read(offset, end, max_bytes, strict=False)
-    finally:
-        segments.close()
-
-
-def _partition_dirs(log_root: Path) -> list[tuple[str, int, Path]]:
-    """(stream, partition, directory) of every partition directory, of any writer."""
-    return [
-        (stream_dir.name, int(part_dir.name), part_dir)
-        for stream_dir in sorted(p for p in log_root.iterdir() if p.is_dir())
-        if not stream_dir.name.startswith("_")
-        for part_dir in sorted(stream_dir.iterdir())
-        if part_dir.name.isdigit() and part_dir.is_dir()
-    ]
-
-
-def _old_files(log_root: Path, found: list[tuple[str, int, Path]]) -> list[tuple[Path, Path]]:
-    """(file, directory it belongs in) for each file of the single-writer layout."""
-    moves: list[tuple[Path, Path]] = []
-    writer0 = writer_name(0)
-    for _, _, part_dir in found:
-        moves += [
-            (path, part_dir / writer0)
-            for path in sorted(part_dir.iterdir())
-            if path.name.endswith(SEGMENT_SUFFIX) and path.is_file()
-        ]
-    journal_dir = log_root / JOURNAL_DIR
-    if journal_dir.is_dir():
-        moves += [
-            (path, journal_dir / writer0)
-            for path in sorted(journal_dir.iterdir())
-            if path.name.endswith(JOURNAL_SUFFIX) and path.is_file()
-        ]
-    return moves
-
-
-def _old_layout(log_root: Path, found: list[tuple[str, int, Path]]) -> bool:
-    return bool(_old_files(log_root, found))
-
-
-def upgrade_layout(data_dir: str | Path) -> int:
-    """Move a single-writer data_dir's files into writer 0's place; files moved.
-
-    Segments directly in ``<stream>/<partition>/`` go to ``.../w000/`` and
-    journal files directly in ``_journal/`` to ``_journal/w000/``, keeping
-    their names (so offsets and journal entries stay valid); each directory is
-    fsynced after. Idempotent, and safe to run again after a crash part way
-    (a file is renamed, never copied). Refuses (ConfigError) when a file of
-    the same name is already in writer 0's place.
-    """
-    log_root = Path(data_dir) / "log"
-    if not log_root.is_dir():
-        return 0
-    moves = _old_files(log_root, _partition_dirs(log_root))
-    touched: dict[Path, None] = {}
-    for path, target_dir in moves:
-        target = target_dir / path.name
-        if target.exists():
-            raise ConfigError(
-                f"cannot upgrade the log layout: {path} and {target} both exist"
-            )
-        for parent in _make_dirs(target_dir):
-            touched[parent] = None
-        os.rename(path, target)
-        touched[target_dir] = None
-        touched[path.parent] = None
-    for directory in touched:
-        fsync_dir(directory)
-    if moves:
-        log.info("log layout upgraded: %d files of %s moved to writer 0", len(moves), log_root)
-    return len(moves)
-
-
-def writers_on_disk(data_dir: str | Path) -> list[int]:
-    """Every writer id that has a journal directory or a sub-log under ``data_dir``."""
-    log_root = Path(data_dir) / "log"
-    if not log_root.is_dir():
-        return []
-    dirs = [log_root / JOURNAL_DIR] + [d for _, _, d in _partition_dirs(log_root)]
-    found: set[int] = set()
-    for directory in dirs:
-        if not directory.is_dir():
-            continue
-        for child in directory.iterdir():
-            writer = parse_writer(child.name)
-            if writer is not None and child.is_dir():
-                found.add(writer)
-    return sorted(found)
 
 
 def recover_writers(

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from evd.core.framing import IOV_MAX, frame, fsync_dir, scan_frames
+from evd.core.log.embedded.framing import IOV_MAX, frame, fsync_dir, scan_frames
 
 log = logging.getLogger(__name__)
 

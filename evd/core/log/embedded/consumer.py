@@ -1,7 +1,7 @@
 """The embedded log's Consumer: every writer's sub-logs of the assigned partitions.
 
 A partition of the embedded log is the set of its writers' sub-logs
-(evd.core.sublog); a consumer keeps one position per sub-log, reads each up
+(evd.core.log.embedded.sublog); a consumer keeps one position per sub-log, reads each up
 to its writer's published durable end, and waits for new data on a
 DurableWatch (inotify) instead of polling. Sub-logs appear when a writer first
 appends to a partition; the consumer finds them when it looks for data.
@@ -9,7 +9,7 @@ appends to a partition; the consumer finds them when it looks for data.
 Committed offsets live in ``<data_dir>/log/<stream>/consumers/<name>/<partition:04d>.json``
 (``{"w000": offset, ...}``), one file per partition: a partition is consumed by one
 process at a time, so no two processes write the same file. A consumer that
-committed is *registered*: retention (evd.core.retention) keeps every segment
+committed is *registered*: retention (evd.core.log.embedded.retention) keeps every segment
 it has not passed.
 """
 
@@ -25,16 +25,10 @@ from typing import Literal
 
 import orjson
 
-from evd.core.framing import write_atomic
-from evd.core.log import (
-    Consumer,
-    ConsumerRecord,
-    InvalidOffset,
-    Lag,
-    SubLog,
-    TopicPartition,
-)
-from evd.core.sublog import DurableWatch, SubLogReader, parse_writer, writer_name, writers_of
+from evd.core.log import Consumer, ConsumerRecord, InvalidOffset, Lag, SubLog, TopicPartition
+from evd.core.log.embedded.framing import write_atomic
+from evd.core.log.embedded.sublog import SubLogReader, parse_writer, writer_name, writers_of
+from evd.core.log.embedded.wake import DurableWatch
 
 __all__ = ["EmbeddedConsumer", "committed_offsets", "consumer_names"]
 
@@ -283,7 +277,7 @@ class EmbeddedConsumer(Consumer):
 
     async def register(self) -> None:
         """An empty offsets file for each assigned partition without one: a registered
-        consumer with no commit for a sub-log holds it whole (evd.core.retention)."""
+        consumer with no commit for a sub-log holds it whole (evd.core.log.embedded.retention)."""
         self._check_open()
         if self.name is None:
             raise RuntimeError("an anonymous consumer cannot register")

@@ -5,7 +5,7 @@ in behind the same calls. A log holds named streams (``raw``, ``dead_letter``,
 ``events``, ``sessions``, ``charts``, ``late``), each split into partitions
 (streams may have different partition counts). A partition is one or more
 *sub-logs*: in the embedded log, one per writer process that appended to it
-(evd.core.sublog); with Kafka, the Kafka partition itself (source 0).
+(evd.core.log.embedded.sublog); with Kafka, the Kafka partition itself (source 0).
 
 Offsets are positions within a sub-log: ``Record.next_offset`` is where the
 following read starts, and what a consumer commits. An offset that is not a
@@ -23,12 +23,6 @@ from typing import NamedTuple
 from evd.core.errors import LogError
 
 __all__ = [
-    "CHARTS",
-    "DEAD_LETTER",
-    "EVENTS",
-    "LATE",
-    "RAW",
-    "SESSIONS",
     "Append",
     "Consumer",
     "ConsumerRecord",
@@ -41,14 +35,6 @@ __all__ = [
     "partition_for",
     "partitions_for",
 ]
-
-RAW = "raw"
-DEAD_LETTER = "dead_letter"
-EVENTS = "events"
-SESSIONS = "sessions"
-CHARTS = "charts"
-LATE = "late"
-
 
 class InvalidOffset(LogError):
     """An offset that is no record's start in a sub-log: past its durable end,
@@ -99,7 +85,7 @@ class SubLog(NamedTuple):
 
 
 class ConsumerRecord(NamedTuple):
-    """A record fetched by a Consumer (its payload starts with evd.core.records' header)."""
+    """A record fetched by a Consumer (its payload starts with evd.core.log.records' header)."""
 
     sublog: SubLog
     offset: int
