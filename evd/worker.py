@@ -14,7 +14,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
 import uvloop
 
@@ -22,6 +24,7 @@ from evd.core import metrics
 from evd.core.config import Config
 from evd.core.errors import EvdError
 from evd.core.host import HostState, run_dir
+from evd.core.log import Producer
 from evd.core.log.embedded.layout import upgrade_layout
 from evd.core.log.embedded.producer import EmbeddedLog, recover_writers
 from evd.core.log.kafka.producer import KafkaLog
@@ -30,6 +33,7 @@ from evd.edge.ingest import Ingest
 from evd.edge.server import Server
 from evd.groups import KafkaPipeline
 from evd.pipeline import Pipeline
+from evd.state.charts_view import ChartsView
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ START_FAILED = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-class StageFailed(Exception):
+class StageFailed(EvdError):
     """A pipeline stage died; the worker exits 1 and the supervisor restarts it."""
 
 
@@ -74,6 +78,28 @@ def prepare_data_dir(cfg: Config, workers: int) -> None:
     recover_writers(data_dir, cfg.log.partitions, workers, **_log_kwargs(cfg))
 
 
+class StageHost(Protocol):
+    """What the worker needs of its backend's stages (evd.pipeline, evd.groups)."""
+
+    charts: ChartsView
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+async def open_backend(
+    cfg: Config, index: int, workers: int, on_failure: Callable[[BaseException], None]
+) -> tuple[Producer, StageHost]:
+    """The log ``log.backend`` names, open for appends, and the stages over it (not started)."""
+    if cfg.log.backend == "kafka":
+        kafka = KafkaLog(cfg)
+        await kafka.start()
+        return kafka, KafkaPipeline(cfg, kafka, index, on_failure)
+    embedded = open_log(cfg, writer=index)
+    return embedded, Pipeline(cfg, embedded, index, workers, on_failure)
+
+
 async def serve(
     cfg: Config, index: int = 0, host: HostState | None = None, run: Path | None = None
 ) -> None:
@@ -93,15 +119,7 @@ async def serve(
         failures.append(exc)
         stop.set()
 
-    lg: EmbeddedLog | KafkaLog
-    pipeline: Pipeline | KafkaPipeline
-    if cfg.log.backend == "kafka":
-        lg = KafkaLog(cfg)
-        await lg.start()
-        pipeline = KafkaPipeline(cfg, lg, index, stage_failed)
-    else:
-        lg = open_log(cfg, writer=index)
-        pipeline = Pipeline(cfg, lg, index, host.workers, stage_failed)
+    lg, pipeline = await open_backend(cfg, index, host.workers, stage_failed)
     limiter = RateLimiter(cfg.limits, run, keys=len(cfg.auth.keys))
     ingest = Ingest(cfg, lg, limiter)
     if "edge" not in cfg.server.roles:

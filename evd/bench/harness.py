@@ -34,6 +34,7 @@ from evd.bench.http import BenchHttpError, Target, fetch
 from evd.bench.plan import RunPlan, Spike
 from evd.bench.report import ServerScrapes, build_report, decode, encode, summary_text
 from evd.bench.traffic import TrafficConfig, format_ts, parse_ts, write_stream
+from evd.core.errors import EvdError
 
 log = logging.getLogger("evd.bench")
 
@@ -287,7 +288,7 @@ async def _scrape(target: Target) -> tuple[metrics.Samples | None, str | None]:
         return None, str(exc)
 
 
-class RunFailed(Exception):
+class RunFailed(EvdError):
     """A generator process failed or the run could not start."""
 
 

@@ -14,8 +14,10 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from evd.core.errors import EvdError
 
-class BenchHttpError(Exception):
+
+class BenchHttpError(EvdError):
     """A request that got no HTTP response; ``kind`` names why, for the report."""
 
     def __init__(self, kind: str, detail: str = "") -> None:

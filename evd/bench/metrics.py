@@ -12,6 +12,8 @@ from collections.abc import Mapping
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from evd.core.errors import EvdError
+
 # sample name -> list of (labels, value), every label set kept
 Samples = dict[str, list[tuple[dict[str, str], float]]]
 
@@ -28,7 +30,7 @@ PROCESSOR_LAG = "evd_processor_lag_seconds_max"
 SINK_LAG = "evd_sink_lag_seconds"
 
 
-class MetricsError(Exception):
+class MetricsError(EvdError):
     """The metrics page could not be read or parsed."""
 
 

@@ -19,7 +19,7 @@ import msgspec
 
 from evd.core import metrics
 from evd.core.config import Config
-from evd.core.errors import LogOverloaded, LogUnavailable, explain_validation
+from evd.core.errors import EvdError, LogOverloaded, LogUnavailable, explain_validation
 from evd.core.log import Append, Producer, partition_for, partitions_for
 from evd.core.log import records as rec
 from evd.core.log.streams import Stream
@@ -66,7 +66,7 @@ def error_reply(status: int, message: str, retry_after: int = 0) -> Reply:
     return Reply(status, json_encoder.encode(ErrorBody(message)), retry_after)
 
 
-class TooLarge(Exception):
+class TooLarge(EvdError):
     """The decompressed body exceeds limits.max_decompressed_bytes."""
 
 

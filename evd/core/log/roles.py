@@ -111,6 +111,11 @@ class Producer(ABC):
 
     @property
     @abstractmethod
+    def pending_bytes(self) -> int:
+        """Bytes admitted and not yet durable (bounded by ``log.max_pending_bytes``)."""
+
+    @property
+    @abstractmethod
     def overloaded(self) -> bool:
         """True while the edge's appends would be refused with LogOverloaded
         (too much waiting for a flush, or the log's disk cap reached)."""

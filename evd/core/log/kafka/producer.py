@@ -72,7 +72,7 @@ class KafkaLog(Producer):
         self.k = cfg.kafka
         self.partitions = cfg.log.partitions
         self.max_pending = cfg.log.max_pending_bytes
-        self.pending_bytes = 0
+        self._pending_bytes = 0
         self._producer: AIOKafkaProducer | None = None
         self._topics: dict[str, str] = {s: topic_name(self.k, s) for s in STREAMS}
         self._keys = [str(p).encode() for p in range(self.partitions)]
@@ -92,8 +92,13 @@ class KafkaLog(Producer):
         return self._producer is not None and not self._closed
 
     @property
+    def pending_bytes(self) -> int:
+        """Bytes of appends the broker has not acknowledged yet."""
+        return self._pending_bytes
+
+    @property
     def overloaded(self) -> bool:
-        return self.pending_bytes > self.max_pending
+        return self._pending_bytes > self.max_pending
 
     @property
     def stream_partitions(self) -> dict[str, int]:
@@ -138,9 +143,9 @@ class KafkaLog(Producer):
             return
         if time.monotonic() < self._unavailable_until:
             raise LogUnavailable(f"kafka: {self._last_error}")
-        if self.pending_bytes + size > self.max_pending and self.pending_bytes:
+        if self._pending_bytes + size > self.max_pending and self._pending_bytes:
             raise LogOverloaded(
-                f"{self.pending_bytes} bytes wait for the broker's acknowledgement"
+                f"{self._pending_bytes} bytes wait for the broker's acknowledgement"
             )
 
     def append_all(
@@ -165,7 +170,7 @@ class KafkaLog(Producer):
         loop = asyncio.get_running_loop()
         # Pending from admission on, so appends admitted in one turn of the loop
         # count against each other.
-        self.pending_bytes += size
+        self._pending_bytes += size
         waiter = _Waiter(loop.create_future(), len(records), size, offsets)
         waiter.timer = loop.call_later(self.k.ack_timeout_s, self._expire, waiter)
         self._waiters.add(waiter)
@@ -259,7 +264,7 @@ class KafkaLog(Producer):
         if waiter.future.done() or waiter not in self._waiters:
             return
         self._waiters.discard(waiter)
-        self.pending_bytes -= waiter.size
+        self._pending_bytes -= waiter.size
         if waiter.timer is not None:
             waiter.timer.cancel()
         if error is not None:
