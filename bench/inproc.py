@@ -112,6 +112,7 @@ class _DurableAtOnce(Producer):
 
     writable = True
     overloaded = False
+    pending_bytes = 0
 
     def __init__(self) -> None:
         self._commit: asyncio.Future[None] | None = None

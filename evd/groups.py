@@ -37,8 +37,7 @@ from evd.core.log import Consumer, Stream
 from evd.core.log.kafka.consumer import KafkaConsumer
 from evd.core.log.kafka.group import GroupMember
 from evd.core.log.kafka.producer import KafkaLog
-from evd.stages import Stages, publish_gauges
-from evd.state.charts_view import ChartsView, make_view
+from evd.stages import WorkerStages, publish_gauges
 
 __all__ = ["KafkaPipeline"]
 
@@ -49,7 +48,7 @@ PROCESSORS_GROUP = "processors"
 DELIVERERS_GROUP = "deliverers"
 
 
-class KafkaPipeline:
+class KafkaPipeline(WorkerStages):
     """A worker's roles over the Kafka log (module docstring); the same surface as
     evd.pipeline.Pipeline (start, stop, charts)."""
 
@@ -60,16 +59,12 @@ class KafkaPipeline:
         index: int,
         on_failure: Callable[[BaseException], None],
     ) -> None:
-        self.cfg = cfg
-        self.index = index
-        self.on_failure = on_failure
         self.roles = set(cfg.server.roles)
-        self.charts: ChartsView = make_view(cfg)
-        self.stages = Stages(cfg, lg, self._open_consumer, sources=(0,), on_failure=on_failure)
+        super().__init__(cfg, lg, index, (0,), on_failure)
         self._members: list[GroupMember] = []
         self._consumers: list[KafkaConsumer] = []
 
-    def _open_consumer(self, name: str | None) -> Consumer:
+    def open_consumer(self, name: str | None) -> Consumer:
         return KafkaConsumer(self.cfg, name)
 
     async def start(self) -> None:

@@ -18,8 +18,7 @@ from evd.core.log import Consumer, Stream
 from evd.core.log.embedded.consumer import EmbeddedConsumer
 from evd.core.log.embedded.producer import EmbeddedLog
 from evd.core.log.embedded.retention import Retention
-from evd.stages import Stages, publish_gauges
-from evd.state.charts_view import ChartsView, make_view
+from evd.stages import WorkerStages, publish_gauges
 
 __all__ = ["Pipeline", "owned_partitions"]
 
@@ -29,7 +28,7 @@ def owned_partitions(partitions: int, index: int, workers: int) -> list[int]:
     return [p for p in range(partitions) if p % workers == index]
 
 
-class Pipeline:
+class Pipeline(WorkerStages):
     """Processors and delivery loops of the owned partitions, the charts view,
     retention: started after the log is open, stopped (processors snapshot,
     sinks write what they gathered) before it closes.
@@ -47,21 +46,16 @@ class Pipeline:
         workers: int,
         on_failure: Callable[[BaseException], None],
     ) -> None:
-        self.cfg = cfg
-        self.index = index
         self.workers = workers
         self.data_dir = Path(cfg.server.data_dir)
-        self.charts: ChartsView = make_view(cfg)
         self._consumers: list[EmbeddedConsumer] = []
-        self.stages = Stages(
-            cfg, lg, self._open_consumer, sources=range(workers), on_failure=on_failure
-        )
+        super().__init__(cfg, lg, index, range(workers), on_failure)
         self.retention = Retention(
             lg, cfg.log, self.data_dir, retired_from=workers if index == 0 else None,
             keep_s={Stream.CHARTS: float(cfg.charts.retention_s)},
         )
 
-    def _open_consumer(self, name: str | None) -> Consumer:
+    def open_consumer(self, name: str | None) -> Consumer:
         return EmbeddedConsumer(self.data_dir, name)
 
     async def start(self) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
@@ -35,10 +36,11 @@ from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.ledger import Ledger
+from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
 
-__all__ = ["OpenConsumer", "Stages", "publish_gauges", "snapshot_dir", "spawn"]
+__all__ = ["OpenConsumer", "Stages", "WorkerStages", "publish_gauges", "snapshot_dir", "spawn"]
 
 log = logging.getLogger(__name__)
 
@@ -280,3 +282,39 @@ class Stages:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._ledger is not None:
             await self._ledger.close()
+
+
+class WorkerStages(ABC):
+    """What one worker runs beside its HTTP edge over its log backend: the Stages of
+    the partitions it is given, and the charts read model the edge answers from.
+
+    A backend says how its consumers are opened and when partitions come and go
+    (evd.pipeline for the embedded log, evd.groups for Kafka).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        producer: Producer,
+        index: int,
+        sources: Collection[int],
+        on_failure: Callable[[BaseException], None],
+    ) -> None:
+        self.cfg = cfg
+        self.index = index
+        self.on_failure = on_failure
+        #: The top-tracks API's read model, followed from the charts stream.
+        self.charts: ChartsView = make_view(cfg)
+        self.stages = Stages(cfg, producer, self.open_consumer, sources, on_failure)
+
+    @abstractmethod
+    def open_consumer(self, name: str | None) -> Consumer:
+        """A consumer of this backend's log by name (None: anonymous), not yet assigned."""
+
+    @abstractmethod
+    async def start(self) -> None:
+        """Start the stages (after the log is open, before the edge listens)."""
+
+    @abstractmethod
+    async def stop(self) -> None:
+        """Processors snapshot, sinks write what they gathered, the rest is cancelled."""

@@ -16,7 +16,6 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol
 
 import uvloop
 
@@ -33,7 +32,7 @@ from evd.edge.ingest import Ingest
 from evd.edge.server import Server
 from evd.groups import KafkaPipeline
 from evd.pipeline import Pipeline
-from evd.state.charts_view import ChartsView
+from evd.stages import WorkerStages
 
 log = logging.getLogger(__name__)
 
@@ -78,19 +77,9 @@ def prepare_data_dir(cfg: Config, workers: int) -> None:
     recover_writers(data_dir, cfg.log.partitions, workers, **_log_kwargs(cfg))
 
 
-class StageHost(Protocol):
-    """What the worker needs of its backend's stages (evd.pipeline, evd.groups)."""
-
-    charts: ChartsView
-
-    async def start(self) -> None: ...
-
-    async def stop(self) -> None: ...
-
-
 async def open_backend(
     cfg: Config, index: int, workers: int, on_failure: Callable[[BaseException], None]
-) -> tuple[Producer, StageHost]:
+) -> tuple[Producer, WorkerStages]:
     """The log ``log.backend`` names, open for appends, and the stages over it (not started)."""
     if cfg.log.backend == "kafka":
         kafka = KafkaLog(cfg)

@@ -110,6 +110,10 @@ class MemoryLog(Producer):
     def overloaded(self) -> bool:
         return self.is_overloaded
 
+    @property
+    def pending_bytes(self) -> int:
+        return 0  # durable at once
+
     def append_all(
         self, records: Sequence[Append], *, internal: bool = False
     ) -> asyncio.Future[None]:

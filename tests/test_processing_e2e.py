@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -154,4 +155,35 @@ def test_open_sessions_survive_a_restart_in_the_snapshot(servers: ServerFactory)
     # played 0..4 s, paused, resumed at position 4.5 s and played to the end at 5 s
     assert session["plays"][0]["listened_ms"] == 4_000 + 500
     assert session["plays"][0]["ended_by"] == "end"
+    assert again.stop() == 0
+
+
+def test_the_embedded_server_keeps_its_snapshots_in_snapshot_dir(
+    servers: ServerFactory, tmp_path: Path
+) -> None:
+    """``snapshot.dir`` means the same with the embedded log as with Kafka: the
+    processors write there, and a restart restores from there."""
+    snapshots = tmp_path / "shared-snapshots"
+    server = servers.start({**CONFIG, "snapshot": {"interval_s": 1.0, "dir": str(snapshots)}})
+    now = int(time.time() * 1000)
+    event = {
+        "event_id": "snap-0", "event_type": "play", "timestamp": iso(now),
+        "user_id": "snap-user", "track_id": track_id(3),
+        "playback": {"position_ms": 0, "duration_ms": 600_000},
+    }
+    assert post(server.port, batch([event])).status == 200
+    deadline = time.monotonic() + 30
+    while len(list(snapshots.glob("*.snapshot"))) < CONFIG["log"]["partitions"]:
+        assert time.monotonic() < deadline, "no snapshot of every partition in snapshot.dir"
+        time.sleep(0.3)
+    assert server.stop() == 0
+    assert not list((server.data_dir / "state").glob("*.snapshot"))  # none where they used to go
+    again = servers.start(
+        {**CONFIG, "snapshot": {"interval_s": 1.0, "dir": str(snapshots)}},
+        data_dir=server.data_dir,
+    )
+    deadline = time.monotonic() + 30
+    while "restored from its snapshot" not in again.log_text():
+        assert time.monotonic() < deadline, "the restart did not restore from snapshot.dir"
+        time.sleep(0.3)
     assert again.stop() == 0
