@@ -106,8 +106,8 @@ class LogConfig(Base):
     fsync_interval_ms: int = 100
     segment_bytes: int = 64 * MiB
     #: Journal bytes (fsync: always) after which partition files are fsynced and
-    #: the journal dropped. Smaller checkpoints are smaller fsync bursts: at
-    #: 50k events/s, 8 MiB gave p99 8 ms where 64 MiB gave 39 ms.
+    #: the journal dropped. Smaller checkpoints are smaller fsync bursts, so a
+    #: shorter latency tail (docs/performance.md).
     checkpoint_bytes: int = 8 * MiB
     #: Bytes the edge appended that wait for a flush; above it POSTs are shed with
     #: 503 (the processors' own appends are bounded by them: one group in flight each).

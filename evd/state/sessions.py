@@ -30,7 +30,7 @@ def session_id(user_id: str, first_event_id: str) -> str:
     """The deterministic id of the session of ``user_id`` that began with ``first_event_id``:
     ``str(uuid.uuid5(uuid.NAMESPACE_URL, f"evd:session:{user_id}:{first_event_id}"))``."""
     # uuid.uuid5 spelled out (SHA-1, then the version and variant bits): a third of
-    # its cost, which counts once per session (about 5 us here, with the UUID object).
+    # its cost, paid once per session (docs/performance.md).
     digest = bytearray(
         hashlib.sha1(
             _NAMESPACE + f"evd:session:{user_id}:{first_event_id}".encode(),

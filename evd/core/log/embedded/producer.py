@@ -154,7 +154,7 @@ class _Partition:
         fsync_dir(self.dir)
         self.seg_size = valid
         self.durable_end = base + valid
-        # Mapped now, published once recovery is complete (EmbeddedLog._publish_all):
+        # Mapped now, published once recovery is complete (_Partition.publish):
         # until then readers keep the end published before the crash, which is
         # at or below what recovery keeps.
         self.published = PublishedEnd.open(self.dir)
@@ -186,7 +186,7 @@ class _Partition:
             i = j
 
     def _roll(self) -> None:
-        # No fsync here, on the event loop (a full segment can take 100 ms): the
+        # No fsync here, on the event loop (a full segment's fsync blocks for its whole size): the
         # next sync (checkpoint, interval, close) fsyncs the old file and the
         # directory; until then the journal holds what they lack.
         if self.keep_rolled:
@@ -593,7 +593,7 @@ class EmbeddedLog(Producer):
         """Let requests already waiting on the loop join the next flush.
 
         Every flush has a fixed cost (a journal write and fsync, thread hand-offs,
-        one write per partition) of about 0.2 ms of CPU. While each pass of the
+        one write per partition; docs/performance.md). While each pass of the
         event loop still brings new appends, give it another pass (a few at
         most), so that a busy worker makes fewer, larger flushes; an idle one
         flushes after a single pass.

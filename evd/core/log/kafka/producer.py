@@ -63,8 +63,7 @@ class KafkaLog(Producer):
     batch is still in aiokafka's hands, as soon as that one was taken. So the
     records of every request of a round that go to one partition travel as one
     batch, and batches grow with the load; per record only the builder's append
-    is paid, not aiokafka's per-message send path (about 15% less of the edge's
-    CPU per event at 80,000 events/s; bench/README.md).
+    is paid, not aiokafka's per-message send path (measured in docs/performance.md).
     """
 
     def __init__(self, cfg: Config) -> None:
