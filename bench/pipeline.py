@@ -49,9 +49,9 @@ from bench.seedload import STAMP, ClosedLoop, Load, request_templates, seed_even
 from evd.bench import metrics
 from evd.bench.html import COLORS, Series, line_chart
 from evd.bench.http import Target
-from evd.core.config import Config, load_config
+from evd.config import Config, load_config
 from evd.pipeline import AUDIT_BATCH
-from evd.sinks.audit import AUDIT_STAGE
+from evd.sinks.audit.stage import AUDIT_STAGE
 
 #: Placeholder for the per-request timestamp, as long as the ISO text it becomes.
 TIME_STAMP = "~" * 24

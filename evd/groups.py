@@ -35,16 +35,16 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-from evd.core.config import Config
+from evd.config import Config
 from evd.core.log import PROCESSOR
 from evd.core.log.kafka.consumer import KafkaConsumer
 from evd.core.log.kafka.group import GroupMember
 from evd.core.log.kafka.producer import KafkaLog
 from evd.core.log.streams import Stream
 from evd.pipeline import delivery_loops, publish_gauges, spawn
+from evd.sinks.audit.ledger import Ledger
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
-from evd.sinks.ledger import Ledger
 from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore

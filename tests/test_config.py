@@ -9,7 +9,7 @@ import msgspec
 import msgspec.yaml
 import pytest
 
-from evd.core.config import Config, dump_config, load_config, with_overrides
+from evd.config import Config, dump_config, load_config, with_overrides
 from evd.core.errors import ConfigError
 
 

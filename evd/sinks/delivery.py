@@ -38,8 +38,8 @@ from evd.core.log import Consumer, Producer, SubLog, TopicPartition, records
 from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter
 from evd.sinks import rows
+from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey
 from evd.sinks.base import Batch, Sink
-from evd.sinks.ledger import CountKey, Ledger, SeenKey
 
 __all__ = ["FETCH_BYTES", "DeliveryLoop"]
 
