@@ -1,5 +1,5 @@
-"""The audit ledger (evd.sinks.ledger) and the report of ``evd audit``
-(evd.sinks.audit), on real ledger files: counts and offsets commit together,
+"""The audit ledger (evd.sinks.audit.ledger) and the report of ``evd audit``
+(evd.sinks.audit.report), on real ledger files: counts and offsets commit together,
 several workers add to the same counts, the report flags exactly the hours
 that do not add up, and the command's exit status says so."""
 

@@ -10,7 +10,7 @@ full jitter (or after the target's ``Retry-After``) up to
 items go to the ``dead_letter`` stream with the error, and the loop moves on.
 
 After a write is confirmed (or dead-lettered), the loop commits, in this
-order: the audit ledger (counts + offsets, one transaction; evd.sinks.ledger),
+order: the audit ledger (counts + offsets, one transaction; evd.sinks.audit.ledger),
 then the consumer offsets (which register the sink for log retention). A crash
 between the write and the ledger makes the batch be written again after a
 restart (sinks are idempotent or say what duplicates they allow) but never

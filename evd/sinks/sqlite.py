@@ -71,7 +71,7 @@ class SqliteSinkConfig(SinkConfig, tag="sqlite", kw_only=True):
     """The embedded warehouse: one SQLite file in WAL mode."""
 
     streams: list[str] = msgspec.field(
-        default_factory=lambda: ["events", "sessions", "charts", "dead_letter"]
+        default_factory=lambda: [Stream.EVENTS, Stream.SESSIONS, Stream.CHARTS, Stream.DEAD_LETTER]
     )
     #: The database file ("": {data_dir}/warehouse.sqlite3).
     path: str = ""
