@@ -8,7 +8,7 @@ letter's ``event`` is its JSON text (a column cannot hold any JSON value).
 
 Speed. The sink runs a format in a thread (``asyncio.to_thread``), which
 encodes and compresses a chunk of rows at a time. An event's NDJSON row is
-one msgspec encoding of an ``_EventRow`` built from the event's fields and its
+one msgspec encoding of an ``EventStruct`` (evd.sinks.rows) built from the event's fields and its
 enrichment (no dicts); Parquet rows are tuples that pyarrow converts in one
 pass. Levels, measured on the traffic model's rows (bench.sinks' recording,
 513 bytes each, the 2-core VM): gzip is level 1, zlib compressing 5.4 times
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import types
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from datetime import datetime
 from operator import attrgetter
 from typing import Any, BinaryIO, Protocol
@@ -36,13 +36,7 @@ from msgspec.structs import astuple
 from evd.core.errors import ConfigError
 from evd.core.log import Stream
 from evd.core.schema import (
-    Context,
     DeadLetter,
-    Device,
-    Event,
-    EventsBatch,
-    Geo,
-    Playback,
     Session,
     SessionsBatch,
 )
@@ -73,55 +67,6 @@ except ImportError:
 
 _encode = msgspec.json.Encoder().encode
 _encode_lines = msgspec.json.Encoder().encode_lines
-
-
-class _EventRow(msgspec.Struct, omit_defaults=True, gc=False):
-    """An ``events`` row (evd.sinks.rows) as msgspec encodes it: Event's fields
-    in Event's order, so ``astuple(event)`` fills them, ``event_type`` without
-    a default (always written, ``play`` too), then the enrichment, whose None
-    defaults no real value equals (always written)."""
-
-    event_id: str
-    timestamp: datetime
-    user_id: str
-    track_id: str
-    playback: Playback
-    event_type: str
-    context: Context | None = None
-    device: Device | None = None
-    geo: Geo | None = None
-    received_at: int | None = None
-    event_time: int | None = None
-    late: bool | None = None
-
-
-if _EventRow.__struct_fields__[: len(Event.__struct_fields__)] != Event.__struct_fields__:
-    raise ImportError("evd.sinks.lake.formats: _EventRow must start with Event's fields, in order")
-
-
-#: _EventRow(*astuple(event), received_at, event_time, late), which mypy cannot count.
-_row: Callable[..., _EventRow] = _EventRow
-
-
-def _event_rows(values: Sequence[EventsBatch], all_late: bool) -> list[_EventRow]:
-    """The rows of the events of ``values`` (untracked by the GC, like Events)."""
-    out: list[_EventRow] = []
-    for b in values:
-        r, skew = b.received_at, b.skew_ms
-        # event_time is evd.core.schema.epoch_ms(timestamp) + skew, inlined: a call
-        # per event is a sixth of the encoding time.
-        if all_late or b.late:
-            late = range(len(b.events)) if all_late else frozenset(b.late)
-            out += [
-                _row(*astuple(e), r, int(e.timestamp.timestamp() * 1000) + skew, i in late)
-                for i, e in enumerate(b.events)
-            ]
-        else:
-            out += [
-                _row(*astuple(e), r, int(e.timestamp.timestamp() * 1000) + skew, False)
-                for e in b.events
-            ]
-    return out
 
 
 def _chunks(batch: Batch, size: int) -> Iterator[Batch]:
@@ -195,7 +140,7 @@ class Ndjson:
         events = stream in rows.EVENT_STREAMS
         for chunk in _chunks(group, NDJSON_CHUNK_ITEMS):
             if events:
-                data = _encode_lines(_event_rows(chunk.values, stream == Stream.LATE))
+                data = _encode_lines(rows.event_structs(chunk.values, stream == Stream.LATE))
             else:
                 data = rows.json_lines(chunk, self.window_ms)
             f.write(comp.compress(data))
@@ -219,52 +164,8 @@ class Parquet:
         self.pa: Any = pa
         self.pq: Any = pq
         self.window_ms = window_ms
-        s, i64, b = pa.string(), pa.int64(), pa.bool_()
-
-        def struct(*fields: Any) -> Any:
-            return pa.struct(list(fields))
-
-        self.playback = struct(
-            pa.field("position_ms", i64, False), pa.field("duration_ms", i64, False),
-            pa.field("initiator", s),
-        )
-        self.context = struct(pa.field("page_uri", s), pa.field("playlist_uri", s))
-        self.device = struct(pa.field("os", s), pa.field("client_version", s))
-        self.geo = struct(pa.field("country", s, False), pa.field("region", s))
-        self.play = struct(
-            pa.field("track_id", s, False), pa.field("started_at", i64, False),
-            pa.field("listened_ms", i64, False), pa.field("ended_by", s, False),
-        )
-        events = pa.schema([
-            pa.field("event_id", s, False), pa.field("timestamp", s, False),
-            pa.field("user_id", s, False), pa.field("track_id", s, False),
-            pa.field("playback", self.playback, False), pa.field("event_type", s, False),
-            pa.field("context", self.context), pa.field("device", self.device),
-            pa.field("geo", self.geo), pa.field("received_at", i64, False),
-            pa.field("event_time", i64, False), pa.field("late", b, False),
-        ])
-        sessions = pa.schema([
-            pa.field("session_id", s, False), pa.field("user_id", s, False),
-            pa.field("started_at", i64, False), pa.field("ended_at", i64, False),
-            pa.field("event_count", i64, False), pa.field("play_count", i64, False),
-            pa.field("stream_count", i64, False), pa.field("listened_ms", i64, False),
-            pa.field("country", s), pa.field("os", s),
-            pa.field("plays", pa.list_(pa.field("item", self.play, False)), False),
-        ])
-        charts = pa.schema([
-            pa.field("window_start", i64, False), pa.field("window_end", i64, False),
-            pa.field("country", s), pa.field("track_id", s, False),
-            pa.field("plays", i64, False), pa.field("partition", i64, False),
-        ])
-        dead = pa.schema([
-            pa.field("received_at", i64, False), pa.field("stage", s, False),
-            pa.field("stream", s, False), pa.field("index", i64, False),
-            pa.field("error", s, False), pa.field("event", s, False),
-        ])
-        self.schemas: dict[str, Any] = {
-            Stream.EVENTS: events, Stream.LATE: events, Stream.SESSIONS: sessions,
-            Stream.CHARTS: charts, Stream.DEAD_LETTER: dead,
-        }
+        self.schemas: dict[str, Any] = rows.parquet_schemas(pa)
+        events = self.schemas[Stream.EVENTS]
         # Dictionary pages for the events' few-valued columns only: on ids and
         # times (all distinct) a dictionary is built and thrown away. Measured on
         # the traffic model's events: 1.42 -> 0.90 us per row, 52 -> 47 bytes.
@@ -308,7 +209,7 @@ class Parquet:
             r, skew = b.received_at, b.skew_ms
             evs = b.events
             stamps += [e.timestamp for e in evs]
-            # event_time: evd.core.schema.epoch_ms inlined, as in _event_rows.
+            # event_time: evd.core.schema.epoch_ms inlined, as in rows.event_structs.
             if all_late or b.late:
                 late = range(len(evs)) if all_late else frozenset(b.late)
                 out += [
