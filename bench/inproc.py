@@ -30,7 +30,7 @@ import uvloop
 
 from bench.seedload import STAMP, request_templates
 from evd.bench.http import Target
-from evd.core.config import load_config
+from evd.config import load_config
 from evd.core.log import Append, Producer
 from evd.edge.http import HttpProtocol
 from evd.edge.ingest import Ingest, Pending, Reply

@@ -35,7 +35,8 @@ from bench.pipeline import drive, free_port, scrape
 from bench.scaling import tree_cpu
 from evd.bench import metrics
 from evd.bench.tansu import Broker
-from evd.core.config import Config, KafkaConfig, LogConfig
+from evd.config import Config
+from evd.core.config import KafkaConfig, LogConfig
 from evd.core.log import TopicPartition
 from evd.core.log.kafka.consumer import KafkaConsumer
 from evd.core.log.streams import Stream

@@ -49,8 +49,8 @@ from bench.seedload import STAMP, ClosedLoop, Load, request_templates, seed_even
 from evd.bench import metrics
 from evd.bench.html import COLORS, Series, line_chart
 from evd.bench.http import Target
-from evd.core.config import Config, load_config
-from evd.sinks.audit import AUDIT_STAGE
+from evd.config import Config, load_config
+from evd.sinks.audit.stage import AUDIT_STAGE
 from evd.stages import AUDIT_BATCH
 
 #: Placeholder for the per-request timestamp, as long as the ISO text it becomes.

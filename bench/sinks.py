@@ -59,19 +59,15 @@ from bench.processing import (
     record,
 )
 from bench.scaling import cpus_busy, wait_quiet
-from evd.core.config import (
-    AnySinkConfig,
-    BatchConfig,
-    FilesSinkConfig,
-    ProcessingConfig,
-    RetryConfig,
-    SqliteSinkConfig,
-    StdoutSinkConfig,
-)
+from evd.core.config import BatchConfig, ProcessingConfig, RetryConfig
 from evd.core.log import records
 from evd.core.log.streams import Stream
-from evd.sinks import build_sink, rows
+from evd.sinks import rows
 from evd.sinks.base import Batch, Sink, SinkContext
+from evd.sinks.lake.sink import FilesSinkConfig
+from evd.sinks.registry import AnySinkConfig, build_sink
+from evd.sinks.sqlite import SqliteSinkConfig
+from evd.sinks.stdout import StdoutSinkConfig
 
 #: Every sink this script knows, in the order it runs them.
 SPECS = ("files-gzip", "files-zstd", "files-none", "parquet", "sqlite", "stdout-devnull", "null")
@@ -350,8 +346,8 @@ def run_loop(spec: str, rec: Recording, wanted: list[str], batch: int) -> dict[s
     delivered everything and closed the sink."""
     from evd.core.log.embedded.consumer import EmbeddedConsumer
     from evd.core.log.embedded.producer import EmbeddedLog
+    from evd.sinks.audit.ledger import Ledger
     from evd.sinks.delivery import DeliveryLoop
-    from evd.sinks.ledger import Ledger
 
     with tempfile.TemporaryDirectory(prefix="evd-bench-sinks-") as tmp:
         root = Path(tmp)

@@ -6,7 +6,7 @@ import argparse
 import logging
 import sys
 
-from evd.core.config import dump_config, load_config, with_overrides
+from evd.config import dump_config, load_config, with_overrides
 from evd.core.errors import ConfigError
 
 
@@ -111,7 +111,7 @@ def _roles(flag: str | None) -> list[str] | None:
 def _audit(args: argparse.Namespace) -> int:
     import msgspec
 
-    from evd.sinks.audit import parse_hour, render, report
+    from evd.sinks.audit.report import parse_hour, render, report
 
     try:
         hour = None if args.hour is None else parse_hour(args.hour)

@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from evd.core.config import Config
+from evd.config import Config
 from evd.core.log import Consumer, Stream
 from evd.core.log.kafka.consumer import KafkaConsumer
 from evd.core.log.kafka.group import GroupMember

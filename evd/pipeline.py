@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from evd.core.config import Config
+from evd.config import Config
 from evd.core.log import Consumer, Stream
 from evd.core.log.embedded.consumer import EmbeddedConsumer
 from evd.core.log.embedded.producer import EmbeddedLog

@@ -28,14 +28,15 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
+from evd.config import Config
 from evd.core import metrics
-from evd.core.config import BatchConfig, Config, RetryConfig
+from evd.core.config import BatchConfig, RetryConfig
 from evd.core.log import PROCESSOR, Consumer, Producer, Stream, SubLog, TopicPartition
-from evd.sinks import build_sink
-from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
+from evd.sinks.audit.ledger import Ledger
+from evd.sinks.audit.stage import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
-from evd.sinks.ledger import Ledger
+from evd.sinks.registry import build_sink
 from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore

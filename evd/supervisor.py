@@ -32,7 +32,7 @@ from types import FrameType
 
 import msgspec
 
-from evd.core.config import Config
+from evd.config import Config
 from evd.core.errors import EvdError
 from evd.core.host import HostState, run_dir
 from evd.worker import START_FAILED, prepare_data_dir, run_worker

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import uvloop
 
+from evd.config import Config
 from evd.core import metrics
-from evd.core.config import Config
 from evd.core.errors import EvdError
 from evd.core.host import HostState, run_dir
 from evd.core.log import Producer

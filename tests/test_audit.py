@@ -1,5 +1,5 @@
-"""The audit ledger (evd.sinks.ledger) and the report of ``evd audit``
-(evd.sinks.audit), on real ledger files: counts and offsets commit together,
+"""The audit ledger (evd.sinks.audit.ledger) and the report of ``evd audit``
+(evd.sinks.audit.report), on real ledger files: counts and offsets commit together,
 several workers add to the same counts, the report flags exactly the hours
 that do not add up, and the command's exit status says so."""
 
@@ -16,9 +16,10 @@ from evdtest import run_cli
 from evd.core.log import SubLog, records
 from evd.core.log.records import Kind
 from evd.core.schema import DeadLetter, EventsBatch, RawBatch
-from evd.sinks.audit import AuditStage, parse_hour, render, report
+from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey, read_counts
+from evd.sinks.audit.report import parse_hour, render, report
+from evd.sinks.audit.stage import AuditStage
 from evd.sinks.base import Batch
-from evd.sinks.ledger import CountKey, Ledger, SeenKey, read_counts
 
 pytestmark = pytest.mark.workers_independent
 

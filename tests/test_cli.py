@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 from evdtest import ServerFactory, batch, free_port, make_event, post, run_cli
 
-from evd.core.config import Config, load_config
+from evd.config import Config, load_config
 
 
 def test_check_config_of_a_bad_file_prints_the_problem_and_exits_1(tmp_path: Path) -> None:

@@ -9,8 +9,11 @@ import msgspec
 import msgspec.yaml
 import pytest
 
-from evd.core.config import Config, dump_config, load_config, with_overrides
+from evd.config import Config, dump_config, load_config, with_overrides
 from evd.core.errors import ConfigError
+from evd.core.log import Stream
+from evd.sinks.registry import SINKS
+from evd.sinks.stdout import StdoutSink
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -192,3 +195,29 @@ sinks:
     many = ", ".join(f"{{name: s{i}, type: stdout}}" for i in range(16))
     with pytest.raises(ConfigError, match="^sinks: at most 15 sinks"):
         load_config(write(tmp_path, f"sinks: [{many}]"), environ={})
+
+
+def test_a_sink_may_name_only_the_streams_its_type_takes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sink.streams is checked when the config is loaded (every type of today takes
+    all five output streams, so a narrower one is made here)."""
+    monkeypatch.setattr(StdoutSink, "streams", (Stream.EVENTS, Stream.LATE))
+    body = "sinks: [{name: a, type: stdout, streams: [events, sessions]}]"
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, body), environ={})
+    assert str(info.value) == "sinks.0.streams: a stdout sink takes events, late, not 'sessions'"
+    ok = load_config(write(tmp_path, "sinks: [{name: a, type: stdout, streams: [late]}]"), environ={})
+    assert ok.sinks[0].streams == ["late"]
+
+
+def test_every_registered_sink_type_decodes_by_its_tag() -> None:
+    """The sinks: union is the registry's: each section decodes by its ``type``."""
+    for section in SINKS:
+        tag = section.__struct_config__.tag
+        required = {"url": "http://h/x", "topic": "t"}
+        entry = {"name": "a", "type": tag, **{
+            k: v for k, v in required.items() if k in section.__struct_fields__
+        }}
+        cfg = msgspec.convert({"sinks": [entry]}, Config)
+        assert type(cfg.sinks[0]) is section

@@ -35,7 +35,8 @@ import pytest
 from aiokafka import AIOKafkaConsumer
 
 from evd.bench.tansu import Broker
-from evd.core.config import Config, KafkaConfig, LogConfig
+from evd.config import Config
+from evd.core.config import KafkaConfig, LogConfig
 from evd.core.errors import LogOverloaded
 from evd.core.log import (
     Consumer,

@@ -30,9 +30,9 @@ from evd.core.log.embedded.producer import EmbeddedLog
 from evd.core.log.records import Kind
 from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter, Event, EventsBatch, Playback
+from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey, read_counts
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkError
 from evd.sinks.delivery import DeliveryLoop
-from evd.sinks.ledger import CountKey, Ledger, SeenKey, read_counts
 
 pytestmark = pytest.mark.workers_independent
 

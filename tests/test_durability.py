@@ -30,7 +30,7 @@ from evdtest import (
 )
 from powercut import cut_power
 
-from evd.core.config import load_config, with_overrides
+from evd.config import load_config, with_overrides
 from evd.edge.ingest import Ingest
 from evd.edge.server import Server
 from evd.logtool import iter_stream

@@ -33,7 +33,7 @@ from evdtest import (
     raw_post,
 )
 
-from evd.core.config import Config, load_config, with_overrides
+from evd.config import Config, load_config, with_overrides
 from evd.core.errors import LogOverloaded, LogUnavailable
 from evd.core.log import partition_for
 from evd.core.log.embedded.producer import EmbeddedLog

@@ -19,7 +19,8 @@ from hypothesis import given, seed, settings
 from hypothesis import strategies as st
 from strategies import error_of, events
 
-from evd.core.config import AuthConfig, LimitsConfig, load_config
+from evd.config import load_config
+from evd.core.config import AuthConfig, LimitsConfig
 from evd.core.errors import LogOverloaded, LogUnavailable
 from evd.core.log import records
 from evd.core.log.streams import Stream

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 from evdtest import MemoryLog, Response, batch, make_event, parse_responses, raw_get, raw_post
 
-from evd.core.config import load_config
+from evd.config import load_config
 from evd.core.log import Append
 from evd.edge.http import HttpProtocol
 from evd.edge.ingest import Ingest, Pending

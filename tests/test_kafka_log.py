@@ -30,7 +30,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaTP
 
 from evd.bench.tansu import Broker
-from evd.core.config import Config, KafkaConfig, LogConfig
+from evd.config import Config
+from evd.core.config import KafkaConfig, LogConfig
 from evd.core.errors import LogOverloaded, LogUnavailable
 from evd.core.log import Append, SubLog, TopicPartition
 from evd.core.log.kafka.consumer import KafkaConsumer

@@ -19,7 +19,8 @@ import pytest
 from test_sink_files import GRACE_MS, H1, HOUR, WINDOW_MS, batch, config, event, events_batch
 
 from evd.bench.tansu import Broker
-from evd.core.config import Config, KafkaConfig, LogConfig
+from evd.config import Config
+from evd.core.config import KafkaConfig, LogConfig
 from evd.core.log import SubLog, TopicPartition, records
 from evd.core.log.kafka.consumer import KafkaConsumer
 from evd.core.log.kafka.producer import KafkaLog
@@ -27,7 +28,8 @@ from evd.core.log.records import Kind
 from evd.core.log.streams import Stream
 from evd.core.schema import EventsBatch, RawBatch
 from evd.sinks.base import SinkContext
-from evd.sinks.files import FilesSink, hour_path
+from evd.sinks.lake.completeness import hour_path
+from evd.sinks.lake.sink import FilesSink
 
 pytestmark = pytest.mark.workers_independent
 

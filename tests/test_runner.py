@@ -9,7 +9,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from evd.core.config import load_config
+from evd.config import load_config
 from evd.core.log import PROCESSOR, SubLog, TopicPartition, records
 from evd.core.log.embedded.consumer import EmbeddedConsumer
 from evd.core.log.embedded.producer import EmbeddedLog

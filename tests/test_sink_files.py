@@ -27,7 +27,6 @@ import msgspec
 import pytest
 import zstandard
 
-from evd.core.config import FilesSinkConfig
 from evd.core.errors import ConfigError
 from evd.core.log import Consumer, ConsumerRecord, Lag, SubLog, TopicPartition, records
 from evd.core.log.embedded.consumer import EmbeddedConsumer
@@ -50,10 +49,12 @@ from evd.core.schema import (
     SessionsBatch,
     epoch_ms,
 )
-from evd.sinks import files as files_mod
 from evd.sinks import rows
 from evd.sinks.base import Batch, SinkContext, SinkError
-from evd.sinks.files import FilesSink, caught_up, hour_path, processed_until
+from evd.sinks.lake import formats
+from evd.sinks.lake import sink as lake_sink
+from evd.sinks.lake.completeness import caught_up, hour_path, processed_until
+from evd.sinks.lake.sink import FilesSink, FilesSinkConfig
 
 pytestmark = pytest.mark.workers_independent
 
@@ -328,7 +329,7 @@ async def test_gzip_files_are_plain_gzip_with_either_deflate(
     sinks: Sinks, monkeypatch: pytest.MonkeyPatch, deflate: str
 ) -> None:
     module = zlib if deflate == "zlib" else pytest.importorskip("isal.isal_zlib")
-    monkeypatch.setattr(files_mod, "_deflate", module)
+    monkeypatch.setattr(formats, "_deflate", module)
     sink = await sinks.start()
     b = batch("events", [events_batch(H1 + 5, 5000)])  # more than one chunk
     await sink.write(b)
@@ -368,7 +369,7 @@ async def test_parquet_row_groups_split_a_large_hour(
     pytest.importorskip("pyarrow")
     import pyarrow.parquet as pq
 
-    monkeypatch.setattr(files_mod, "PARQUET_ROW_GROUP", 100)
+    monkeypatch.setattr(formats, "PARQUET_ROW_GROUP", 100)
     sink = await sinks.start(format="parquet")
     b = batch("events", [events_batch(H1 + i, 30, start=30 * i) for i in range(10)])
     await sink.write(b)
@@ -497,9 +498,9 @@ async def test_start_removes_this_workers_temporaries_only(tmp_path: Path, sinks
 WRITER = r"""
 import asyncio, sys
 from pathlib import Path
-from evd.core.config import FilesSinkConfig
+from evd.sinks.lake.sink import FilesSinkConfig
 from evd.sinks.base import Batch, SinkContext
-from evd.sinks.files import FilesSink
+from evd.sinks.lake.sink import FilesSink
 sys.path.insert(0, sys.argv[2])
 from test_sink_files import H1, batch, events_batch
 
@@ -596,7 +597,7 @@ async def test_a_progress_that_fails_to_save_fails_no_write_and_is_saved_later(
     def full(path: Path, data: bytes) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(files_mod, "write_atomic", full)
+    monkeypatch.setattr(lake_sink, "write_atomic", full)
     await sink.write(batch("charts", [ChartsBatch(0, H2, chart_rows(H1, 2))], [0]))
     assert len(data_files(lake(sink))) == 1  # written, and write did not raise: no retry
     path = lake(sink) / "_progress" / "lake" / "charts" / "p0000.json"

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 
-from evd.core.config import HttpSinkConfig
 from evd.core.errors import ConfigError
 from evd.core.schema import (
     ChartRow,
@@ -34,7 +33,7 @@ from evd.core.schema import (
 )
 from evd.sinks import rows
 from evd.sinks.base import Batch, PermanentSinkError, SinkContext, SinkError
-from evd.sinks.http import EXCERPT_CHARS, HttpSink, parse_retry_after
+from evd.sinks.http import EXCERPT_CHARS, HttpSink, HttpSinkConfig, parse_retry_after
 
 pytestmark = pytest.mark.workers_independent
 

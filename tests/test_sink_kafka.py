@@ -20,13 +20,8 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 
 from evd.bench.tansu import Broker
-from evd.core.config import (
-    BatchConfig,
-    KafkaConfig,
-    KafkaSinkConfig,
-    RetryConfig,
-    load_config,
-)
+from evd.config import load_config
+from evd.core.config import BatchConfig, KafkaConfig, RetryConfig
 from evd.core.errors import ConfigError
 from evd.core.log import records
 from evd.core.log.embedded.consumer import EmbeddedConsumer
@@ -43,11 +38,12 @@ from evd.core.schema import (
     Session,
     SessionsBatch,
 )
-from evd.sinks import build_sink, rows
+from evd.sinks import rows
+from evd.sinks.audit.ledger import Ledger
 from evd.sinks.base import Batch, PermanentSinkError, SinkContext, SinkError
 from evd.sinks.delivery import DeliveryLoop
-from evd.sinks.kafka import STREAM_HEADER, KafkaSink
-from evd.sinks.ledger import Ledger
+from evd.sinks.kafka import STREAM_HEADER, KafkaSink, KafkaSinkConfig
+from evd.sinks.registry import build_sink
 
 pytestmark = pytest.mark.workers_independent
 

@@ -17,7 +17,6 @@ from typing import Any
 import pytest
 
 from evd.bench.traffic import TrafficConfig, TrafficModel, encode_envelope
-from evd.core.config import SqliteSinkConfig
 from evd.core.schema import (
     ChartRow,
     ChartsBatch,
@@ -36,7 +35,7 @@ from evd.core.schema import (
 )
 from evd.sinks import rows
 from evd.sinks.base import Batch, PermanentSinkError, SinkContext, SinkError
-from evd.sinks.sqlite import SqliteSink, letter_id
+from evd.sinks.sqlite import SqliteSink, SqliteSinkConfig, letter_id
 
 pytestmark = pytest.mark.workers_independent
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from evd.core.config import StdoutSinkConfig
 from evd.core.schema import (
     ChartRow,
     ChartsBatch,
@@ -26,7 +25,7 @@ from evd.core.schema import (
 )
 from evd.sinks import rows
 from evd.sinks.base import Batch, SinkContext
-from evd.sinks.stdout import StdoutSink
+from evd.sinks.stdout import StdoutSink, StdoutSinkConfig
 
 pytestmark = pytest.mark.workers_independent
 

@@ -14,7 +14,7 @@ webhook target on 127.0.0.1:
 - Crash: the server is SIGKILLed at random moments under continuous load while
   the sinks deliver, and restarted on the same data dir: every accepted event is
   in the warehouse exactly once and in the lake at least once, the lake's
-  duplicates stay within the bound evd.sinks.files states, and the audit counts
+  duplicates stay within the bound evd.sinks.lake.sink states, and the audit counts
   each delivery once.
 """
 
@@ -400,7 +400,7 @@ CRASH_CONFIG: dict[str, Any] = {
          "batch": {"max_events": 1000, "max_age_s": 0.2}},
     ],
 }
-#: evd.sinks.files: a kill leaves at most one batch per worker written and not
+#: evd.sinks.lake.sink: a kill leaves at most one batch per worker written and not
 #: committed, ``batch.max_events`` items plus those of the record that crossed the
 #: bound (one record: one request's events of one partition, at most PER_POST).
 LAKE_DUPLICATE_BOUND = KILLS * WORKERS * (LAKE_MAX_EVENTS + PER_POST)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from evd.core.config import Config
+from evd.config import Config
 from evd.core.log import Append
 from evd.core.log.embedded.framing import frame
 from evd.core.log.embedded.producer import EmbeddedLog

@@ -1,27 +1,24 @@
-"""Configuration: one YAML file decoded into msgspec Structs.
+"""Configuration sections: msgspec Structs, every field with a default, unknown
+keys errors.
 
-Every field has a default, so ``evd serve`` runs with no file at all. Unknown keys
-and wrong types are errors that name the key path. Environment variables
-``EVD_SECTION__KEY=value`` override the file (values are parsed as YAML scalars,
-so ``EVD_SERVER__PORT=9000`` is an int and ``EVD_AUTH__KEYS=[a, b]`` a list).
+These are the sections of the core (server, limits, log, processing, kafka,
+...) and what every sink's section has in common (``SinkConfig``, its
+``BatchConfig`` and ``RetryConfig``). Each sink type's own section lives in its
+module beside the sink (evd.sinks.registry lists them); evd.config assembles
+the whole ``Config`` from both and loads it.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
 import re
-from collections.abc import Mapping
-from pathlib import Path
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Literal
 
 import msgspec
-import msgspec.yaml
 
-from evd.core.errors import ConfigError, explain_validation
+from evd.core.errors import ConfigError
 
 MiB = 1024 * 1024
-ENV_PREFIX = "EVD_"
 
 
 #: Every role of a server (server.roles).
@@ -254,7 +251,11 @@ class RetryConfig(Base):
 
 class SinkConfig(Base, tag_field="type", kw_only=True):
     """Common to every sink: a name (its consumer name: own offsets, own metrics),
-    the streams it takes, an optional event type filter, batching and retries."""
+    the streams it takes, an optional event type filter, batching and retries.
+
+    A sink type's section subclasses it with ``tag="<type>"`` and checks its
+    own fields in ``validate``; validate_sinks checks these common ones.
+    """
 
     name: str
     streams: list[str] = msgspec.field(default_factory=lambda: ["events"])
@@ -263,171 +264,14 @@ class SinkConfig(Base, tag_field="type", kw_only=True):
     batch: BatchConfig = msgspec.field(default_factory=BatchConfig)
     retry: RetryConfig = msgspec.field(default_factory=RetryConfig)
 
-
-def _lake_batch() -> BatchConfig:
-    # A write is one file per hour and stream: bigger and rarer than the others'.
-    return BatchConfig(max_events=200_000, max_bytes=64 * MiB, max_age_s=10.0)
-
-
-class FilesSinkConfig(SinkConfig, tag="files", kw_only=True):
-    """The data lake: Hive-style hourly directories of NDJSON (gzip/zstd) or Parquet."""
-
-    streams: list[str] = msgspec.field(default_factory=lambda: ["events", "sessions", "charts"])
-    batch: BatchConfig = msgspec.field(default_factory=_lake_batch)
-    #: Root of the lake ("": {data_dir}/lake).
-    path: str = ""
-    format: Literal["ndjson", "parquet"] = "ndjson"
-    #: NDJSON compression (Parquet is always zstd).
-    compression: Literal["gzip", "zstd", "none"] = "gzip"
-    #: An hour gets its _SUCCESS marker this long after everything up to its end
-    #: was delivered (stragglers after it go to the late layout).
-    success_grace_s: float = 60.0
+    def validate(self, where: str) -> None:
+        """Raise ConfigError naming ``{where}.<key>`` when a field of the sink
+        type's own is wrong (called after the common fields were checked)."""
 
 
-class SqliteSinkConfig(SinkConfig, tag="sqlite", kw_only=True):
-    """The embedded warehouse: one SQLite file in WAL mode."""
-
-    streams: list[str] = msgspec.field(
-        default_factory=lambda: ["events", "sessions", "charts", "dead_letter"]
-    )
-    #: The database file ("": {data_dir}/warehouse.sqlite3).
-    path: str = ""
-    #: How long a write waits for another worker's transaction.
-    busy_timeout_s: float = 30.0
-
-
-class HttpSinkConfig(SinkConfig, tag="http", kw_only=True):
-    """Webhooks: POST JSON batches to a URL."""
-
-    url: str
-    #: Extra request headers, e.g. {Authorization: "Bearer ..."}.
-    headers: dict[str, str] = msgspec.field(default_factory=dict)
-    #: One request's time limit (connect + send + answer).
-    timeout_s: float = 10.0
-
-
-class StdoutSinkConfig(SinkConfig, tag="stdout", kw_only=True):
-    """NDJSON lines on standard output, for debugging and pipes."""
-
-
-class KafkaSinkConfig(SinkConfig, tag="kafka", kw_only=True):
-    """A topic another team consumes: one record per row, keyed by user (or track)."""
-
-    #: The topic's full name (kafka.topic_prefix is not added: the topic is theirs).
-    topic: str
-    #: Partitions when evd creates the topic (0: log.partitions).
-    partitions: int = 0
-    #: Create the topic at start when it is missing.
-    create_topic: bool = True
-    #: Their cluster, when it is not ours (None: kafka.bootstrap_servers with
-    #: kafka.security; a cluster of its own is reached without kafka.security,
-    #: so our credentials never go to it).
-    bootstrap_servers: list[str] | None = None
-    #: How long the producer waits to fill a batch.
-    linger_ms: int = 5
-    #: A batch not acknowledged within this fails (retried).
-    timeout_s: float = 30.0
-
-
-AnySinkConfig = (
-    FilesSinkConfig | SqliteSinkConfig | HttpSinkConfig | StdoutSinkConfig | KafkaSinkConfig
-)
-
-
-def _default_sinks() -> list[AnySinkConfig]:
-    return [FilesSinkConfig(name="lake"), SqliteSinkConfig(name="warehouse")]
-
-
-class Config(Base):
-    """The whole evd configuration."""
-
-    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
-    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
-    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
-    log: LogConfig = msgspec.field(default_factory=LogConfig)
-    ingest: IngestConfig = msgspec.field(default_factory=IngestConfig)
-    processing: ProcessingConfig = msgspec.field(default_factory=ProcessingConfig)
-    charts: ChartsConfig = msgspec.field(default_factory=ChartsConfig)
-    snapshot: SnapshotConfig = msgspec.field(default_factory=SnapshotConfig)
-    kafka: KafkaConfig = msgspec.field(default_factory=KafkaConfig)
-    sinks: list[AnySinkConfig] = msgspec.field(default_factory=_default_sinks)
-
-
-def _env_overrides(environ: Mapping[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for name, raw in environ.items():
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
-            continue
-        parts = name[len(ENV_PREFIX) :].lower().split("__")
-        if len(parts) != 2 or not all(parts):
-            raise ConfigError(f"{name}: expected EVD_SECTION__KEY")
-        try:
-            value = msgspec.yaml.decode(raw.encode()) if raw else ""
-        except msgspec.DecodeError:
-            value = raw
-        out.setdefault(parts[0], {})[parts[1]] = value
-    return out
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    for key, value in over.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
-def _validate(cfg: Config) -> None:
-    if cfg.log.partitions < 1:
-        raise ConfigError("log.partitions: must be >= 1")
-    roles = cfg.server.roles
-    if not roles or len(set(roles)) != len(roles):
-        raise ConfigError("server.roles: list each of edge, process, deliver at most once")
-    if set(roles) != set(ROLES) and cfg.log.backend != "kafka":
-        raise ConfigError(
-            "server.roles: a server runs every role unless log.backend is kafka"
-            " (the embedded log lives on one machine)"
-        )
-    _validate_kafka(cfg.kafka)
-    if isinstance(cfg.server.workers, int) and cfg.server.workers < 1:
-        raise ConfigError("server.workers: must be >= 1 or 'auto'")
-    if not 0 < cfg.server.port < 65536 and cfg.server.port != 0:
-        raise ConfigError("server.port: must be 0..65535")
-    for key in cfg.auth.keys:
-        if key.startswith("sha256:") and not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", key):
-            raise ConfigError("auth.keys: sha256 digests must be 'sha256:' + 64 hex digits")
-    if cfg.log.segment_bytes < 4096:
-        raise ConfigError("log.segment_bytes: must be >= 4096")
-    for name in ("linger_timeout_s", "commit_timeout_s"):
-        if getattr(cfg.limits, name) <= 0:
-            raise ConfigError(f"limits.{name}: must be > 0")
-    if cfg.limits.linger_max_bytes < 0:
-        raise ConfigError("limits.linger_max_bytes: must be >= 0")
-    if cfg.log.checkpoint_bytes < 4096:
-        raise ConfigError("log.checkpoint_bytes: must be >= 4096")
-    for name in ("max_bytes", "min_free_bytes"):
-        if getattr(cfg.log, name) < 0:
-            raise ConfigError(f"log.{name}: must be >= 0")
-    pc = cfg.processing
-    for name in ("max_out_of_orderness_ms", "idle_timeout_ms", "allowed_lateness_ms"):
-        if getattr(pc, name) < 0:
-            raise ConfigError(f"processing.{name}: must be >= 0")
-    for name in ("dedup_max_ids", "session_gap_ms", "max_buffered_events"):
-        if getattr(pc, name) < 1:
-            raise ConfigError(f"processing.{name}: must be >= 1")
-    if pc.dedup_window_s <= 0:
-        raise ConfigError("processing.dedup_window_s: must be > 0")
-    if cfg.charts.window_s < 1:
-        raise ConfigError("charts.window_s: must be >= 1")
-    if cfg.charts.retention_s < cfg.charts.window_s or cfg.charts.retention_s % cfg.charts.window_s:
-        raise ConfigError("charts.retention_s: must be a positive multiple of charts.window_s")
-    if cfg.snapshot.interval_s <= 0:
-        raise ConfigError("snapshot.interval_s: must be > 0")
-    _validate_sinks(cfg.sinks)
-
-
-def _validate_sinks(sinks: list[AnySinkConfig]) -> None:
+def validate_sinks(sinks: Sequence[SinkConfig]) -> None:
+    """Check what every sink has (names, streams, event types, batch, retry),
+    then each sink's own ``validate``; ConfigError names ``sinks.<i>.<key>``."""
     if len(sinks) > MAX_SINKS:
         raise ConfigError(f"sinks: at most {MAX_SINKS} sinks")
     names: set[str] = set()
@@ -459,73 +303,11 @@ def _validate_sinks(sinks: list[AnySinkConfig]) -> None:
             raise ConfigError(f"{where}.retry.max_attempts: must be >= 1")
         if r.initial_backoff_s < 0 or r.max_backoff_s < r.initial_backoff_s:
             raise ConfigError(f"{where}.retry: need 0 <= initial_backoff_s <= max_backoff_s")
-        if (
-            isinstance(sink, FilesSinkConfig)
-            and sink.format == "parquet"
-            and importlib.util.find_spec("pyarrow") is None
-        ):
-            raise ConfigError(f"{where}.format: parquet needs pyarrow: pip install 'evd[parquet]'")
-        if isinstance(sink, HttpSinkConfig):
-            if not sink.url.startswith(("http://", "https://")):
-                raise ConfigError(f"{where}.url: expected an http:// or https:// URL")
-            has_user = "@" in sink.url.split("://", 1)[1].split("/", 1)[0]
-            if has_user and any(h.lower() == "authorization" for h in sink.headers):
-                raise ConfigError(
-                    f"{where}.headers: the url has credentials and headers an Authorization:"
-                    " use one of them"
-                )
-        if isinstance(sink, KafkaSinkConfig):
-            _validate_kafka_sink(sink, where)
+        sink.validate(where)
 
 
-def _validate_kafka_sink(sink: KafkaSinkConfig, where: str) -> None:
-    # Kafka's own rule for topic names: these characters, at most 249, not . or ..
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", sink.topic) or sink.topic in (".", ".."):
-        raise ConfigError(
-            f"{where}.topic: name the topic (up to 249 letters, digits, '.', '_' and '-')"
-        )
-    if sink.partitions < 0:
-        raise ConfigError(f"{where}.partitions: must be >= 0 (0: log.partitions)")
-    if sink.bootstrap_servers is not None and not sink.bootstrap_servers:
-        raise ConfigError(f"{where}.bootstrap_servers: list at least one host:port, or null")
-    if sink.linger_ms < 0:
-        raise ConfigError(f"{where}.linger_ms: must be >= 0")
-    if sink.timeout_s <= 0:
-        raise ConfigError(f"{where}.timeout_s: must be > 0")
-
-
-def load_config(
-    path: str | Path | None = None, environ: Mapping[str, str] | None = None
-) -> Config:
-    """Read ``path`` (or defaults), apply ``EVD_*`` overrides, and validate.
-
-    Raises ConfigError naming the key path and the reason.
-    """
-    data: dict[str, Any] = {}
-    if path is not None:
-        try:
-            text = Path(path).read_bytes()
-        except OSError as exc:
-            raise ConfigError(f"{path}: {exc.strerror}") from None
-        try:
-            loaded = msgspec.yaml.decode(text) if text.strip() else {}
-        except msgspec.DecodeError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data = loaded
-    _merge(data, _env_overrides(os.environ if environ is None else environ))
-    try:
-        cfg = msgspec.convert(data, Config)
-    except msgspec.ValidationError as exc:
-        raise ConfigError(explain_validation(exc)) from None
-    _validate(cfg)
-    return cfg
-
-
-def _validate_kafka(k: KafkaConfig) -> None:
+def validate_kafka(k: KafkaConfig) -> None:
+    """Check the kafka section; ConfigError names ``kafka.<key>``."""
     if not k.bootstrap_servers:
         raise ConfigError("kafka.bootstrap_servers: list at least one host:port")
     if not re.fullmatch(r"[A-Za-z0-9._-]*", k.topic_prefix):
@@ -543,18 +325,3 @@ def _validate_kafka(k: KafkaConfig) -> None:
     sec = k.security
     if sec.protocol.startswith("SASL") and (sec.sasl_mechanism is None or sec.sasl_username is None):
         raise ConfigError("kafka.security: SASL needs sasl_mechanism and sasl_username")
-
-
-def with_overrides(cfg: Config, **server: Any) -> Config:
-    """Return ``cfg`` with the non-None ``server`` fields replaced (command-line flags)."""
-    changes = {k: v for k, v in server.items() if v is not None}
-    if not changes:
-        return cfg
-    new = msgspec.structs.replace(cfg, server=msgspec.structs.replace(cfg.server, **changes))
-    _validate(new)
-    return new
-
-
-def dump_config(cfg: Config) -> str:
-    """The effective configuration as YAML."""
-    return msgspec.yaml.encode(cfg).decode()

@@ -17,8 +17,8 @@ from typing import Any, NamedTuple
 
 import msgspec
 
+from evd.config import Config
 from evd.core import metrics
-from evd.core.config import Config
 from evd.core.errors import EvdError, LogOverloaded, LogUnavailable, explain_validation
 from evd.core.log import Append, Producer, partition_for, partitions_for
 from evd.core.log import records as rec

@@ -10,8 +10,8 @@ from typing import Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from evd.config import Config
 from evd.core import metrics
-from evd.core.config import Config
 from evd.core.host import HostState
 from evd.core.log import Producer
 from evd.core.throttle import ThrottledLog

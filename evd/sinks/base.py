@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from evd.core.config import KafkaConfig
 from evd.core.errors import EvdError
@@ -106,8 +106,11 @@ class Sink(ABC):
     """One configured sink (``sinks:`` entry). Built from its config, started
     once, then handed batches one at a time (never two writes at once)."""
 
-    #: The streams this sink type can take; config naming others is an error.
-    streams: tuple[str, ...] = (Stream.EVENTS, Stream.LATE, Stream.SESSIONS, Stream.CHARTS, Stream.DEAD_LETTER)
+    #: The streams this sink type can take; a config naming others is an error
+    #: (evd.sinks.registry.check_streams, when the config is loaded).
+    streams: ClassVar[tuple[str, ...]] = (
+        Stream.EVENTS, Stream.LATE, Stream.SESSIONS, Stream.CHARTS, Stream.DEAD_LETTER
+    )
 
     async def start(self) -> None:  # most sinks need no start-up
         """Open connections or files; called before the first write."""

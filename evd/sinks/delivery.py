@@ -10,7 +10,7 @@ full jitter (or after the target's ``Retry-After``) up to
 items go to the ``dead_letter`` stream with the error, and the loop moves on.
 
 After a write is confirmed (or dead-lettered), the loop commits, in this
-order: the audit ledger (counts + offsets, one transaction; evd.sinks.ledger),
+order: the audit ledger (counts + offsets, one transaction; evd.sinks.audit.ledger),
 then the consumer offsets (which register the sink for log retention). A crash
 between the write and the ledger makes the batch be written again after a
 restart (sinks are idempotent or say what duplicates they allow) but never
@@ -38,8 +38,8 @@ from evd.core.log import Consumer, Producer, SubLog, TopicPartition, records
 from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter
 from evd.sinks import rows
+from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey
 from evd.sinks.base import Batch, Sink
-from evd.sinks.ledger import CountKey, Ledger, SeenKey
 
 __all__ = ["FETCH_BYTES", "DeliveryLoop"]
 

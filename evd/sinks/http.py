@@ -31,12 +31,12 @@ import msgspec
 from multidict import CIMultiDict
 from yarl import URL
 
-from evd.core.config import HttpSinkConfig
+from evd.core.config import SinkConfig
 from evd.core.errors import ConfigError
 from evd.sinks import rows
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkContext, SinkError
 
-__all__ = ["HttpSink", "parse_retry_after"]
+__all__ = ["HttpSink", "HttpSinkConfig", "parse_retry_after"]
 
 #: Bytes of an answer read at most: the excerpt an error quotes, and what is
 #: drained so the connection can be reused (a longer answer closes it instead).
@@ -45,6 +45,26 @@ DRAIN_BYTES = 64 * 1024
 EXCERPT_CHARS = 200
 
 _encode = msgspec.json.Encoder().encode
+
+
+class HttpSinkConfig(SinkConfig, tag="http", kw_only=True):
+    """Webhooks: POST JSON batches to a URL."""
+
+    url: str
+    #: Extra request headers, e.g. {Authorization: "Bearer ..."}.
+    headers: dict[str, str] = msgspec.field(default_factory=dict)
+    #: One request's time limit (connect + send + answer).
+    timeout_s: float = 10.0
+
+    def validate(self, where: str) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}.url: expected an http:// or https:// URL")
+        has_user = "@" in self.url.split("://", 1)[1].split("/", 1)[0]
+        if has_user and any(h.lower() == "authorization" for h in self.headers):
+            raise ConfigError(
+                f"{where}.headers: the url has credentials and headers an Authorization:"
+                " use one of them"
+            )
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:

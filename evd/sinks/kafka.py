@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from typing import Any
 
 import msgspec
@@ -45,18 +46,53 @@ from aiokafka.errors import (
     for_code,
 )
 
-from evd.core.config import KafkaConfig, KafkaSecurityConfig, KafkaSinkConfig
+from evd.core.config import KafkaConfig, KafkaSecurityConfig, SinkConfig
+from evd.core.errors import ConfigError
 from evd.core.log import Stream
 from evd.core.log.kafka.topics import client_options
 from evd.sinks import rows
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkContext, SinkError
 
-__all__ = ["STREAM_HEADER", "KafkaSink"]
+__all__ = ["STREAM_HEADER", "KafkaSink", "KafkaSinkConfig"]
 
 log = logging.getLogger(__name__)
 
 #: The record header naming the stream an item came from.
 STREAM_HEADER = "evd-stream"
+
+
+class KafkaSinkConfig(SinkConfig, tag="kafka", kw_only=True):
+    """A topic another team consumes: one record per row, keyed by user (or track)."""
+
+    #: The topic's full name (kafka.topic_prefix is not added: the topic is theirs).
+    topic: str
+    #: Partitions when evd creates the topic (0: log.partitions).
+    partitions: int = 0
+    #: Create the topic at start when it is missing.
+    create_topic: bool = True
+    #: Their cluster, when it is not ours (None: kafka.bootstrap_servers with
+    #: kafka.security; a cluster of its own is reached without kafka.security,
+    #: so our credentials never go to it).
+    bootstrap_servers: list[str] | None = None
+    #: How long the producer waits to fill a batch.
+    linger_ms: int = 5
+    #: A batch not acknowledged within this fails (retried).
+    timeout_s: float = 30.0
+
+    def validate(self, where: str) -> None:
+        # Kafka's own rule for topic names: these characters, at most 249, not . or ..
+        if not re.fullmatch(r"[A-Za-z0-9._-]{1,249}", self.topic) or self.topic in (".", ".."):
+            raise ConfigError(
+                f"{where}.topic: name the topic (up to 249 letters, digits, '.', '_' and '-')"
+            )
+        if self.partitions < 0:
+            raise ConfigError(f"{where}.partitions: must be >= 0 (0: log.partitions)")
+        if self.bootstrap_servers is not None and not self.bootstrap_servers:
+            raise ConfigError(f"{where}.bootstrap_servers: list at least one host:port, or null")
+        if self.linger_ms < 0:
+            raise ConfigError(f"{where}.linger_ms: must be >= 0")
+        if self.timeout_s <= 0:
+            raise ConfigError(f"{where}.timeout_s: must be > 0")
 
 
 class _User(msgspec.Struct):

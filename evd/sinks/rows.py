@@ -14,6 +14,14 @@ webhook body and stdout reads the same:
   or ``sink:<name>``), ``stream`` it was in, ``index`` in its request (-1 for
   sinks), ``error``, and ``event``: the item as JSON.
 
+This module is the one declaration of each shape: the events row is the
+event's own fields (evd.core.schema.Event, in its order) then
+``EVENT_ENRICHMENT``; sessions are evd.core.schema.Session; chart rows and
+dead letters are ``CHART_COLUMNS`` and ``DEAD_LETTER_COLUMNS``. The lake's
+encoded events row (``EventStruct``) and the Parquet schemas
+(``parquet_schemas``) are derived from them when the module is imported, so a
+new event field is an edit of Event alone for them.
+
 Hours are UTC, epoch ms floored to the hour: events, late and dead letters by
 ``received_at``, sessions by ``started_at``, charts by ``window_start``.
 """
@@ -21,10 +29,12 @@ Hours are UTC, epoch ms floored to the hour: events, late and dead letters by
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import msgspec
+import msgspec.inspect as mi
+from msgspec.structs import astuple
 
 from evd.core.log import Stream
 from evd.core.schema import (
@@ -40,17 +50,23 @@ from evd.core.schema import (
 from evd.sinks.base import Batch
 
 __all__ = [
+    "CHART_COLUMNS",
+    "DEAD_LETTER_COLUMNS",
+    "EVENT_ENRICHMENT",
     "HOUR_MS",
     "EventRow",
+    "EventStruct",
     "by_hour",
     "chart_rows",
     "dead_letters",
     "event_json",
     "event_rows",
+    "event_structs",
     "filter_event_types",
     "hour_of",
     "item_type",
     "json_lines",
+    "parquet_schemas",
     "sessions",
     "tally",
 ]
@@ -65,6 +81,57 @@ _ITEM_TYPES: dict[str, str] = {
 
 _json = msgspec.json.Encoder()
 _encode = _json.encode
+
+#: What an events row adds after the event's own fields, in this order.
+EVENT_ENRICHMENT: tuple[tuple[str, Any], ...] = (
+    ("received_at", int),  # epoch ms, when the edge took the request
+    ("event_time", int),  # epoch ms, the skew-corrected time the processor used
+    ("late", bool),
+)
+#: A chart row's columns, in row order.
+CHART_COLUMNS: tuple[tuple[str, Any], ...] = (
+    ("window_start", int),
+    ("window_end", int),
+    ("country", str | None),
+    ("track_id", str),
+    ("plays", int),
+    ("partition", int),
+)
+#: A dead letter's columns, in row order (``event``: the item's JSON).
+DEAD_LETTER_COLUMNS: tuple[tuple[str, Any], ...] = (
+    ("received_at", int),
+    ("stage", str),
+    ("stream", str),
+    ("index", int),
+    ("error", str),
+    ("event", str),
+)
+
+
+def _event_struct_fields() -> list[tuple[str, Any] | tuple[str, Any, Any]]:
+    """Event's fields in Event's order, so ``astuple(event)`` fills them: one
+    whose default is None keeps it (left out when None, as in the event's
+    JSON), every other is required (always written: ``event_type`` ``play``
+    too); then the enrichment, defaulting to None, which no real value equals
+    (always written)."""
+    names = Event.__struct_fields__
+    defaults = dict(zip(names[len(names) - len(Event.__struct_defaults__):],
+                        Event.__struct_defaults__, strict=True))
+    fields: list[tuple[str, Any] | tuple[str, Any, Any]] = [
+        (name, Any, None) if name in defaults and defaults[name] is None else (name, Any)
+        for name in names
+    ]
+    return fields + [(name, Any, None) for name, _ in EVENT_ENRICHMENT]
+
+
+#: An events row as msgspec encodes it into the lake's NDJSON:
+#: ``EventStruct(*astuple(event), received_at, event_time, late)``
+#: (untracked by the GC, like Events).
+EventStruct: type[msgspec.Struct] = msgspec.defstruct(
+    "EventStruct", _event_struct_fields(), omit_defaults=True, gc=False, module=__name__
+)
+#: The constructor, which mypy cannot count the arguments of.
+_event_struct: Callable[..., msgspec.Struct] = EventStruct
 
 
 class EventRow(NamedTuple):
@@ -261,4 +328,78 @@ def dead_letter_dict(d: DeadLetter) -> dict[str, Any]:
         "index": d.index,
         "error": d.error,
         "event": event,
+    }
+
+
+def event_structs(values: Sequence[EventsBatch], all_late: bool) -> list[msgspec.Struct]:
+    """The EventStruct rows of the events of ``values`` (``all_late``: the late stream)."""
+    row = _event_struct
+    out: list[msgspec.Struct] = []
+    for b in values:
+        r, skew = b.received_at, b.skew_ms
+        # event_time is evd.core.schema.epoch_ms(timestamp) + skew, inlined: a call
+        # per event is a sixth of the encoding time.
+        if all_late or b.late:
+            late = range(len(b.events)) if all_late else frozenset(b.late)
+            out += [
+                row(*astuple(e), r, int(e.timestamp.timestamp() * 1000) + skew, i in late)
+                for i, e in enumerate(b.events)
+            ]
+        else:
+            out += [
+                row(*astuple(e), r, int(e.timestamp.timestamp() * 1000) + skew, False)
+                for e in b.events
+            ]
+    return out
+
+
+def _arrow_field(pa: Any, name: str, t: mi.Type) -> Any:
+    nullable = False
+    if isinstance(t, mi.UnionType):
+        others = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        if len(others) != 1:
+            raise TypeError(f"{name}: no Parquet type for {t}")
+        nullable, t = len(others) < len(t.types), others[0]
+    return pa.field(name, _arrow_type(pa, name, t), nullable)
+
+
+def _arrow_type(pa: Any, name: str, t: mi.Type) -> Any:
+    if isinstance(t, mi.StrType | mi.DateTimeType):  # a datetime is its RFC 3339 text
+        return pa.string()
+    if isinstance(t, mi.LiteralType) and all(isinstance(v, str) for v in t.values):
+        return pa.string()
+    if isinstance(t, mi.BoolType):
+        return pa.bool_()
+    if isinstance(t, mi.IntType):
+        return pa.int64()
+    if isinstance(t, mi.StructType):
+        return pa.struct([_arrow_field(pa, f.encode_name, f.type) for f in t.fields])
+    if isinstance(t, mi.ListType):
+        return pa.list_(_arrow_field(pa, "item", t.item_type))
+    raise TypeError(f"{name}: no Parquet type for {t}")
+
+
+def parquet_schemas(pa: Any) -> dict[str, Any]:
+    """stream -> the pyarrow schema of its rows, derived from the declarations
+    above (``pa``: the pyarrow module, an optional dependency)."""
+
+    def schema(columns: Sequence[tuple[str, Any]]) -> Any:
+        return pa.schema([
+            _arrow_field(pa, name, t if isinstance(t, mi.Type) else mi.type_info(t))
+            for name, t in columns
+        ])
+
+    event_info = mi.type_info(Event)
+    assert isinstance(event_info, mi.StructType)
+    events = schema([
+        *((f.encode_name, f.type) for f in event_info.fields), *EVENT_ENRICHMENT
+    ])
+    session_info = mi.type_info(Session)
+    assert isinstance(session_info, mi.StructType)
+    return {
+        Stream.EVENTS: events,
+        Stream.LATE: events,
+        Stream.SESSIONS: schema([(f.encode_name, f.type) for f in session_info.fields]),
+        Stream.CHARTS: schema(CHART_COLUMNS),
+        Stream.DEAD_LETTER: schema(DEAD_LETTER_COLUMNS),
     }

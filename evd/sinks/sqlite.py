@@ -58,13 +58,25 @@ from typing import Any
 
 import msgspec
 
-from evd.core.config import SqliteSinkConfig
+from evd.core.config import SinkConfig
 from evd.core.log import Stream
 from evd.core.schema import ChartsBatch, DeadLetter, SessionsBatch, epoch_ms
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkContext, SinkError
 from evd.sinks.rows import chart_rows, event_json, sessions
 
-__all__ = ["SCHEMA", "SqliteSink", "letter_id"]
+__all__ = ["SCHEMA", "SqliteSink", "SqliteSinkConfig", "letter_id"]
+
+
+class SqliteSinkConfig(SinkConfig, tag="sqlite", kw_only=True):
+    """The embedded warehouse: one SQLite file in WAL mode."""
+
+    streams: list[str] = msgspec.field(
+        default_factory=lambda: [Stream.EVENTS, Stream.SESSIONS, Stream.CHARTS, Stream.DEAD_LETTER]
+    )
+    #: The database file ("": {data_dir}/warehouse.sqlite3).
+    path: str = ""
+    #: How long a write waits for another worker's transaction.
+    busy_timeout_s: float = 30.0
 
 _encode = msgspec.json.Encoder().encode
 _pack = msgspec.msgpack.Encoder().encode

@@ -10,11 +10,15 @@ import asyncio
 import os
 import sys
 
-from evd.core.config import StdoutSinkConfig
+from evd.core.config import SinkConfig
 from evd.sinks import rows
 from evd.sinks.base import Batch, Sink, SinkContext, SinkError
 
-__all__ = ["StdoutSink"]
+__all__ = ["StdoutSink", "StdoutSinkConfig"]
+
+
+class StdoutSinkConfig(SinkConfig, tag="stdout", kw_only=True):
+    """NDJSON lines on standard output, for debugging and pipes."""
 
 
 class StdoutSink(Sink):

@@ -22,7 +22,7 @@ from urllib.parse import parse_qsl
 
 import msgspec
 
-from evd.core.config import Config
+from evd.config import Config
 from evd.core.log import Consumer, InvalidOffset, TopicPartition
 from evd.core.log import records as rec
 from evd.core.log.streams import Stream

@@ -28,8 +28,8 @@ from typing import Any
 
 import msgspec
 
+from evd.config import Config
 from evd.core import metrics
-from evd.core.config import Config
 from evd.core.log import Append, Consumer, Producer, SubLog, TopicPartition
 from evd.core.log import records as rec
 from evd.core.log.streams import Stream

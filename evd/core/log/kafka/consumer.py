@@ -12,12 +12,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaTP
 from aiokafka.structs import OffsetAndMetadata
 
-from evd.core.config import Config
 from evd.core.errors import LogUnavailable
 from evd.core.log import Consumer, ConsumerRecord, InvalidOffset, Lag, SubLog, TopicPartition
 from evd.core.log.kafka.topics import (
@@ -27,6 +27,9 @@ from evd.core.log.kafka.topics import (
     start_with_retry,
     topic_name,
 )
+
+if TYPE_CHECKING:
+    from evd.config import Config
 
 __all__ = ["KafkaConsumer"]
 

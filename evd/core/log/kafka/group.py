@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener
 from aiokafka import TopicPartition as KafkaTP
 
-from evd.core.config import Config
 from evd.core.log.kafka.topics import client_options, start_with_retry, topic_name
+
+if TYPE_CHECKING:
+    from evd.config import Config
 
 __all__ = ["GroupMember"]
 

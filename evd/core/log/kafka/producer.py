@@ -23,12 +23,11 @@ import functools
 import logging
 import time
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 
-from evd.core.config import Config
 from evd.core.errors import LogOverloaded, LogUnavailable
 from evd.core.log import Append, Producer
 from evd.core.log.kafka.topics import (
@@ -38,6 +37,9 @@ from evd.core.log.kafka.topics import (
     start_with_retry,
     topic_name,
 )
+
+if TYPE_CHECKING:
+    from evd.config import Config
 
 __all__ = ["KafkaLog"]
 
