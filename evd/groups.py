@@ -41,11 +41,11 @@ from evd.core.log.kafka.consumer import KafkaConsumer
 from evd.core.log.kafka.group import GroupMember
 from evd.core.log.kafka.producer import KafkaLog
 from evd.core.log.streams import Stream
+from evd.edge.charts import ChartsView, make_view
 from evd.pipeline import delivery_loops, publish_gauges, spawn
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.ledger import Ledger
-from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
 

@@ -4,7 +4,7 @@ Worker ``k`` of ``n`` owns the partitions ``p`` with ``p % n == k``: it runs
 their processors (evd.state.runner), and for every configured sink a delivery
 loop over those partitions of the sink's streams (evd.sinks.delivery), plus
 the audit stage (evd.sinks.audit). Every worker follows the ``charts`` stream
-for the top-tracks API (evd.state.charts_view) and sweeps retention of its own
+for the top-tracks API (evd.edge.charts) and sweeps retention of its own
 sub-logs (evd.core.log.embedded.retention; worker 0 also those of writers that no longer
 run). Only offsets and wake-ups travel between workers, never events.
 """
@@ -24,12 +24,12 @@ from evd.core.log.embedded.consumer import EmbeddedConsumer
 from evd.core.log.embedded.producer import EmbeddedLog
 from evd.core.log.embedded.retention import Retention
 from evd.core.log.streams import Stream
+from evd.edge.charts import ChartsView, make_view
 from evd.sinks import build_sink
 from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.ledger import Ledger
-from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
 

@@ -16,9 +16,9 @@ from evd.core.host import HostState
 from evd.core.log import Producer
 from evd.core.throttle import ThrottledLog
 from evd.edge.auth import KeyRing
+from evd.edge.charts import ChartsView, QueryError, parse_query
 from evd.edge.http import HttpProtocol, Slot, phase_timeouts
 from evd.edge.ingest import Ingest, Pending, Reply, error_reply
-from evd.state.charts_view import ChartsView, QueryError, parse_query
 
 Waiter = tuple[HttpProtocol, Slot, Pending]
 
@@ -55,7 +55,7 @@ class Server:
         self.cfg = cfg
         self.log = log_
         self.ingest = ingest
-        #: The top-tracks charts (evd.state.charts_view), when this process follows them.
+        #: The top-tracks charts (evd.edge.charts), when this process follows them.
         self.charts: ChartsView | None = None
         #: The server's workers: /readyz waits for all of them.
         self.host = host or HostState.alone()
