@@ -161,7 +161,7 @@ async def measure(args: argparse.Namespace) -> tuple[float, float, float]:
         server = Server(cfg, log, ingest)
         target = Target.parse("http://127.0.0.1:8080")
         run = _Run(args.requests, request_templates(args.batch, "evd-dev-key", target, 1), args.batch)
-        clients = [_Client(HttpProtocol(server), run) for _ in range(args.connections)]
+        clients = [_Client(HttpProtocol(cfg.limits, server), run) for _ in range(args.connections)]
         before = resource.getrusage(resource.RUSAGE_SELF)
         started = time.perf_counter()
         for client in clients:

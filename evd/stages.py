@@ -32,12 +32,12 @@ from evd.config import Config
 from evd.core import metrics
 from evd.core.config import BatchConfig, RetryConfig
 from evd.core.log import PROCESSOR, Consumer, Producer, Stream, SubLog, TopicPartition
+from evd.edge.charts import ChartsView, make_view
 from evd.sinks.audit.ledger import Ledger
 from evd.sinks.audit.stage import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.registry import build_sink
-from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
 

@@ -12,7 +12,7 @@ import pytest
 from evdtest import EvdServer, ServerFactory, batch, make_event, post, request, track_id
 
 from evd.core.schema import ChartRow, ChartsBatch
-from evd.state.charts_view import ChartsView, QueryError, parse_query
+from evd.edge.charts import ChartsView, QueryError, parse_query
 
 pytestmark = pytest.mark.workers_independent
 

@@ -77,14 +77,14 @@ async def test_an_unexpected_error_is_500_and_the_worker_serves_on(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     server, _ = edge
-    real_handle = server.ingest.handle
+    real_handle = server.ingest_events
 
     def handle(body: bytes, encoding: bytes | None, key: bytes) -> Any:
         if b"boom" in body:
             raise RuntimeError("a bug in ingest")
         return real_handle(body, encoding, key)
 
-    monkeypatch.setattr(server.ingest, "handle", handle)
+    monkeypatch.setattr(server, "ingest_events", handle)
     caplog.set_level(logging.ERROR, logger="evd.edge")
     for i in range(5):
         failed = await exchange(server.port, raw_post(batch([make_event(f"boom-{i}")]), close=True))

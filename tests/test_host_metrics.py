@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from evd.core import metrics
 from evd.core.host import HostState
 from evd.edge.http import STATUS_LINES
-from evd.edge.server import _PATH_LABELS
+from evd.edge.routes import PATH_LABELS
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -273,7 +273,7 @@ def test_a_file_of_another_layout_is_neither_read_nor_continued(tmp_path: Path) 
 
 
 def test_every_label_the_edge_uses_has_its_slot() -> None:
-    assert set(_PATH_LABELS.values()) | {"other"} == set(metrics.PATHS)
+    assert set(PATH_LABELS.values()) | {"other"} == set(metrics.PATHS)
     assert set(STATUS_LINES) <= set(metrics.STATUSES)
     text = Path(metrics.__file__).parent.parent.joinpath("edge", "ingest.py").read_text()
     used = {line.split('reject("')[1].split('"')[0] for line in text.splitlines() if 'reject("' in line}

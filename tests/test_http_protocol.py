@@ -1,5 +1,7 @@
 """HttpProtocol with a fake transport: bytes delivered in any fragmentation give
-the same responses, in order; bounds hold however the head is split."""
+the same responses, in order; bounds hold however the head is split. At the end,
+connections built from the limits and a fake host: what the host is asked, and a
+host failure contained as a 500."""
 
 from __future__ import annotations
 
@@ -14,8 +16,9 @@ from evdtest import MemoryLog, Response, batch, make_event, parse_responses, raw
 
 from evd.config import load_config
 from evd.core.log import Append
-from evd.edge.http import HttpProtocol
-from evd.edge.ingest import Ingest, Pending
+from evd.edge.http import HttpProtocol, Slot, render
+from evd.edge.ingest import Ingest, Pending, Reply
+from evd.edge.routes import Answer, Routes
 from evd.edge.server import Server
 
 MAX_HEADER = 2048
@@ -75,7 +78,7 @@ async def connect(**limits: Any) -> tuple[HttpProtocol, FakeTransport, MemoryLog
     )
     log = MemoryLog()
     server = Server(cfg, log, Ingest(cfg, log))
-    proto = HttpProtocol(server)
+    proto = HttpProtocol(cfg.limits, server)
     transport = FakeTransport()
     proto.connection_made(transport)
     return proto, transport, log
@@ -259,7 +262,7 @@ async def test_one_group_commit_answers_every_connection_waiting_on_it(outcome: 
     server, _, log = held_server()
     conns = []
     for i in range(3):
-        proto, transport = HttpProtocol(server), FakeTransport()
+        proto, transport = HttpProtocol(server.cfg.limits, server), FakeTransport()
         proto.connection_made(transport)
         conns.append((proto, transport))
     try:
@@ -309,7 +312,7 @@ async def post_each_and_commit(
     protos = []
     try:
         for i, transport in enumerate(transports):
-            proto = HttpProtocol(server)
+            proto = HttpProtocol(server.cfg.limits, server)
             proto.connection_made(transport)
             protos.append(proto)
             await feed(proto, raw_post(batch([make_event(f"{prefix}-{i}")])), [1 << 20])
@@ -353,7 +356,7 @@ async def test_a_request_failing_to_commit_does_not_strand_the_others(
             raise RuntimeError("bookkeeping broke")
         real_committed(pending)
 
-    monkeypatch.setattr(ingest, "committed", committed)
+    monkeypatch.setattr(server, "events_committed", committed)
     transports = [FakeTransport() for _ in range(3)]
     await post_each_and_commit(server, log, transports, "f")
     # Every request gets one answer: a 500 for the one whose bookkeeping failed.
@@ -361,3 +364,130 @@ async def test_a_request_failing_to_commit_does_not_strand_the_others(
         [500], [200], [200],
     ]
     assert reported() == ["bookkeeping broke"]
+
+
+# -- a connection built from the limits and a fake host (no Server, no log) ------
+
+CANNED = Reply(200, b'{"accepted":1}')
+
+
+class FakeHost:
+    """A ConnectionHost that records what its connection asks of it.
+
+    ``ingest_events`` answers ``answer`` (raises it, if it is an exception), or,
+    with ``durable`` set, a Pending on that future.
+    """
+
+    def __init__(self, answer: Reply | Exception = CANNED) -> None:
+        self.connections: set[HttpProtocol] = set()
+        self.now = 0.0
+        self.draining = False
+        self.answer = answer
+        self.durable: asyncio.Future[None] | None = None
+        self.ingested: list[tuple[bytes, bytes | None, bytes]] = []
+        self.committed: list[Pending] = []
+        self.routed: list[tuple[bytes, bytes, bytes]] = []
+        self.counted: list[tuple[bytes, int]] = []
+        self.reported: list[tuple[BaseException, str]] = []
+
+    def authorize(self, authorization: bytes | None) -> bytes | None:
+        return b"k1" if authorization == b"Bearer secret" else None
+
+    def shed(self, key: bytes) -> Reply | None:
+        return None
+
+    def ingest_events(self, body: bytes, encoding: bytes | None, key: bytes) -> Reply | Pending:
+        self.ingested.append((body, encoding, key))
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        if self.durable is not None:
+            return Pending(self.durable, self.answer, ["e-1"])
+        return self.answer
+
+    def events_committed(self, pending: Pending) -> None:
+        self.committed.append(pending)
+
+    def when_durable(self, conn: HttpProtocol, slot: Slot, pending: Pending) -> None:
+        pending.durable.add_done_callback(lambda fut: conn.committed(slot, pending, fut))
+
+    def route(self, method: bytes, path: bytes, url: bytes) -> Answer:
+        self.routed.append((method, path, url))
+        return Routes({}).route(method, path, url)
+
+    def count_request(self, path: bytes, status: int) -> None:
+        self.counted.append((path, status))
+
+    def write_soon(self, conn: HttpProtocol) -> None:
+        asyncio.get_running_loop().call_soon(conn.write_ready)
+
+    def report(self, exc: BaseException, message: str) -> None:
+        self.reported.append((exc, message))
+
+
+def hosted(host: FakeHost) -> tuple[HttpProtocol, FakeTransport]:
+    cfg = load_config(None, environ={})
+    proto = HttpProtocol(cfg.limits, host)
+    transport = FakeTransport()
+    proto.connection_made(transport)
+    return proto, transport
+
+
+@pytest.mark.parametrize("sizes", [[1 << 20], [1], [7, 1, 64]], ids=["whole", "bytewise", "mixed"])
+async def test_a_post_reaches_the_hosts_ingest_and_gets_its_reply(sizes: list[int]) -> None:
+    host = FakeHost()
+    proto, transport = hosted(host)
+    assert host.connections == {proto}
+    try:
+        await feed(proto, raw_post(b'{"events":[]}', key="secret") + raw_get("/nope?x=1"), sizes)
+        assert host.ingested == [(b'{"events":[]}', None, b"k1")]
+        assert host.routed == [(b"GET", b"/nope", b"/nope?x=1")]
+        # The canned reply, byte for byte, then the routes' 404.
+        assert bytes(transport.written).startswith(render(CANNED, close=False))
+        assert [r.status for r in parse_responses(bytes(transport.written))] == [200, 404]
+        assert host.counted == [(b"/v1/events", 200), (b"/nope", 404)]
+        assert host.reported == [] and not transport.ended
+    finally:
+        await close(proto)
+    assert host.connections == set()
+
+
+async def test_a_post_is_answered_once_the_host_makes_it_durable() -> None:
+    host = FakeHost()
+    host.durable = asyncio.get_running_loop().create_future()
+    proto, transport = hosted(host)
+    try:
+        await feed(proto, raw_post(b"[]", key="secret"), [1 << 20])
+        assert not transport.written and host.committed == []
+        host.durable.set_result(None)
+        await feed(proto, b"", [1])
+        assert [r.status for r in parse_responses(bytes(transport.written))] == [200]
+        assert [p.event_ids for p in host.committed] == [["e-1"]]
+    finally:
+        await close(proto)
+
+
+async def test_a_post_without_a_valid_key_never_reaches_the_ingest() -> None:
+    host = FakeHost()
+    proto, transport = hosted(host)
+    try:
+        await feed(proto, raw_post(b"[]", key="wrong"), [1 << 20])
+        assert [r.status for r in parse_responses(bytes(transport.written))] == [401]
+        assert host.ingested == [] and transport.ended
+    finally:
+        await close(proto)
+
+
+async def test_a_host_error_is_contained_and_answered_500() -> None:
+    boom = RuntimeError("the host broke")
+    host = FakeHost(boom)
+    proto, transport = hosted(host)
+    try:
+        await feed(proto, raw_post(b"[]", key="secret") + raw_get("/nope"), [1 << 20])
+        resps = parse_responses(bytes(transport.written))
+        assert [(r.status, r.json()) for r in resps] == [
+            (500, {"error": "internal error"}), (404, {"error": "not found"}),
+        ]
+        assert host.reported == [(boom, "handling a request failed")]
+        assert not transport.ended  # the connection serves on
+    finally:
+        await close(proto)

@@ -1,11 +1,14 @@
 """The HTTP/1.1 edge: a raw ``asyncio.Protocol`` over httptools.
 
-``data_received`` only feeds the parser; the parser's callbacks collect the
-request and ``on_message_complete`` dispatches it. Keep-alive and pipelining are
+A connection is built from the limits and its host (evd.edge.connection_host),
+and uses nothing else of the server. ``data_received`` only feeds the parser;
+the parser's callbacks collect the request and ``on_message_complete``
+dispatches it: an authorized POST /v1/events to the host's ingest, anything
+else to the host's routes (evd.edge.routes). Keep-alive and pipelining are
 supported: responses are queued per connection in request order and written as
 soon as the head of the queue is ready (a POST is ready once its group commit
 is durable). Limits map to the contract's status codes; timeouts are enforced by
-one sweep per server (``Server.sweep``) rather than a timer per request.
+one sweep per server (``Server._sweep``) rather than a timer per request.
 """
 
 from __future__ import annotations
@@ -24,13 +27,14 @@ from evd.core import metrics
 from evd.core.config import LimitsConfig
 from evd.edge.flow_control import FlowControl
 from evd.edge.ingest import Pending, Reply, error_reply
+from evd.edge.routes import EVENTS_PATH
 
 if TYPE_CHECKING:
-    from evd.edge.server import Server
+    from evd.edge.connection_host import ConnectionHost
+
+__all__ = ["HttpProtocol", "Slot", "phase_timeouts", "render"]
 
 log = logging.getLogger(__name__)
-
-EVENTS_PATH = b"/v1/events"
 
 
 def _status_line(status: int) -> bytes:
@@ -59,7 +63,7 @@ def phase_timeouts(limits: LimitsConfig) -> tuple[float, float, float, float, fl
     """How long a connection may stay in each phase, indexed by the phase.
 
     WAITING has no bound of its own: a POST's wait for its group commit is
-    bounded per commit by ``limits.commit_timeout_s`` (Server.sweep).
+    bounded per commit by ``limits.commit_timeout_s`` (the host's when_durable).
     """
     return (
         limits.keepalive_timeout_s,
@@ -97,11 +101,14 @@ class Slot:
 
 
 class HttpProtocol(asyncio.Protocol):
-    """One client connection."""
+    """One client connection: every request it completes gets exactly one answer,
+    written in request order, even when the host fails handling it (500)."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self.limits = server.cfg.limits
+    def __init__(self, limits: LimitsConfig, host: ConnectionHost) -> None:
+        self.host = host
+        self.limits = limits
+        #: How long each phase may last, indexed by the phase.
+        self.timeouts = phase_timeouts(limits)
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpRequestParser(self)
         self.flow: FlowControl | None = None
@@ -143,13 +150,13 @@ class HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's TCPTransport
         self.flow = FlowControl(self.transport)  # type: ignore[arg-type]
-        self.server.connections.add(self)
+        self.host.connections.add(self)
         metrics.CONNECTIONS.inc()
         self._set_phase(IDLE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
-        self.server.connections.discard(self)
+        self.host.connections.discard(self)
         metrics.CONNECTIONS.dec()
         self.queue.clear()
 
@@ -184,7 +191,7 @@ class HttpProtocol(asyncio.Protocol):
         except httptools.HttpParserCallbackError as exc:
             # _Stop: a callback already queued the error response and began closing.
             if not self.closing:
-                self.server.report(exc.__cause__ or exc, "an HTTP parser callback failed")
+                self.host.report(exc.__cause__ or exc, "an HTTP parser callback failed")
                 self._fail(500, "internal error")
         except httptools.HttpParserUpgrade:
             self._fail(400, "protocol upgrades are not supported")
@@ -230,7 +237,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._set_phase(BODY)
-        if self.server.draining:
+        if self.host.draining:
             self.discard = True  # answered 503 once the body is in, connection closed
         self.path = path = self.url.split(b"?", 1)[0]
         if path != EVENTS_PATH:
@@ -240,7 +247,7 @@ class HttpProtocol(asyncio.Protocol):
         if method != b"POST":
             self.discard = True
             return
-        key = self.server.keys.check(self.authorization)
+        key = self.host.authorize(self.authorization)
         if key is None:
             self._fail(401, "missing or invalid API key (Authorization: Bearer <key>)")
             raise _Stop
@@ -252,7 +259,7 @@ class HttpProtocol(asyncio.Protocol):
         if self.content_length > self.limits.max_body_bytes:
             self._fail(413, f"body exceeds limits.max_body_bytes={self.limits.max_body_bytes}")
             raise _Stop
-        self.early = self.server.ingest.shed(key)
+        self.early = self.host.shed(key)
         if self.early is not None:
             self.discard = True  # keep the connection: skip the body, then answer
             return
@@ -275,13 +282,13 @@ class HttpProtocol(asyncio.Protocol):
         self.queue.append(slot)
         assert self.flow is not None
         self.flow.request_started()
-        keep_alive = self.parser.should_keep_alive() and not self.server.draining
+        keep_alive = self.parser.should_keep_alive() and not self.host.draining
         slot.close = not keep_alive
         self._set_phase(WAITING)
         try:
             self._dispatch(slot)
         except Exception as exc:  # noqa: BLE001 (every request gets one answer)
-            self.server.report(exc, "handling a request failed")
+            self.host.report(exc, "handling a request failed")
             self._finish(slot, INTERNAL_ERROR, self.path)
 
     def _dispatch(self, slot: Slot) -> None:
@@ -291,15 +298,15 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.key is not None and not self.discard:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            result = self.server.ingest.handle(body, self.content_encoding, self.key)
+            result = self.host.ingest_events(body, self.content_encoding, self.key)
             if isinstance(result, Pending):
-                self.server.when_durable(self, slot, result)
+                self.host.when_durable(self, slot, result)
                 return
             self._finish(slot, result, EVENTS_PATH)
             return
         path = self.path
         method = self.parser.get_method()
-        reply, ctype = self.server.route(method, path, self.url)
+        reply, ctype = self.host.route(method, path, self.url)
         self._finish(slot, reply, path, ctype, head=method == b"HEAD")
 
     # -- responses -----------------------------------------------------------
@@ -314,11 +321,11 @@ class HttpProtocol(asyncio.Protocol):
             elif fut.exception() is not None:
                 reply = error_reply(503, f"log unavailable: {fut.exception()}", 5)
             else:
-                self.server.ingest.committed(pending)
+                self.host.events_committed(pending)
                 reply = pending.reply
                 metrics.HOT.observe_request(time.perf_counter() - slot.started)
         except Exception as exc:  # noqa: BLE001 (every request gets one answer)
-            self.server.report(exc, "answering a committed request failed")
+            self.host.report(exc, "answering a committed request failed")
             reply = INTERNAL_ERROR
         self._finish(slot, reply, EVENTS_PATH)
 
@@ -334,14 +341,14 @@ class HttpProtocol(asyncio.Protocol):
         content_type: bytes | None = None,
         head: bool = False,
     ) -> None:
-        self.server.count_request(path, reply.status)
+        self.host.count_request(path, reply.status)
         data = render(reply, slot.close, content_type)
         # A HEAD response has the GET's headers and no content (RFC 9110 9.3.2);
         # content here would be read as the next response of the connection.
         slot.data = data[: len(data) - len(reply.body)] if head else data
         if not self.write_scheduled:
             self.write_scheduled = True
-            self.server.write_soon(self)
+            self.host.write_soon(self)
 
     def write_ready(self) -> None:
         """Write the responses at the head of the queue that are ready, in order."""
@@ -412,10 +419,10 @@ class HttpProtocol(asyncio.Protocol):
 
     def _set_phase(self, phase: int) -> None:
         self.phase = phase
-        self.deadline = self.server.now + self.server.phase_timeouts[phase]
+        self.deadline = self.host.now + self.timeouts[phase]
 
     def expire(self) -> None:
-        """Called by the server's sweep once ``deadline`` has passed."""
+        """Called by the host's timeout sweep once ``deadline`` has passed."""
         if self.transport is None or self.transport.is_closing():
             return
         if self.phase == IDLE or self.phase == LINGER:

@@ -1,4 +1,12 @@
-"""The HTTP server of one worker: routing, health, timeouts sweep, draining."""
+"""The HTTP server of one worker: the host of its connections.
+
+``Server`` owns the listening socket and the open connections, and is the
+``ConnectionHost`` (evd.edge.connection_host) of each of them: the key ring, the
+ingest, the routes (evd.edge.routes) with the handlers of ``/readyz``,
+``/metrics`` and the top-tracks charts, the clock of the timeout sweep,
+releasing the requests of a group commit at once, batching response writes,
+and draining.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +24,21 @@ from evd.core.host import HostState
 from evd.core.log import Producer
 from evd.core.throttle import ThrottledLog
 from evd.edge.auth import KeyRing
-from evd.edge.http import HttpProtocol, Slot, phase_timeouts
+from evd.edge.charts import ChartsView, QueryError, parse_query
+from evd.edge.http import HttpProtocol, Slot
 from evd.edge.ingest import Ingest, Pending, Reply, error_reply
-from evd.state.charts_view import ChartsView, QueryError, parse_query
+from evd.edge.routes import (
+    CHARTS_PATH,
+    HEALTHZ_PATH,
+    METRICS_PATH,
+    PATH_LABELS,
+    READYZ_PATH,
+    Answer,
+    Routes,
+    healthz,
+)
+
+__all__ = ["Readiness", "Server"]
 
 Waiter = tuple[HttpProtocol, Slot, Pending]
 
@@ -29,15 +49,6 @@ SWEEP_INTERVAL_S = 0.25
 #: Pending connections the kernel queues before accept.
 BACKLOG = 2048
 
-CHARTS_PATH = b"/v1/charts/top-tracks"
-_PATH_LABELS = {
-    b"/v1/events": "/v1/events",
-    b"/healthz": "/healthz",
-    b"/readyz": "/readyz",
-    b"/metrics": "/metrics",
-    CHARTS_PATH: CHARTS_PATH.decode(),
-}
-_OK = Reply(200, b'{"status":"ok"}')
 _METRICS_TYPE = CONTENT_TYPE_LATEST.encode()
 
 
@@ -47,7 +58,7 @@ class Readiness(msgspec.Struct):
 
 
 class Server:
-    """Owns the listening socket and every connection of one worker."""
+    """Owns the listening socket and every connection of one worker; their host."""
 
     def __init__(
         self, cfg: Config, log_: Producer, ingest: Ingest, host: HostState | None = None
@@ -55,11 +66,23 @@ class Server:
         self.cfg = cfg
         self.log = log_
         self.ingest = ingest
-        #: The top-tracks charts (evd.state.charts_view), when this process follows them.
+        #: The top-tracks charts (evd.edge.charts), when this process follows them.
         self.charts: ChartsView | None = None
         #: The server's workers: /readyz waits for all of them.
         self.host = host or HostState.alone()
         self.keys = KeyRing(cfg.auth)
+        # The ConnectionHost services a request calls, bound once so that a
+        # connection calls the key ring, the ingest and the routes directly.
+        self.authorize = self.keys.check
+        self.shed = ingest.shed
+        self.ingest_events = ingest.handle
+        self.events_committed = ingest.committed
+        self.route = Routes({
+            HEALTHZ_PATH: healthz,
+            READYZ_PATH: self._readyz,
+            METRICS_PATH: self._metrics,
+            CHARTS_PATH: self._charts,
+        }).route
         self.connections: set[HttpProtocol] = set()
         self.draining = False
         #: Failures serving a request, logged with their tracebacks, a few at most.
@@ -67,7 +90,6 @@ class Server:
         #: Created inside the worker's running loop.
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time()
-        self.phase_timeouts = phase_timeouts(cfg.limits)
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         #: Requests waiting for a group commit, by the commit's future, with when
@@ -96,42 +118,30 @@ class Server:
             return f"waiting for workers: {up} of {host.workers} up"
         return None
 
-    def route(self, method: bytes, path: bytes, url: bytes = b"") -> tuple[Reply, bytes | None]:
-        """Every request except an authorized POST /v1/events (``url``: with its query)."""
-        if path == b"/v1/events":
-            if method != b"POST":
-                return error_reply(405, "use POST"), None
-            return error_reply(503, "draining", 1), None
-        if method != b"GET" and method != b"HEAD":
-            if path in _PATH_LABELS:
-                return error_reply(405, "use GET"), None
-            return error_reply(404, "not found"), None
-        if path == b"/healthz":
-            return _OK, None
-        if path == b"/readyz":
-            reason = self.unready_reason()
-            metrics.READY.set(reason is None)
-            body = msgspec.json.encode(Readiness(reason is None, reason))
-            return Reply(200 if reason is None else 503, body), None
-        if path == b"/metrics":
-            # The whole server's metrics (every worker's, merged), this worker's
-            # readiness as of now.
-            metrics.READY.set(self.unready_reason() is None)
-            return Reply(200, metrics.render()), _METRICS_TYPE
-        if path == CHARTS_PATH:
-            return self._charts(url), None
-        return error_reply(404, "not found"), None
+    def _readyz(self, url: bytes) -> Answer:
+        """GET /readyz: 200 when ready, else 503 with the reason."""
+        reason = self.unready_reason()
+        metrics.READY.set(reason is None)
+        body = msgspec.json.encode(Readiness(reason is None, reason))
+        return Reply(200 if reason is None else 503, body), None
 
-    def _charts(self, url: bytes) -> Reply:
+    def _metrics(self, url: bytes) -> Answer:
+        """GET /metrics: the whole server's metrics (every worker's, merged), this
+        worker's readiness as of now."""
+        metrics.READY.set(self.unready_reason() is None)
+        return Reply(200, metrics.render()), _METRICS_TYPE
+
+    def _charts(self, url: bytes) -> Answer:
+        """GET /v1/charts/top-tracks: the query's top tracks (400 for a bad query)."""
         view = self.charts
         if view is None:
-            return error_reply(404, "charts are not served by this process")
+            return error_reply(404, "charts are not served by this process"), None
         query = url.partition(b"?")[2].decode("latin-1")
         try:
             parsed = parse_query(query, view.window_ms, view.retention_ms)
         except QueryError as exc:
-            return error_reply(400, str(exc))
-        return Reply(200, msgspec.json.encode(view.top(parsed)))
+            return error_reply(400, str(exc)), None
+        return Reply(200, msgspec.json.encode(view.top(parsed))), None
 
     def when_durable(self, conn: HttpProtocol, slot: Slot, pending: Pending) -> None:
         """Call ``conn.committed(slot, pending, future)`` once ``pending`` is durable.
@@ -193,18 +203,19 @@ class Server:
 
     def count_request(self, path: bytes, status: int) -> None:
         """Count an answered request under a bounded set of path labels."""
-        metrics.HOT.request(_PATH_LABELS.get(path, "other"), status)
+        metrics.HOT.request(PATH_LABELS.get(path, "other"), status)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Listen (SO_REUSEPORT, so sibling workers can share the port)."""
         loop = self.loop
+        limits = self.cfg.limits
         if sock is not None:
             self._server = await loop.create_server(
-                lambda: HttpProtocol(self), sock=sock, backlog=BACKLOG
+                lambda: HttpProtocol(limits, self), sock=sock, backlog=BACKLOG
             )
         else:
             self._server = await loop.create_server(
-                lambda: HttpProtocol(self), host, port, reuse_port=True, backlog=BACKLOG
+                lambda: HttpProtocol(limits, self), host, port, reuse_port=True, backlog=BACKLOG
             )
         self._sweeper = loop.create_task(self._sweep())
 
