@@ -12,7 +12,7 @@ import pytest
 from evdtest import EvdServer, ServerFactory, batch, make_event, post, request, track_id
 
 from evd.core.schema import ChartRow, ChartsBatch
-from evd.edge.charts import ChartsView, QueryError, parse_query
+from evd.edge.charts import ANSWER_CACHE_SIZE, ChartsView, QueryError, parse_query
 
 pytestmark = pytest.mark.workers_independent
 
@@ -94,6 +94,21 @@ def test_windows_older_than_the_retention_are_forgotten() -> None:
     view.apply(rows(0, 10 * MIN, (9 * MIN, "US", "new", 1)))
     assert view.top(parse_query("window=2m", MIN, 2 * MIN)).tracks[0].track_id == "new"
     assert (0, 0) not in view._rows
+
+
+def test_answers_are_kept_for_a_bounded_set_of_questions_until_the_next_record() -> None:
+    view = ChartsView(1, MIN, DAY)
+    view.apply(rows(0, MIN, (0, "US", "a", 4)))
+    questions = [parse_query(f"limit={n}", MIN, DAY) for n in range(1, ANSWER_CACHE_SIZE + 50)]
+    first = view.top(questions[0])
+    assert view.top(questions[0]) is first  # answered from memory
+    for q in questions:
+        view.top(q)
+    assert len(view._cache) == ANSWER_CACHE_SIZE  # the least recently asked went first
+    assert view.top(questions[-1]) is view.top(questions[-1])
+    view.apply(rows(0, 2 * MIN, (MIN, "US", "b", 1)))
+    assert len(view._cache) == 0  # a new record makes every answer stale
+    assert view.top(questions[0]) is not first
 
 
 # -- through real servers ---------------------------------------------------------------

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from urllib.parse import parse_qsl
 
 import msgspec
+from cachetools import LRUCache
 
 from evd.config import Config
 from evd.core.log import Consumer, InvalidOffset, TopicPartition
@@ -38,6 +39,9 @@ _WINDOW_RE = re.compile(r"([1-9][0-9]{0,6})(s|m|h|d)")
 _UNIT_MS = {"s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
 #: Charts records one fetch takes at most.
 FETCH_BYTES = 1 << 20
+#: Distinct top-tracks questions answered from memory between two records of the
+#: charts stream (country x window x limit): bounds what a client can make us keep.
+ANSWER_CACHE_SIZE = 256
 
 
 class QueryError(ValueError):
@@ -106,7 +110,8 @@ class ChartsView:
         #: None: events without geo); kept in step with _rows.
         self._merged: dict[int, dict[str | None, Counter[str]]] = {}
         self.closed_until: dict[int, int] = {}
-        self._cache: dict[Query, TopTracks] = {}
+        #: Answers since the last record, least recently asked dropped first.
+        self._cache: LRUCache[Query, TopTracks] = LRUCache(maxsize=ANSWER_CACHE_SIZE)
 
     def apply(self, batch: ChartsBatch) -> None:
         """Take one record of the charts stream (idempotent)."""
@@ -163,8 +168,6 @@ class ChartsView:
         answer = TopTracks(
             query.country, query.window, start, end, [Track(t, -n) for n, t in ranked]
         )
-        if len(self._cache) > 256:
-            self._cache.clear()
         self._cache[query] = answer
         return answer
 
