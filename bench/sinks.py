@@ -61,6 +61,7 @@ from bench.processing import (
 from bench.scaling import cpus_busy, wait_quiet
 from evd.core.config import BatchConfig, ProcessingConfig, RetryConfig
 from evd.core.log import records
+from evd.core.log.embedded.consumer import EmbeddedConsumer
 from evd.core.log.streams import Stream
 from evd.sinks import rows
 from evd.sinks.base import Batch, Sink, SinkContext
@@ -197,7 +198,8 @@ def sink_config(spec: str, root: Path) -> AnySinkConfig | None:
 
 def make_sink(spec: str, cfg: AnySinkConfig | None, root: Path) -> Sink:
     ctx = SinkContext(data_dir=root, worker=0, workers=1, partitions=PARTITIONS,
-                      chart_window_ms=CHART_WINDOW_MS)
+                      chart_window_ms=CHART_WINDOW_MS,
+                      open_consumer=lambda name: EmbeddedConsumer(root, name))
     if cfg is None:
         return NullSink()
     if isinstance(cfg, StdoutSinkConfig):

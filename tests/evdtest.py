@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import IO, Any, NamedTuple, Self
 
 from evd.core.log import Append, Producer, records
+from evd.core.log.embedded.consumer import EmbeddedConsumer
 from evd.core.log.streams import Stream
+from evd.sinks.base import SinkContext
 
 DEV_KEY = "evd-dev-key"
 HOST = "127.0.0.1"
@@ -494,3 +496,12 @@ def gone(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except FileNotFoundError:
         return True
+
+
+def sink_context(
+    data_dir: Path, worker: int, workers: int, partitions: int, chart_window_ms: int,
+    **kwargs: Any,
+) -> SinkContext:
+    """A SinkContext whose consumers read the embedded log under ``data_dir``."""
+    kwargs.setdefault("open_consumer", lambda name: EmbeddedConsumer(data_dir, name))
+    return SinkContext(data_dir, worker, workers, partitions, chart_window_ms, **kwargs)

@@ -156,3 +156,54 @@ def test_type_checking_imports_are_no_cycle(tmp_path: Path) -> None:
     graph = module_graph(pkg, "pkg")
     assert graph["pkg.b"] == set()
     assert find_cycle(graph) is None
+
+
+#: What each part of evd may import at runtime (docs/architecture.md, "The map"):
+#: lower layers never import higher ones. A module counts as the first of these
+#: prefixes it starts with (the longest match); top-level modules not listed
+#: (cli, supervisor, worker, __main__) may import anything.
+ALLOWED: dict[str, set[str]] = {
+    "evd.core": set(),
+    "evd.core.log": {"evd.core"},
+    "evd.core.log.embedded": {"evd.core", "evd.core.log"},
+    "evd.core.log.kafka": {"evd.core", "evd.core.log"},
+    # the kafka sink is a Kafka client: it shares the log's client options
+    "evd.sinks": {"evd.core", "evd.core.log", "evd.core.log.kafka"},
+    "evd.config": {"evd.core", "evd.sinks"},
+    "evd.state": {"evd.core", "evd.core.log", "evd.config"},
+    "evd.edge": {"evd.core", "evd.core.log", "evd.config"},
+    "evd.bench": {"evd.core"},
+    "evd.stages": {"evd.core", "evd.core.log", "evd.config", "evd.edge", "evd.sinks", "evd.state"},
+    "evd.pipeline": {"evd.core", "evd.core.log", "evd.core.log.embedded", "evd.config", "evd.stages"},
+    "evd.groups": {"evd.core", "evd.core.log", "evd.core.log.kafka", "evd.config", "evd.stages"},
+    "evd.logtool": {"evd.core", "evd.core.log", "evd.core.log.embedded"},
+}
+
+
+def part_of(module: str) -> str | None:
+    """The entry of ALLOWED that ``module`` belongs to (None: unrestricted)."""
+    owners = [p for p in ALLOWED if module == p or module.startswith(p + ".")]
+    return max(owners, key=len, default=None)
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """``a -> b`` for each runtime import that crosses into a part not allowed."""
+    bad = []
+    for module, targets in sorted(graph.items()):
+        part = part_of(module)
+        if part is None:
+            continue
+        for target in sorted(targets):
+            other = part_of(target)
+            if other is not None and other != part and other not in ALLOWED[part]:
+                bad.append(f"{module} -> {target}")
+    return bad
+
+
+def test_each_part_imports_only_the_layers_below_it() -> None:
+    assert layer_violations(module_graph(ROOT, "evd")) == []
+
+
+def test_the_layer_check_sees_a_core_module_importing_a_stage() -> None:
+    graph = {"evd.core.schema": {"evd.sinks.rows"}, "evd.sinks.rows": {"evd.core.schema"}}
+    assert layer_violations(graph) == ["evd.core.schema -> evd.sinks.rows"]

@@ -26,6 +26,7 @@ from typing import Any
 import msgspec
 import pytest
 import zstandard
+from evdtest import sink_context
 
 from evd.core.errors import ConfigError
 from evd.core.log import Consumer, ConsumerRecord, Lag, SubLog, TopicPartition, records
@@ -136,7 +137,7 @@ def dead_letter(received_at: int, i: int) -> DeadLetter:
 
 
 def context(data_dir: Path, worker: int = 0, workers: int = 1) -> SinkContext:
-    return SinkContext(data_dir, worker, workers, PARTITIONS, WINDOW_MS)
+    return sink_context(data_dir, worker, workers, PARTITIONS, WINDOW_MS)
 
 
 def config(**kw: Any) -> FilesSinkConfig:
@@ -499,13 +500,13 @@ WRITER = r"""
 import asyncio, sys
 from pathlib import Path
 from evd.sinks.lake.sink import FilesSinkConfig
-from evd.sinks.base import Batch, SinkContext
+from evd.sinks.base import Batch
 from evd.sinks.lake.sink import FilesSink
 sys.path.insert(0, sys.argv[2])
-from test_sink_files import H1, batch, events_batch
+from test_sink_files import H1, batch, events_batch, sink_context
 
 async def main():
-    sink = FilesSink(FilesSinkConfig(name="lake"), SinkContext(Path(sys.argv[1]), 0, 1, 2, 60_000))
+    sink = FilesSink(FilesSinkConfig(name="lake"), sink_context(Path(sys.argv[1]), 0, 1, 2, 60_000))
     await sink.start()
     b = batch("events", [events_batch(H1 + i, 100, start=100 * i) for i in range(100)])
     await sink.write(b)

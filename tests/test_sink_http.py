@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
+from evdtest import sink_context
 
 from evd.core.errors import ConfigError
 from evd.core.schema import (
@@ -32,7 +33,7 @@ from evd.core.schema import (
     SessionsBatch,
 )
 from evd.sinks import rows
-from evd.sinks.base import Batch, PermanentSinkError, SinkContext, SinkError
+from evd.sinks.base import Batch, PermanentSinkError, SinkError
 from evd.sinks.http import EXCERPT_CHARS, HttpSink, HttpSinkConfig, parse_retry_after
 
 pytestmark = pytest.mark.workers_independent
@@ -109,7 +110,7 @@ async def target() -> AsyncIterator[Target]:
 def make_sink(tmp_path: Path, url: str, timeout_s: float = 5.0, auth: bool = True) -> HttpSink:
     cfg = HttpSinkConfig(name="hook", url=url, headers={"Authorization": AUTH} if auth else {},
                          timeout_s=timeout_s)
-    return HttpSink(cfg, SinkContext(tmp_path, 0, 1, 4, WINDOW_MS))
+    return HttpSink(cfg, sink_context(tmp_path, 0, 1, 4, WINDOW_MS))
 
 
 @pytest.fixture
@@ -182,7 +183,7 @@ async def test_a_configured_content_type_replaces_the_default(
 ) -> None:
     cfg = HttpSinkConfig(name="hook", url=target.url,
                          headers={"content-type": "application/json; charset=utf-8"})
-    sink = HttpSink(cfg, SinkContext(tmp_path, 0, 1, 4, WINDOW_MS))
+    sink = HttpSink(cfg, sink_context(tmp_path, 0, 1, 4, WINDOW_MS))
     await sink.start()
     try:
         await sink.write(events_batch(1))

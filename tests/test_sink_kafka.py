@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
+from evdtest import sink_context
 
 from evd.bench.tansu import Broker
 from evd.config import load_config
@@ -40,7 +41,7 @@ from evd.core.schema import (
 )
 from evd.sinks import rows
 from evd.sinks.audit.ledger import Ledger
-from evd.sinks.base import Batch, PermanentSinkError, SinkContext, SinkError
+from evd.sinks.base import Batch, PermanentSinkError, SinkError
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.kafka import STREAM_HEADER, KafkaSink, KafkaSinkConfig
 from evd.sinks.registry import build_sink
@@ -80,7 +81,7 @@ def kafka_section(bootstrap: str) -> KafkaConfig:
 
 def make_sink(tmp_path: Path, bootstrap: str, topic: str, **options: Any) -> KafkaSink:
     cfg = KafkaSinkConfig(name="team", topic=topic, **options)
-    ctx = SinkContext(tmp_path, 0, 1, PARTITIONS, WINDOW_MS, kafka=kafka_section(bootstrap))
+    ctx = sink_context(tmp_path, 0, 1, PARTITIONS, WINDOW_MS, kafka=kafka_section(bootstrap))
     return KafkaSink(cfg, ctx)
 
 
@@ -195,7 +196,7 @@ async def test_the_loops_streams_and_event_types_filter_what_is_produced(
         Kind.LATE, T_MS, events_value(["l1"], ["u4"], raw_offset=1)))
     sink_cfg = KafkaSinkConfig(name="plays", topic=f"{kafka_prefix}plays",
                                streams=["events"], event_types=["play"])
-    ctx = SinkContext(tmp_path, 0, 1, PARTITIONS, WINDOW_MS, kafka=kafka_section(
+    ctx = sink_context(tmp_path, 0, 1, PARTITIONS, WINDOW_MS, kafka=kafka_section(
         kafka_broker.bootstrap))
     sink = build_sink(sink_cfg, ctx)
     assert isinstance(sink, KafkaSink)
@@ -335,7 +336,7 @@ sinks:
     assert isinstance(charts, KafkaSinkConfig)
     assert (charts.partitions, charts.create_topic, charts.bootstrap_servers, charts.linger_ms,
             charts.timeout_s) == (0, True, None, 5, 30.0)
-    ctx = SinkContext(tmp_path, 0, 1, 8, WINDOW_MS, kafka=cfg.kafka)
+    ctx = sink_context(tmp_path, 0, 1, 8, WINDOW_MS, kafka=cfg.kafka)
     sink = build_sink(plays, ctx)
     assert isinstance(sink, KafkaSink)
     assert sink.describe() == {"type": "kafka", "topic": "team-a.plays",

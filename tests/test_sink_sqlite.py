@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from evdtest import sink_context
 
 from evd.bench.traffic import TrafficConfig, TrafficModel, encode_envelope
 from evd.core.schema import (
@@ -133,7 +134,7 @@ def batch_of(stream: str, values: list[Any]) -> Batch:
 
 
 def context(tmp_path: Path) -> SinkContext:
-    return SinkContext(tmp_path, 0, 1, 4, WINDOW_MS)
+    return sink_context(tmp_path, 0, 1, 4, WINDOW_MS)
 
 
 @pytest.fixture

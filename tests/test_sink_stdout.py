@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from evdtest import sink_context
 
 from evd.core.schema import (
     ChartRow,
@@ -24,7 +25,7 @@ from evd.core.schema import (
     SessionsBatch,
 )
 from evd.sinks import rows
-from evd.sinks.base import Batch, SinkContext
+from evd.sinks.base import Batch
 from evd.sinks.stdout import StdoutSink, StdoutSinkConfig
 
 pytestmark = pytest.mark.workers_independent
@@ -44,7 +45,7 @@ def events_batch() -> Batch:
 
 
 async def test_stdout_writes_one_line_per_item(tmp_path: Path) -> None:
-    ctx = SinkContext(tmp_path, 0, 1, 4, 60_000)
+    ctx = sink_context(tmp_path, 0, 1, 4, 60_000)
     read_fd, write_fd = os.pipe()
     sink = StdoutSink(StdoutSinkConfig(name="out"), ctx, fd=write_fd)
     await sink.start()

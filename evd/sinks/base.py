@@ -42,12 +42,12 @@ class SinkContext:
     partitions: int
     #: The charts window (window_end = window_start + it).
     chart_window_ms: int
+    #: A consumer of this server's log by name (None: anonymous), not yet
+    #: assigned; the caller closes it (the lake reads the processors' progress).
+    open_consumer: Callable[[str | None], Consumer]
     #: The server's kafka section (the kafka sink's cluster, security and
     #: producer settings); None: its defaults.
     kafka: KafkaConfig | None = None
-    #: A consumer of this server's log by name (None: anonymous), not yet
-    #: assigned; the caller closes it. None: the embedded log under data_dir.
-    open_consumer: Callable[[str | None], Consumer] | None = None
 
 
 class SinkError(EvdError):

@@ -20,7 +20,7 @@ from pathlib import Path
 import msgspec
 
 from evd.core.errors import EvdError
-from evd.core.log.embedded.framing import write_atomic
+from evd.core.files import write_atomic
 
 __all__ = ["DirectoryStore", "Snapshot", "SnapshotError", "SnapshotStore", "decode", "encode"]
 

@@ -17,8 +17,7 @@ Always: ``now >= hour end + success_grace_s`` (wall clock). Then:
   measured after that (every file of the hour is renamed). The grace covers
   the disorder of received_at within a raw sub-log (appends of requests
   received milliseconds apart). Both are read through the log's consumers
-  (``SinkContext.open_consumer``: the embedded log or Kafka; without it, the
-  embedded log under data_dir).
+  (``SinkContext.open_consumer``: the embedded log or Kafka).
 
 A marked hour is never written again: rows for it go to the ``_late`` layout
 (checked when a file is started and again before its rename) and are counted
@@ -39,9 +38,8 @@ from pathlib import Path
 
 import orjson
 
+from evd.core.files import write_atomic
 from evd.core.log import PROCESSOR, Consumer, Stream, SubLog, TopicPartition
-from evd.core.log.embedded.consumer import EmbeddedConsumer
-from evd.core.log.embedded.framing import write_atomic
 from evd.core.log.records import header_of
 from evd.sinks import rows
 from evd.sinks.base import SinkContext
@@ -275,9 +273,8 @@ class Hours:
     async def _delivered_hours(self, stream: str, hours: list[int]) -> list[int]:
         """The hours (a prefix of ``hours``) whose rows the processor has processed
         and this sink has delivered, read through the log's consumers
-        (``ctx.open_consumer``; without it, embedded consumers of data_dir)."""
-        data_dir = Path(self.ctx.data_dir)
-        open_consumer = self.ctx.open_consumer or (lambda name: EmbeddedConsumer(data_dir, name))
+        (``ctx.open_consumer``)."""
+        open_consumer = self.ctx.open_consumer
         raw = [TopicPartition(Stream.RAW, p) for p in range(self.ctx.partitions)]
         mine = [TopicPartition(stream, p) for p in range(self.ctx.partitions)]
         async with AsyncExitStack() as opened:  # every consumer opened is closed

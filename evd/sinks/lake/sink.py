@@ -52,8 +52,8 @@ import orjson
 from evd.core import metrics
 from evd.core.config import BatchConfig, MiB, SinkConfig
 from evd.core.errors import ConfigError, EvdError
+from evd.core.files import fsync_dir, write_atomic
 from evd.core.log import Stream
-from evd.core.log.embedded.framing import fsync_dir, write_atomic
 from evd.sinks import rows
 from evd.sinks.base import Batch, Sink, SinkContext, SinkError
 from evd.sinks.lake.completeness import (

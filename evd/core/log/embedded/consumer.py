@@ -25,8 +25,8 @@ from typing import Literal
 
 import orjson
 
+from evd.core.files import write_atomic
 from evd.core.log import Consumer, ConsumerRecord, InvalidOffset, Lag, SubLog, TopicPartition
-from evd.core.log.embedded.framing import write_atomic
 from evd.core.log.embedded.sublog import SubLogReader, parse_writer, writer_name, writers_of
 from evd.core.log.embedded.wake import DurableWatch
 

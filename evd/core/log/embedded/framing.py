@@ -6,10 +6,8 @@ corrupt length is caught as surely as a corrupt payload.
 
 from __future__ import annotations
 
-import os
 import struct
 import zlib
-from pathlib import Path
 
 HEADER = struct.Struct("<II")
 #: Largest payload a frame may claim; a bigger length is treated as corruption
@@ -47,23 +45,3 @@ def scan_frames(
         spans.append((pos + HEADER.size, end))
         pos = end
     return spans, pos
-
-
-def fsync_dir(path: Path) -> None:
-    """Make the entries of directory ``path`` (created, renamed, removed files) durable."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` atomically and durably (temp, fsync, rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)

@@ -26,7 +26,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from evd.core.log.embedded.framing import IOV_MAX, frame, fsync_dir, scan_frames
+from evd.core.files import fsync_dir
+from evd.core.log.embedded.framing import IOV_MAX, frame, scan_frames
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ import os
 from pathlib import Path
 
 from evd.core.errors import ConfigError
+from evd.core.files import fsync_dir
 from evd.core.log import Record
-from evd.core.log.embedded.framing import fsync_dir
 from evd.core.log.embedded.journal import DIRNAME as JOURNAL_DIR
 from evd.core.log.embedded.journal import SUFFIX as JOURNAL_SUFFIX
 from evd.core.log.embedded.sublog import (
