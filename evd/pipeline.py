@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import Any
 
-from evd.core import metrics
 from evd.core.config import BatchConfig, Config, RetryConfig
 from evd.core.log import PROCESSOR, Consumer, Producer, SubLog, TopicPartition
 from evd.core.log.embedded.consumer import EmbeddedConsumer
@@ -29,6 +28,8 @@ from evd.sinks.audit import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.ledger import Ledger
+from evd.sinks.metrics import SinkMetrics, set_sinks
+from evd.state import metrics
 from evd.state.charts_view import ChartsView, make_view
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
@@ -98,14 +99,14 @@ def delivery_loops(
     """A delivery loop per configured sink, and the audit stage, over ``partitions``
     (not started); each reads through its own consumer, named after it."""
     # The audit stage's counts and lag are reported beside the sinks' (sink="audit").
-    metrics.set_sinks([*(sink.name for sink in cfg.sinks), AUDIT_STAGE])
+    set_sinks([*(sink.name for sink in cfg.sinks), AUDIT_STAGE])
     loops = [
         DeliveryLoop(
             name=sink_cfg.name, sink=build_sink(sink_cfg, ctx),
             consumer=open_consumer(sink_cfg.name), producer=producer, ledger=ledger,
             streams=sink_cfg.streams, partitions=partitions, batch=sink_cfg.batch,
             retry=sink_cfg.retry, event_types=sink_cfg.event_types,
-            sink_metrics=metrics.SinkMetrics(i), raw_ends=raw_ends,
+            sink_metrics=SinkMetrics(i), raw_ends=raw_ends,
         )
         for i, sink_cfg in enumerate(cfg.sinks)
     ]
@@ -113,7 +114,7 @@ def delivery_loops(
         name=AUDIT_STAGE, sink=AuditStage(), consumer=open_consumer(AUDIT_STAGE), producer=None,
         ledger=ledger, streams=AUDIT_STREAMS, partitions=partitions,
         batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit", raw_ends=raw_ends,
-        sink_metrics=metrics.SinkMetrics(len(cfg.sinks)),
+        sink_metrics=SinkMetrics(len(cfg.sinks)),
     ))
     return loops
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from evd.core import metrics
 from evd.core.config import LimitsConfig
+from evd.edge import metrics
 from evd.edge.flow_control import FlowControl
 from evd.edge.ingest import Pending, Reply, error_reply
 
@@ -316,7 +316,7 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self.server.ingest.committed(pending)
                 reply = pending.reply
-                metrics.HOT.observe_request(time.perf_counter() - slot.started)
+                metrics.REQUEST_SECONDS.observe(time.perf_counter() - slot.started)
         except Exception as exc:  # noqa: BLE001 (every request gets one answer)
             self.server.report(exc, "answering a committed request failed")
             reply = INTERNAL_ERROR

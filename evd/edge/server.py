@@ -10,11 +10,13 @@ from typing import Any
 import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from evd.core import metrics
 from evd.core.config import Config
 from evd.core.host import HostState
 from evd.core.log import Producer
+from evd.core.metrics.exposition import render
+from evd.core.metrics.lifecycle import set_ready
 from evd.core.throttle import ThrottledLog
+from evd.edge import metrics
 from evd.edge.auth import KeyRing
 from evd.edge.http import HttpProtocol, Slot, phase_timeouts
 from evd.edge.ingest import Ingest, Pending, Reply, error_reply
@@ -110,14 +112,14 @@ class Server:
             return _OK, None
         if path == b"/readyz":
             reason = self.unready_reason()
-            metrics.READY.set(reason is None)
+            set_ready(reason is None)
             body = msgspec.json.encode(Readiness(reason is None, reason))
             return Reply(200 if reason is None else 503, body), None
         if path == b"/metrics":
             # The whole server's metrics (every worker's, merged), this worker's
             # readiness as of now.
-            metrics.READY.set(self.unready_reason() is None)
-            return Reply(200, metrics.render()), _METRICS_TYPE
+            set_ready(self.unready_reason() is None)
+            return Reply(200, render()), _METRICS_TYPE
         if path == CHARTS_PATH:
             return self._charts(url), None
         return error_reply(404, "not found"), None
@@ -193,7 +195,7 @@ class Server:
 
     def count_request(self, path: bytes, status: int) -> None:
         """Count an answered request under a bounded set of path labels."""
-        metrics.HOT.request(_PATH_LABELS.get(path, "other"), status)
+        metrics.REQUESTS.count(_PATH_LABELS.get(path, "other"), status)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Listen (SO_REUSEPORT, so sibling workers can share the port)."""

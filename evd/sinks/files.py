@@ -95,7 +95,6 @@ import orjson
 import zstandard
 from msgspec.structs import astuple
 
-from evd.core import metrics
 from evd.core.config import SINK_STREAMS, FilesSinkConfig
 from evd.core.errors import ConfigError, EvdError
 from evd.core.log import PROCESSOR, Consumer, Stream, SubLog, TopicPartition
@@ -113,7 +112,7 @@ from evd.core.schema import (
     Session,
     SessionsBatch,
 )
-from evd.sinks import rows
+from evd.sinks import metrics, rows
 from evd.sinks.base import Batch, Sink, SinkContext, SinkError
 
 __all__ = ["FilesSink", "caught_up", "hour_path", "processed_until"]
