@@ -58,7 +58,7 @@ AUDIT_ROWS = Counter("evd_audit_events", "Raw events the audit counted as accept
 
 def set_sinks(names: Sequence[str]) -> None:
     """Name the sinks (the config's order); every worker has the same config."""
-    _SINK.name(names)
+    _SINK.set(names)
 
 
 class SinkMetrics:

@@ -321,7 +321,7 @@ class Labels:
         self.capacity = capacity
         self.names: list[str] = []
 
-    def name(self, names: Sequence[str]) -> None:
+    def set(self, names: Sequence[str]) -> None:
         """The values, by index (every worker names them alike)."""
         if len(names) > self.capacity:
             raise ValueError(f"at most {self.capacity} {self.label}s")
