@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from evd.config import Config
-from evd.core import metrics
 from evd.core.config import BatchConfig, RetryConfig
 from evd.core.log import PROCESSOR, Consumer, Producer, Stream, SubLog, TopicPartition
 from evd.edge.charts import ChartsView, make_view
@@ -37,7 +36,9 @@ from evd.sinks.audit.ledger import Ledger
 from evd.sinks.audit.stage import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
 from evd.sinks.base import SinkContext
 from evd.sinks.delivery import DeliveryLoop
+from evd.sinks.metrics import SinkMetrics, set_sinks
 from evd.sinks.registry import build_sink
+from evd.state import metrics
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
 
@@ -230,14 +231,14 @@ class Stages:
         """The loops of every configured sink and the audit stage (not started)."""
         cfg = self.cfg
         # The audit stage's counts and lag are reported beside the sinks' (sink="audit").
-        metrics.set_sinks([*(sink.name for sink in cfg.sinks), AUDIT_STAGE])
+        set_sinks([*(sink.name for sink in cfg.sinks), AUDIT_STAGE])
         loops = [
             DeliveryLoop(
                 name=sink_cfg.name, sink=build_sink(sink_cfg, ctx),
                 consumer=self.open_consumer(sink_cfg.name), producer=self.producer,
                 ledger=self.ledger, streams=sink_cfg.streams, partitions=partitions,
                 batch=sink_cfg.batch, retry=sink_cfg.retry, event_types=sink_cfg.event_types,
-                sink_metrics=metrics.SinkMetrics(i), raw_ends=raw_ends,
+                sink_metrics=SinkMetrics(i), raw_ends=raw_ends,
             )
             for i, sink_cfg in enumerate(cfg.sinks)
         ]
@@ -245,7 +246,7 @@ class Stages:
             name=AUDIT_STAGE, sink=AuditStage(), consumer=self.open_consumer(AUDIT_STAGE),
             producer=None, ledger=self.ledger, streams=AUDIT_STREAMS, partitions=partitions,
             batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit", raw_ends=raw_ends,
-            sink_metrics=metrics.SinkMetrics(len(cfg.sinks)),
+            sink_metrics=SinkMetrics(len(cfg.sinks)),
         ))
         return loops
 

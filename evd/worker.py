@@ -20,13 +20,13 @@ from pathlib import Path
 import uvloop
 
 from evd.config import Config
-from evd.core import metrics
 from evd.core.errors import EvdError
 from evd.core.host import HostState, run_dir
 from evd.core.log import Producer
 from evd.core.log.embedded.layout import upgrade_layout
 from evd.core.log.embedded.producer import EmbeddedLog, recover_writers
 from evd.core.log.kafka.producer import KafkaLog
+from evd.core.metrics.lifecycle import start_worker, stop_worker
 from evd.edge.auth import RateLimiter
 from evd.edge.ingest import Ingest
 from evd.edge.server import Server
@@ -118,7 +118,7 @@ async def serve(
     await pipeline.start()
     if "edge" in cfg.server.roles:
         server.charts = pipeline.charts
-    metrics.start_worker(
+    start_worker(
         run, index, host.workers,
         pending_bytes=lambda: lg.pending_bytes,
         serving=lambda: not server.draining and lg.writable,
@@ -141,7 +141,7 @@ async def serve(
     await server.drain(cfg.server.drain_grace_s, cfg.server.drain_timeout_s)
     await pipeline.stop()
     await lg.close()
-    metrics.stop_worker()
+    stop_worker()
     limiter.close()
     if failures:
         raise StageFailed(f"worker {index} stopped: a stage failed: {failures[0]!r}")

@@ -24,9 +24,24 @@ import pytest
 from evdtest import ServerFactory, batch, exchange, make_event, raw_post, request
 from prometheus_client.parser import text_string_to_metric_families
 
-from evd.core import metrics
 from evd.core.host import HostState
+from evd.core.log.embedded.metrics import LOG_BYTES_WRITTEN, LOG_FLUSH_SECONDS
+from evd.core.metrics.exposition import render
+from evd.core.metrics.lifecycle import start_worker, stop_worker
+from evd.core.metrics.slots import HOT, read, seal, worker_file
+from evd.edge import ingest
 from evd.edge.http import STATUS_LINES
+from evd.edge.metrics import (
+    ACCEPTED,
+    CONNECTIONS,
+    PATHS,
+    RECEIVED,
+    REJECT_REASONS,
+    REJECTED,
+    REQUEST_SECONDS,
+    REQUESTS,
+    STATUSES,
+)
 from evd.edge.routes import PATH_LABELS
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -47,7 +62,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 def worker(run_dir: Path, index: int, workers: int, conn: Connection) -> None:
     """A worker process: does what the parent asks, one command at a time."""
-    metrics.start_worker(
+    start_worker(
         run_dir, index, workers, pending_bytes=lambda: 100 + index, serving=lambda: True
     )
     while True:
@@ -56,7 +71,7 @@ def worker(run_dir: Path, index: int, workers: int, conn: Connection) -> None:
             count(int(arg))
             conn.send(None)
         elif command == "scrape":
-            conn.send(metrics.render())
+            conn.send(render())
         elif command == "exit":
             conn.send(None)
             return
@@ -64,16 +79,15 @@ def worker(run_dir: Path, index: int, workers: int, conn: Connection) -> None:
 
 def count(n: int) -> None:
     """What ``n`` single-event POSTs and one open connection count."""
-    hot = metrics.HOT
     for _ in range(n):
-        hot.counts[metrics.RECEIVED] += 1
-        hot.counts[metrics.ACCEPTED] += 1
-        hot.request("/v1/events", 200)
-        hot.observe_request(0.003)
-    hot.reject("invalid", n)
-    metrics.LOG_FLUSH_SECONDS.observe(0.0007)
-    metrics.LOG_BYTES_WRITTEN.inc(1000 * n)
-    metrics.CONNECTIONS.inc()
+        HOT.counts[RECEIVED.slot] += 1
+        HOT.counts[ACCEPTED.slot] += 1
+        REQUESTS.count("/v1/events", 200)
+        REQUEST_SECONDS.observe(0.003)
+    REJECTED.inc("invalid", n)
+    LOG_FLUSH_SECONDS.observe(0.0007)
+    LOG_BYTES_WRITTEN.inc(1000 * n)
+    CONNECTIONS.inc()
 
 
 class Workers:
@@ -205,10 +219,10 @@ def test_a_worker_not_started_yet_counts_as_down(workers: Workers) -> None:
 
 
 def test_without_a_run_dir_a_scrape_reads_this_process_alone() -> None:
-    before = parse(metrics.render())
-    metrics.HOT.counts[metrics.RECEIVED] += 4
-    metrics.HOT.request("other", 404)
-    after = parse(metrics.render())
+    before = parse(render())
+    HOT.counts[RECEIVED.slot] += 4
+    REQUESTS.count("other", 404)
+    after = parse(render())
     assert value(after, "evd_events_received_total") == value(before, "evd_events_received_total") + 4
     assert value(after, "evd_worker_up", worker="0") == 1
     assert value(after, "evd_worker_events_received_total", worker="0") == value(
@@ -220,12 +234,12 @@ def test_without_a_run_dir_a_scrape_reads_this_process_alone() -> None:
 @pytest.fixture
 def own_counts() -> Iterator[None]:
     """This process's counts are put back after the test (it makes the process a worker)."""
-    saved = bytes(metrics.HOT.buffer[: metrics.SLOTS * 8])
+    saved = bytes(HOT.buffer[: seal().size * 8])
     try:
         yield
     finally:
-        metrics.stop_worker()
-        metrics.HOT.buffer[:] = saved
+        stop_worker()
+        HOT.buffer[:] = saved
 
 
 @pytest.mark.usefixtures("own_counts")
@@ -233,14 +247,14 @@ def test_start_maps_the_workers_file_and_stop_goes_on_from_it(tmp_path: Path) ->
     """start_worker counts from the file's counts; stop_worker goes on privately from there."""
     run = tmp_path / "run"
     HostState.create(run, 1).close()
-    metrics.start_worker(run, 0, 1, pending_bytes=lambda: 0)
-    metrics.HOT.counts[metrics.RECEIVED] += 2
-    assert metrics.worker_file(run, 0).exists()
-    assert value(parse(metrics.render()), "evd_events_received_total") == 2
-    metrics.stop_worker()
-    metrics.HOT.counts[metrics.RECEIVED] += 1
-    assert metrics.HOT.counts[metrics.RECEIVED] == 3
-    assert not isinstance(metrics.HOT.buffer, mmap.mmap)
+    start_worker(run, 0, 1, pending_bytes=lambda: 0)
+    HOT.counts[RECEIVED.slot] += 2
+    assert worker_file(run, 0).exists()
+    assert value(parse(render()), "evd_events_received_total") == 2
+    stop_worker()
+    HOT.counts[RECEIVED.slot] += 1
+    assert HOT.counts[RECEIVED.slot] == 3
+    assert not isinstance(HOT.buffer, mmap.mmap)
 
 
 @pytest.mark.usefixtures("own_counts")
@@ -248,13 +262,13 @@ def test_ready_needs_every_worker_up_and_serving(tmp_path: Path) -> None:
     run = tmp_path / "run"
     host = HostState.create(run, 1)
     serving = [True]
-    metrics.start_worker(run, 0, 1, pending_bytes=lambda: 0, serving=lambda: serving[0])
+    start_worker(run, 0, 1, pending_bytes=lambda: 0, serving=lambda: serving[0])
     try:
-        assert value(parse(metrics.render()), "evd_ready") == 0  # not up yet
+        assert value(parse(render()), "evd_ready") == 0  # not up yet
         host.set_up(0, True)
-        assert value(parse(metrics.render()), "evd_ready") == 1
+        assert value(parse(render()), "evd_ready") == 1
         serving[0] = False  # draining, or the log turned read-only
-        assert value(parse(metrics.render()), "evd_ready") == 0
+        assert value(parse(render()), "evd_ready") == 0
     finally:
         host.close()
 
@@ -263,21 +277,22 @@ def test_ready_needs_every_worker_up_and_serving(tmp_path: Path) -> None:
 def test_a_file_of_another_layout_is_neither_read_nor_continued(tmp_path: Path) -> None:
     run = tmp_path / "run"
     HostState.create(run, 1).close()
-    path = metrics.worker_file(run, 0)
+    path = worker_file(run, 0)
     path.parent.mkdir(parents=True)
-    path.write_bytes(b"\x01" * metrics.FILE_SIZE)
-    assert metrics._read(path) is None
-    metrics.start_worker(run, 0, 1, pending_bytes=lambda: 0)
-    assert metrics.HOT.counts[metrics.RECEIVED] == 0
-    assert metrics._read(path) is not None
+    path.write_bytes(b"\x01" * seal().file_size)
+    assert read(path) is None
+    start_worker(run, 0, 1, pending_bytes=lambda: 0)
+    assert HOT.counts[RECEIVED.slot] == 0
+    assert read(path) is not None
 
 
 def test_every_label_the_edge_uses_has_its_slot() -> None:
-    assert set(PATH_LABELS.values()) | {"other"} == set(metrics.PATHS)
-    assert set(STATUS_LINES) <= set(metrics.STATUSES)
-    text = Path(metrics.__file__).parent.parent.joinpath("edge", "ingest.py").read_text()
-    used = {line.split('reject("')[1].split('"')[0] for line in text.splitlines() if 'reject("' in line}
-    assert used == set(metrics.REJECT_REASONS)
+    assert set(PATH_LABELS.values()) | {"other"} == set(PATHS)
+    assert set(STATUS_LINES) <= set(STATUSES)
+    text = Path(ingest.__file__).read_text()
+    mark = 'REJECTED.inc("'
+    used = {line.split(mark)[1].split('"')[0] for line in text.splitlines() if mark in line}
+    assert used == set(REJECT_REASONS)
 
 
 # -- through evd serve --workers 2 ---------------------------------------------------------

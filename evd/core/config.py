@@ -222,7 +222,7 @@ SINK_STREAMS = ("events", "late", "sessions", "charts", "dead_letter")
 EVENT_TYPES = ("play", "pause", "resume", "seek", "skip", "end")
 #: Consumer (and Kafka group) names the pipeline uses itself; a sink may not take them.
 RESERVED_NAMES = ("processor", "audit", "processors", "deliverers")
-#: Sinks a config may list: the metrics keep slots for each (evd.core.metrics
+#: Sinks a config may list: the metrics keep slots for each (evd.sinks.metrics
 #: MAX_SINKS) and one for the audit stage.
 MAX_SINKS = 15
 

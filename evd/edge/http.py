@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import httptools
 
-from evd.core import metrics
 from evd.core.config import LimitsConfig
+from evd.edge import metrics
 from evd.edge.flow_control import FlowControl
 from evd.edge.ingest import Pending, Reply, error_reply
 from evd.edge.routes import EVENTS_PATH
@@ -323,7 +323,7 @@ class HttpProtocol(asyncio.Protocol):
             else:
                 self.host.events_committed(pending)
                 reply = pending.reply
-                metrics.HOT.observe_request(time.perf_counter() - slot.started)
+                metrics.REQUEST_SECONDS.observe(time.perf_counter() - slot.started)
         except Exception as exc:  # noqa: BLE001 (every request gets one answer)
             self.host.report(exc, "answering a committed request failed")
             reply = INTERNAL_ERROR

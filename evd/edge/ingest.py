@@ -18,11 +18,11 @@ from typing import Any, NamedTuple
 import msgspec
 
 from evd.config import Config
-from evd.core import metrics
 from evd.core.errors import EvdError, LogOverloaded, LogUnavailable, explain_validation
 from evd.core.log import Append, Producer, partition_for, partitions_for
 from evd.core.log import records as rec
 from evd.core.log.streams import Stream
+from evd.core.metrics.slots import HOT
 from evd.core.schema import (
     DeadLetter,
     Event,
@@ -38,6 +38,7 @@ from evd.core.schema import (
     json_encoder,
     raw_envelope_decoder,
 )
+from evd.edge import metrics
 from evd.edge.auth import RateLimiter
 
 
@@ -185,10 +186,10 @@ class Ingest:
         n_events = len(events) + len(rejected)
         if n_events > self.max_events:
             return self._too_many(n_events)
-        metrics.HOT.counts[metrics.RECEIVED] += n_events
+        HOT.counts[metrics.RECEIVED.slot] += n_events
         wait = self.limiter.take(key, n_events) if self.limiter.rate > 0 else 0.0
         if wait:
-            metrics.HOT.reject("rate_limited", n_events)
+            metrics.REJECTED.inc("rate_limited", n_events)
             return error_reply(429, "rate limit exceeded for this API key", int(wait))
 
         skew = 0
@@ -214,16 +215,16 @@ class Ingest:
             if records:
                 durable = self.log.append_all(records)  # all of the request's, or none
         except LogOverloaded as exc:
-            metrics.HOT.reject("overloaded", n_events)
+            metrics.REJECTED.inc("overloaded", n_events)
             return error_reply(503, f"overloaded: {exc}", 1)
         except LogUnavailable as exc:
-            metrics.HOT.reject("log_unavailable", n_events)
+            metrics.REJECTED.inc("log_unavailable", n_events)
             return error_reply(503, f"log unavailable: {exc}", 5)
 
         if rejected:
-            metrics.HOT.reject("invalid", len(rejected))
+            metrics.REJECTED.inc("invalid", len(rejected))
         if duplicates:
-            metrics.HOT.counts[metrics.DUPLICATES] += duplicates
+            HOT.counts[metrics.DUPLICATES.slot] += duplicates
         reply = Reply(
             200, json_encoder.encode(IngestResult(len(accepted_ids), duplicates, rejected))
         )
@@ -337,8 +338,8 @@ class Ingest:
     def committed(self, pending: Pending) -> None:
         """Called once a Pending's appends are durable."""
         self.recent.add_all(pending.event_ids)
-        metrics.HOT.counts[metrics.ACCEPTED] += len(pending.event_ids)
+        HOT.counts[metrics.ACCEPTED.slot] += len(pending.event_ids)
 
     def _too_many(self, n: int) -> Reply:
-        metrics.HOT.reject("too_many_events", n)
+        metrics.REJECTED.inc("too_many_events", n)
         return error_reply(413, f"{n} events exceed limits.max_events_per_batch={self.max_events}")

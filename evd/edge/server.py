@@ -19,10 +19,12 @@ import msgspec
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from evd.config import Config
-from evd.core import metrics
 from evd.core.host import HostState
 from evd.core.log import Producer
+from evd.core.metrics.exposition import render
+from evd.core.metrics.lifecycle import set_ready
 from evd.core.throttle import ThrottledLog
+from evd.edge import metrics
 from evd.edge.auth import KeyRing
 from evd.edge.charts import ChartsView, QueryError, parse_query
 from evd.edge.http import HttpProtocol, Slot
@@ -121,15 +123,15 @@ class Server:
     def _readyz(self, url: bytes) -> Answer:
         """GET /readyz: 200 when ready, else 503 with the reason."""
         reason = self.unready_reason()
-        metrics.READY.set(reason is None)
+        set_ready(reason is None)
         body = msgspec.json.encode(Readiness(reason is None, reason))
         return Reply(200 if reason is None else 503, body), None
 
     def _metrics(self, url: bytes) -> Answer:
         """GET /metrics: the whole server's metrics (every worker's, merged), this
         worker's readiness as of now."""
-        metrics.READY.set(self.unready_reason() is None)
-        return Reply(200, metrics.render()), _METRICS_TYPE
+        set_ready(self.unready_reason() is None)
+        return Reply(200, render()), _METRICS_TYPE
 
     def _charts(self, url: bytes) -> Answer:
         """GET /v1/charts/top-tracks: the query's top tracks (400 for a bad query)."""
@@ -203,7 +205,7 @@ class Server:
 
     def count_request(self, path: bytes, status: int) -> None:
         """Count an answered request under a bounded set of path labels."""
-        metrics.HOT.request(PATH_LABELS.get(path, "other"), status)
+        metrics.REQUESTS.count(PATH_LABELS.get(path, "other"), status)
 
     async def start(self, host: str, port: int, sock: socket.socket | None = None) -> None:
         """Listen (SO_REUSEPORT, so sibling workers can share the port)."""

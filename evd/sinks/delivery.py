@@ -32,12 +32,11 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from evd.core import metrics
 from evd.core.config import BatchConfig, RetryConfig
 from evd.core.log import Consumer, Producer, SubLog, TopicPartition, records
 from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter
-from evd.sinks import rows
+from evd.sinks import metrics, rows
 from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey
 from evd.sinks.base import Batch, Sink
 

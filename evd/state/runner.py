@@ -29,11 +29,11 @@ from typing import Any
 import msgspec
 
 from evd.config import Config
-from evd.core import metrics
 from evd.core.log import Append, Consumer, Producer, SubLog, TopicPartition
 from evd.core.log import records as rec
 from evd.core.log.streams import Stream
 from evd.core.schema import ChartsBatch, SessionsBatch
+from evd.state import metrics
 from evd.state.processor import Outputs, PartitionProcessor, PartitionState
 from evd.state.snapshots import Snapshot, SnapshotStore
 

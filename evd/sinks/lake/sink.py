@@ -49,12 +49,11 @@ from typing import Any, Literal, NamedTuple
 import msgspec
 import orjson
 
-from evd.core import metrics
 from evd.core.config import BatchConfig, MiB, SinkConfig
 from evd.core.errors import ConfigError, EvdError
 from evd.core.files import fsync_dir, write_atomic
 from evd.core.log import Stream
-from evd.sinks import rows
+from evd.sinks import metrics, rows
 from evd.sinks.base import Batch, Sink, SinkContext, SinkError
 from evd.sinks.lake.completeness import (
     CHECK_INTERVAL_S,

@@ -48,10 +48,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Literal
 
-from evd.core import metrics
 from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
 from evd.core.files import fsync_dir
 from evd.core.log import Append, Producer, Record
+from evd.core.log.embedded import metrics
 from evd.core.log.embedded.framing import HEADER as FRAME_HEADER
 from evd.core.log.embedded.framing import IOV_MAX, frame, scan_frames
 from evd.core.log.embedded.journal import DIRNAME as JOURNAL_DIR

@@ -26,8 +26,8 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-from evd.core import metrics
 from evd.core.config import LogConfig
+from evd.core.log.embedded import metrics
 from evd.core.log.embedded.consumer import committed_offsets, consumer_names
 from evd.core.log.embedded.layout import writers_on_disk
 from evd.core.log.embedded.producer import EmbeddedLog
