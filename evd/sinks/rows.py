@@ -75,6 +75,7 @@ __all__ = [
     "DEAD_LETTER_COLUMNS",
     "EVENT_ENRICHMENT",
     "HOUR_MS",
+    "Columns",
     "EventRow",
     "EventStruct",
     "Leaf",
