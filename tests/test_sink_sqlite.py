@@ -14,6 +14,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 from evdtest import sink_context
 
@@ -35,8 +36,9 @@ from evd.core.schema import (
     epoch_ms,
 )
 from evd.sinks import rows
+from evd.sinks import sqlite as warehouse_module
 from evd.sinks.base import Batch, PermanentSinkError, SinkContext, SinkError
-from evd.sinks.sqlite import SqliteSink, SqliteSinkConfig, letter_id
+from evd.sinks.sqlite import SqliteSink, SqliteSinkConfig, letter_id, warehouse
 
 pytestmark = pytest.mark.workers_independent
 
@@ -176,6 +178,156 @@ async def test_schema_is_as_named_in_wal_mode(sink: SqliteSink, tmp_path: Path) 
     pk = {r[1]: r[5] for r in select(path, "PRAGMA table_info(events)")}
     assert pk["event_id"] == 1 and sum(pk.values()) == 1
     assert select(path, "PRAGMA index_list(charts)")[0][1:3] == ("charts_key", 1)
+
+
+#: (table, column, type, NOT NULL, primary key) of every column of a new file, in
+#: order: what warehouses made before the tables were derived from evd.sinks.rows
+#: have, and what readers query.
+PINNED_SCHEMA = [
+    ("events", "event_id", "TEXT", 0, 1),
+    ("events", "event_type", "TEXT", 1, 0),
+    ("events", "timestamp", "TEXT", 1, 0),
+    ("events", "event_time", "INTEGER", 1, 0),
+    ("events", "user_id", "TEXT", 1, 0),
+    ("events", "track_id", "TEXT", 1, 0),
+    ("events", "page_uri", "TEXT", 0, 0),
+    ("events", "playlist_uri", "TEXT", 0, 0),
+    ("events", "position_ms", "INTEGER", 1, 0),
+    ("events", "duration_ms", "INTEGER", 1, 0),
+    ("events", "initiator", "TEXT", 0, 0),
+    ("events", "os", "TEXT", 0, 0),
+    ("events", "client_version", "TEXT", 0, 0),
+    ("events", "country", "TEXT", 0, 0),
+    ("events", "region", "TEXT", 0, 0),
+    ("events", "late", "INTEGER", 1, 0),
+    ("events", "received_at", "INTEGER", 1, 0),
+    ("events", "raw", "TEXT", 1, 0),
+    ("sessions", "session_id", "TEXT", 0, 1),
+    ("sessions", "user_id", "TEXT", 1, 0),
+    ("sessions", "started_at", "INTEGER", 1, 0),
+    ("sessions", "ended_at", "INTEGER", 1, 0),
+    ("sessions", "event_count", "INTEGER", 1, 0),
+    ("sessions", "play_count", "INTEGER", 1, 0),
+    ("sessions", "stream_count", "INTEGER", 1, 0),
+    ("sessions", "listened_ms", "INTEGER", 1, 0),
+    ("sessions", "country", "TEXT", 0, 0),
+    ("sessions", "os", "TEXT", 0, 0),
+    ("sessions", "plays", "TEXT", 1, 0),
+    ("charts", "window_start", "INTEGER", 1, 0),
+    ("charts", "window_end", "INTEGER", 1, 0),
+    ("charts", "country", "TEXT", 0, 0),
+    ("charts", "track_id", "TEXT", 1, 0),
+    ("charts", "partition", "INTEGER", 1, 0),
+    ("charts", "plays", "INTEGER", 1, 0),
+    ("dead_letter", "letter_id", "TEXT", 0, 1),
+    ("dead_letter", "received_at", "INTEGER", 1, 0),
+    ("dead_letter", "stage", "TEXT", 1, 0),
+    ("dead_letter", "stream", "TEXT", 1, 0),
+    ("dead_letter", "idx", "INTEGER", 1, 0),
+    ("dead_letter", "reason", "TEXT", 1, 0),
+    ("dead_letter", "event", "TEXT", 1, 0),
+]
+
+
+def schema_of(path: Path) -> list[tuple[str, str, str, int, int]]:
+    tables = [r[0] for r in select(path, "SELECT name FROM sqlite_master WHERE type = 'table'")]
+    return [
+        (table, name, type_, notnull, pk)
+        for table in tables
+        for _, name, type_, notnull, _default, pk in select(path, f"PRAGMA table_info({table})")
+    ]
+
+
+async def test_the_derived_schema_is_the_pinned_one(sink: SqliteSink, tmp_path: Path) -> None:
+    """The tables derived from evd.sinks.rows are those warehouses have always had."""
+    assert schema_of(tmp_path / "warehouse.sqlite3") == PINNED_SCHEMA
+    assert [(c.name, c.type, not c.nullable) for t in warehouse().tables for c in t.columns] == [
+        (name, type_, bool(notnull or pk)) for _, name, type_, notnull, pk in PINNED_SCHEMA
+    ]
+
+
+class Mood(msgspec.Struct, gc=False):
+    label: str
+    score: int | None = None
+
+
+class MoodEvent(Event, omit_defaults=True, gc=False):
+    """An Event with fields a later version might add."""
+
+    mood: Mood | None = None
+    heard_at: datetime | None = None
+    skips_left: int = 0
+
+
+def mood_events() -> EventsBatch:
+    base = odd_events()
+    t = datetime(2025, 12, 1, 11, 0, 0, 5000, tzinfo=UTC)
+    moody = [
+        MoodEvent(*msgspec.structs.astuple(ev)) for ev in base.events[:2]
+    ] + [MoodEvent("m1", t, "u9", TRACK, Playback(1, 2), mood=Mood("calm", 7), heard_at=t,
+                   skips_left=3)]
+    return EventsBatch(base.received_at, moody, base.skew_ms, base.late)
+
+
+#: The columns MoodEvent adds: at the end of ``events``, typed from the declaration.
+MOOD_COLUMNS = [
+    ("events", "label", "TEXT", 0, 0),  # mood.label: nullable, as mood is optional
+    ("events", "score", "INTEGER", 0, 0),
+    ("events", "heard_at", "TEXT", 0, 0),
+    ("events", "skips_left", "INTEGER", 1, 0),
+]
+
+
+def test_a_new_event_field_is_a_new_column_and_value() -> None:
+    """A field added to the event's declaration, nothing else, is a typed column
+    and a value in each row; the rows of the old fields are the same."""
+    mood = warehouse(MoodEvent)
+    table = mood.writers["events"]
+    pinned = [c for c in PINNED_SCHEMA if c[0] == "events"]
+    assert [(c.name, c.type, int(not c.nullable)) for c in table.columns] == [
+        (name, type_, notnull or pk) for _, name, type_, notnull, pk in pinned + MOOD_COLUMNS
+    ]
+    assert "heard_at TEXT,\n    skips_left INTEGER NOT NULL\n)" in mood.schema
+    batch = events([mood_events()])
+    got = table.build(batch, WINDOW_MS)
+    plain = events([odd_events()])
+    # The old columns hold what they held (raw aside: it is the event's JSON).
+    old = warehouse().writers["events"].build(plain, WINDOW_MS)
+    assert [g[:17] for g in got[:2]] == [o[:17] for o in old[:2]]
+    assert [g[18:] for g in got] == [
+        (None, None, None, 0), (None, None, None, 0), ("calm", 7, "2025-12-01T11:00:00.005000Z", 3),
+    ]
+    assert json.loads(got[2][17])["mood"] == {"label": "calm", "score": 7}
+
+
+def test_a_new_field_named_as_a_column_needs_a_rename() -> None:
+    class Clash(Event, gc=False):
+        country: str | None = None  # geo.country is already ``country``
+
+    with pytest.raises(TypeError, match="two columns named 'country'"):
+        warehouse(Clash)
+
+
+async def test_an_older_file_gains_the_columns_of_new_fields(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    old = SqliteSink(SqliteSinkConfig(name="w"), context(tmp_path))
+    await old.start()
+    await old.write(events(traffic(24)))
+    await old.close()
+    monkeypatch.setattr(warehouse_module, "WAREHOUSE", warehouse(MoodEvent))
+    new = SqliteSink(SqliteSinkConfig(name="w"), context(tmp_path))
+    await new.start()
+    await new.write(events([mood_events()]))
+    await new.close()
+    # Added columns cannot be NOT NULL: the older rows have no value for them.
+    assert schema_of(path) == PINNED_SCHEMA[:18] + [
+        (t, c, type_, 0, pk) for t, c, type_, _, pk in MOOD_COLUMNS
+    ] + PINNED_SCHEMA[18:]
+    assert select(path, "SELECT count(*) FROM events WHERE skips_left IS NULL") == [(24,)]
+    assert select(path, "SELECT label, score, heard_at, skips_left FROM events"
+                        " WHERE event_id = 'm1'") == [("calm", 7, "2025-12-01T11:00:00.005000Z", 3)]
 
 
 async def test_a_configured_path_is_used(tmp_path: Path) -> None:

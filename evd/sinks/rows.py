@@ -16,11 +16,32 @@ webhook body and stdout reads the same:
 
 This module is the one declaration of each shape: the events row is the
 event's own fields (evd.core.schema.Event, in its order) then
-``EVENT_ENRICHMENT``; sessions are evd.core.schema.Session; chart rows and
-dead letters are ``CHART_COLUMNS`` and ``DEAD_LETTER_COLUMNS``. The lake's
-encoded events row (``EventStruct``) and the Parquet schemas
-(``parquet_schemas``) are derived from them when the module is imported, so a
-new event field is an edit of Event alone for them.
+``EVENT_ENRICHMENT`` (``event_columns``); sessions are evd.core.schema.Session
+(``struct_columns``); chart rows and dead letters are ``CHART_COLUMNS`` and
+``DEAD_LETTER_COLUMNS``. Every sink's form of them is derived from these when
+its module is imported: the lake's encoded events row (``EventStruct``), the
+Parquet schemas (``parquet_schemas``) and Parquet's events tuples
+(evd.sinks.lake.formats), the warehouse's tables, inserts and row builders
+(evd.sinks.sqlite, from ``leaves``: nested structs flattened into columns).
+Builders are generated code compiled once (``compile_builder``), never
+reflection per row.
+
+So a new field of Event (or Session) is an edit of Event alone: NDJSON writes
+it (left out when None, if its default is None), Parquet has a column for it,
+the warehouse a column at the end of ``events`` (added to an existing file at
+start). What may need a line more: a type no sink has met yet (each names the
+types it maps: rows._arrow_type for Parquet, evd.sinks.sqlite._sql_type for
+SQLite; a new one fails at import, naming the field); a field whose leaf name
+is already a column of its table (``geo.country`` and a new ``country``: a
+rename in the table's evd.sinks.sqlite mapping, which fails at import until
+then). An ``EVENT_ENRICHMENT`` entry is computed, not read from the event,
+so a new one also needs its value in each builder: ``event_structs`` and
+``event_json`` here, the events mapping's ``values`` in evd.sinks.sqlite,
+``_ENRICHMENT`` in evd.sinks.lake.formats. A new chart or dead-letter column
+is derived for the warehouse (its value in the mapping's ``values`` where it is
+not the item's attribute of that name) and the Parquet schema, but still an
+edit of ``chart_dict`` / ``dead_letter_dict`` here and of Parquet's
+``_charts`` / ``_dead_letters``, which build those few columns by hand.
 
 Hours are UTC, epoch ms floored to the hour: events, late and dead letters by
 ``received_at``, sessions by ``started_at``, charts by ``window_start``.
@@ -54,11 +75,15 @@ __all__ = [
     "DEAD_LETTER_COLUMNS",
     "EVENT_ENRICHMENT",
     "HOUR_MS",
+    "Columns",
     "EventRow",
     "EventStruct",
+    "Leaf",
     "by_hour",
     "chart_rows",
+    "compile_builder",
     "dead_letters",
+    "event_columns",
     "event_json",
     "event_rows",
     "event_structs",
@@ -66,8 +91,10 @@ __all__ = [
     "hour_of",
     "item_type",
     "json_lines",
+    "leaves",
     "parquet_schemas",
     "sessions",
+    "struct_columns",
     "tally",
 ]
 
@@ -106,6 +133,78 @@ DEAD_LETTER_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("error", str),
     ("event", str),
 )
+
+
+#: A row declaration: (name, type) per column, in row order; a type is a
+#: Python annotation or its msgspec.inspect form.
+Columns = Sequence[tuple[str, Any]]
+
+
+def struct_columns(struct: type[msgspec.Struct]) -> tuple[tuple[str, mi.Type], ...]:
+    """The fields of ``struct`` as a row declaration, in the struct's order."""
+    info = mi.type_info(struct)
+    assert isinstance(info, mi.StructType)
+    return tuple((f.name, f.type) for f in info.fields)
+
+
+def event_columns(event: type[msgspec.Struct] = Event) -> tuple[tuple[str, Any], ...]:
+    """The events row's declaration: ``event``'s fields, then EVENT_ENRICHMENT."""
+    return (*struct_columns(event), *EVENT_ENRICHMENT)
+
+
+class Leaf(NamedTuple):
+    """One value of a row as a flat table holds it (see ``leaves``)."""
+
+    #: Attribute names from the row's item down to the value (``("geo", "country")``).
+    path: tuple[str, ...]
+    #: Its type, None left out.
+    type: mi.Type
+    #: Lengths of the path's prefixes that may be None: an optional struct on
+    #: the way, or (``len(path)``) the value itself. Empty: never None.
+    none_at: tuple[int, ...]
+
+    @property
+    def nullable(self) -> bool:
+        return bool(self.none_at)
+
+
+def _leaves(path: tuple[str, ...], t: mi.Type, none_at: tuple[int, ...]) -> Iterator[Leaf]:
+    if isinstance(t, mi.UnionType):
+        others = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        if len(others) < len(t.types):
+            none_at += (len(path),)
+        if len(others) == 1:
+            t = others[0]
+    if isinstance(t, mi.StructType):
+        for f in t.fields:
+            yield from _leaves((*path, f.name), f.type, none_at)
+    else:
+        yield Leaf(path, t, none_at)
+
+
+def leaves(columns: Columns) -> list[Leaf]:
+    """The values of a row declared by ``columns`` as a flat table holds them:
+    a struct is flattened into its fields (depth first, in declaration order),
+    anything else (a list of structs too) is one value."""
+    return [
+        leaf
+        for name, t in columns
+        for leaf in _leaves((name,), t if isinstance(t, mi.Type) else mi.type_info(t), ())
+    ]
+
+
+def compile_builder(source: str, where: str, namespace: dict[str, Any]) -> Callable[..., Any]:
+    """The function ``build`` that ``source`` defines, compiled once with the
+    globals ``namespace``: a sink's row builder generated from a declaration
+    here, so its hot loop reads attributes directly, with no per-row reflection.
+
+    ``source`` is a sink's own template filled with expressions derived from
+    the declarations, never input; ``where`` names it in tracebacks.
+    """
+    code = compile(source, f"<{where}>", "exec")
+    exec(code, namespace)  # noqa: S102 -- the module's own code, see above
+    build: Callable[..., Any] = namespace["build"]
+    return build
 
 
 def _event_struct_fields() -> list[tuple[str, Any] | tuple[str, Any, Any]]:
@@ -383,23 +482,17 @@ def parquet_schemas(pa: Any) -> dict[str, Any]:
     """stream -> the pyarrow schema of its rows, derived from the declarations
     above (``pa``: the pyarrow module, an optional dependency)."""
 
-    def schema(columns: Sequence[tuple[str, Any]]) -> Any:
+    def schema(columns: Columns) -> Any:
         return pa.schema([
             _arrow_field(pa, name, t if isinstance(t, mi.Type) else mi.type_info(t))
             for name, t in columns
         ])
 
-    event_info = mi.type_info(Event)
-    assert isinstance(event_info, mi.StructType)
-    events = schema([
-        *((f.encode_name, f.type) for f in event_info.fields), *EVENT_ENRICHMENT
-    ])
-    session_info = mi.type_info(Session)
-    assert isinstance(session_info, mi.StructType)
+    events = schema(event_columns())
     return {
         Stream.EVENTS: events,
         Stream.LATE: events,
-        Stream.SESSIONS: schema([(f.encode_name, f.type) for f in session_info.fields]),
+        Stream.SESSIONS: schema(struct_columns(Session)),
         Stream.CHARTS: schema(CHART_COLUMNS),
         Stream.DEAD_LETTER: schema(DEAD_LETTER_COLUMNS),
     }

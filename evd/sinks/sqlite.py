@@ -1,6 +1,8 @@
 """The embedded warehouse: one SQLite file in WAL mode (``type: sqlite``).
 
-Tables (created at start, ``IF NOT EXISTS``, so every worker may start at once):
+Tables (created at start, ``IF NOT EXISTS``, so every worker may start at once),
+derived from the rows' declarations in evd.sinks.rows (see "the tables" below;
+``SCHEMA`` is their CREATE text):
 
 - ``events``: one row per event, ``event_id`` the primary key; the event's
   fields as typed columns (``timestamp`` the RFC 3339 text as the row's JSON
@@ -21,6 +23,11 @@ Tables (created at start, ``IF NOT EXISTS``, so every worker may start at once):
   the same row), ``received_at`` (when it was rejected, epoch ms), ``stage``
   (``edge`` or ``sink:<name>``), ``stream``, ``idx`` (index in its request,
   -1 for sinks), ``reason`` and ``event``: the item's JSON as text.
+
+A field added to a row's declaration is a column at the end of its table,
+typed from the declaration; a file made by an older version gains it at start
+(``ALTER TABLE ... ADD COLUMN``, nullable: its older rows hold NULL). Inserts
+name their columns, so they do not depend on a file's column order.
 
 Writes are idempotent, so the delivery loop may write a batch again after a
 failure: events and dead letters insert or do nothing, sessions and chart rows
@@ -51,20 +58,31 @@ import asyncio
 import hashlib
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
+import msgspec.inspect as mi
 
 from evd.core.config import SinkConfig
 from evd.core.log import Stream
-from evd.core.schema import ChartsBatch, DeadLetter, SessionsBatch, epoch_ms
+from evd.core.schema import DeadLetter, Event, Session, epoch_ms
+from evd.sinks import rows
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkContext, SinkError
-from evd.sinks.rows import chart_rows, event_json, sessions
 
-__all__ = ["SCHEMA", "SqliteSink", "SqliteSinkConfig", "letter_id"]
+__all__ = [
+    "SCHEMA",
+    "WAREHOUSE",
+    "Column",
+    "SqliteSink",
+    "SqliteSinkConfig",
+    "Table",
+    "Warehouse",
+    "letter_id",
+    "warehouse",
+]
 
 
 class SqliteSinkConfig(SinkConfig, tag="sqlite", kw_only=True):
@@ -101,139 +119,279 @@ CACHE_KIB = 64 * 1024
 #: 40 MiB plus one write.
 CHECKPOINT_PAGES = 2_500
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS events (
-    event_id TEXT PRIMARY KEY,
-    event_type TEXT NOT NULL,
-    timestamp TEXT NOT NULL,
-    event_time INTEGER NOT NULL,
-    user_id TEXT NOT NULL,
-    track_id TEXT NOT NULL,
-    page_uri TEXT,
-    playlist_uri TEXT,
-    position_ms INTEGER NOT NULL,
-    duration_ms INTEGER NOT NULL,
-    initiator TEXT,
-    os TEXT,
-    client_version TEXT,
-    country TEXT,
-    region TEXT,
-    late INTEGER NOT NULL,
-    received_at INTEGER NOT NULL,
-    raw TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
-    user_id TEXT NOT NULL,
-    started_at INTEGER NOT NULL,
-    ended_at INTEGER NOT NULL,
-    event_count INTEGER NOT NULL,
-    play_count INTEGER NOT NULL,
-    stream_count INTEGER NOT NULL,
-    listened_ms INTEGER NOT NULL,
-    country TEXT,
-    os TEXT,
-    plays TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS charts (
-    window_start INTEGER NOT NULL,
-    window_end INTEGER NOT NULL,
-    country TEXT,
-    track_id TEXT NOT NULL,
-    partition INTEGER NOT NULL,
-    plays INTEGER NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS charts_key
-    ON charts (window_start, ifnull(country, ''), track_id, partition);
-CREATE TABLE IF NOT EXISTS dead_letter (
-    letter_id TEXT PRIMARY KEY,
-    received_at INTEGER NOT NULL,
-    stage TEXT NOT NULL,
-    stream TEXT NOT NULL,
-    idx INTEGER NOT NULL,
-    reason TEXT NOT NULL,
-    event TEXT NOT NULL
-);
-"""
-
-_INSERT_EVENT = (
-    "INSERT INTO events VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (event_id) DO NOTHING"
-)
-_UPSERT_SESSION = (
-    "INSERT INTO sessions VALUES (?,?,?,?,?,?,?,?,?,?,?)"
-    " ON CONFLICT (session_id) DO UPDATE SET"
-    " user_id = excluded.user_id, started_at = excluded.started_at,"
-    " ended_at = excluded.ended_at, event_count = excluded.event_count,"
-    " play_count = excluded.play_count, stream_count = excluded.stream_count,"
-    " listened_ms = excluded.listened_ms, country = excluded.country,"
-    " os = excluded.os, plays = excluded.plays"
-)
-_UPSERT_CHART = (
-    "INSERT INTO charts VALUES (?,?,?,?,?,?)"
-    " ON CONFLICT (window_start, ifnull(country, ''), track_id, partition)"
-    " DO UPDATE SET window_end = excluded.window_end, plays = excluded.plays"
-)
-_INSERT_LETTER = "INSERT INTO dead_letter VALUES (?,?,?,?,?,?,?) ON CONFLICT (letter_id) DO NOTHING"
-
-Params = list[tuple[Any, ...]]
+# -- the tables, derived from the rows (evd.sinks.rows) ------------------------------
+#
+# A table's columns are its row's leaves (rows.leaves: nested structs flattened,
+# a column named after the last name of its path), each with its SQL type
+# (_sql_type; NOT NULL unless the value may be None), plus the extra columns a
+# _Mapping names. Its row builder is generated from the same columns and
+# compiled once, at import: the value of a column is the item's attribute
+# (None when an optional struct on the way is None; a datetime as RFC 3339
+# text, a list or struct as JSON text) unless the mapping gives an expression.
+# So a new field of a row (of Event, say) is a new column, named and typed from
+# its declaration, at the end of its table.
 
 
-def _event_params(batch: Batch, window_ms: int) -> Params:
+class _Mapping(NamedTuple):
+    """How a table differs from its row's declaration (evd.sinks.rows)."""
+
+    table: str
+    #: The row's declaration.
+    row: rows.Columns
+    #: The table's columns as this version first created them, in that order:
+    #: pinned, so a new file has the columns of an old one in the same places.
+    #: Columns of the row not named here follow, in declaration order.
+    order: tuple[str, ...]
+    #: Leaf (its path, dotted) -> column name, where the column is not named
+    #: after the last name of its path.
+    renames: dict[str, str]
+    #: Column -> SQL type of the columns that are not the row's.
+    extra: dict[str, str]
+    #: Column -> the Python expression of its value in the builder, where it is
+    #: not the item's attribute (computed, or named otherwise on the item).
+    values: dict[str, str]
+    #: The columns that identify a row: one is the PRIMARY KEY; several, a
+    #: unique index ``<table>_key`` (a nullable column as ``ifnull(c, '')``: SQLite
+    #: holds NULLs distinct in a key, so a replayed row with a NULL would go in twice).
+    key: tuple[str, ...]
+    #: On a key conflict: True, the other columns take the new values; False,
+    #: the row stays as it is.
+    upsert: bool
+    #: The builder's source: ``def build(batch, window_ms)``, the rows' tuple as ``{row}``.
+    builder: str
+    #: The builder's name for the row's item (its attributes are the leaves' paths).
+    item: str
+
+
+_EVENTS = _Mapping(
+    "events",
+    rows.event_columns(),
+    order=(
+        "event_id", "event_type", "timestamp", "event_time", "user_id", "track_id",
+        "page_uri", "playlist_uri", "position_ms", "duration_ms", "initiator", "os",
+        "client_version", "country", "region", "late", "received_at", "raw",
+    ),
+    renames={},
+    extra={"raw": "TEXT"},
+    values={
+        # The timestamp as encoded (a JSON string cannot hold this pattern
+        # unescaped, so the first match is the field itself).
+        "timestamp": """enc[t:enc.index(b'"', t)].decode()""",
+        "event_time": "event_time",
+        "late": "is_late",
+        "received_at": "received",
+        "raw": "raw.decode()",
+    },
+    key=("event_id",),
+    upsert=False,
     # One pass builds both the typed columns and ``raw``, the event's line of
-    # evd.sinks.rows.json_lines (the same bytes: rows.event_json, tested): encoding every event
-    # once instead of twice is about a tenth of a write's cost.
-    out: Params = []
+    # evd.sinks.rows.json_lines (the same bytes: rows.event_json, tested):
+    # encoding every event once instead of twice is about a tenth of a write's cost.
+    builder="""
+def build(batch, window_ms):
+    out = []
     add = out.append
-    all_late = batch.stream == Stream.LATE
+    all_late = batch.stream == LATE
     for rec in batch.values:
         late = set(rec.late) if rec.late and not all_late else ()
         received = rec.received_at
         skew = rec.skew_ms
         for i, ev in enumerate(rec.events):
-            enc = _encode(ev)
+            enc = encode(ev)
             event_time = epoch_ms(ev.timestamp) + skew
             is_late = all_late or i in late
             raw = event_json(enc, ev.event_type, received, event_time, is_late)
-            # The timestamp as encoded (a JSON string cannot hold this pattern
-            # unescaped, so the first match is the field itself).
             t = enc.index(b'"timestamp":"') + 13
-            pb = ev.playback
-            ctx = ev.context
-            dev = ev.device
-            geo = ev.geo
-            add((
-                ev.event_id, ev.event_type, enc[t:enc.index(b'"', t)].decode(), event_time,
-                ev.user_id, ev.track_id,
-                None if ctx is None else ctx.page_uri,
-                None if ctx is None else ctx.playlist_uri,
-                pb.position_ms, pb.duration_ms, pb.initiator,
-                None if dev is None else dev.os,
-                None if dev is None else dev.client_version,
-                None if geo is None else geo.country,
-                None if geo is None else geo.region,
-                is_late, received, raw.decode(),
-            ))
+            add({row})
     return out
+""",
+    item="ev",
+)
+_SESSIONS = _Mapping(
+    "sessions",
+    rows.struct_columns(Session),
+    order=(
+        "session_id", "user_id", "started_at", "ended_at", "event_count", "play_count",
+        "stream_count", "listened_ms", "country", "os", "plays",
+    ),
+    renames={},
+    extra={},
+    values={},
+    key=("session_id",),
+    upsert=True,
+    builder="""
+def build(batch, window_ms):
+    return [{row} for s in sessions(batch.values)]
+""",
+    item="s",
+)
+_CHARTS = _Mapping(
+    "charts",
+    rows.CHART_COLUMNS,
+    order=("window_start", "window_end", "country", "track_id", "partition", "plays"),
+    renames={},
+    extra={},
+    values={"window_end": "r.window_start + window_ms", "partition": "p"},
+    key=("window_start", "country", "track_id", "partition"),
+    upsert=True,
+    builder="""
+def build(batch, window_ms):
+    return [{row} for p, r in chart_rows(batch.values)]
+""",
+    item="r",
+)
+_DEAD_LETTER = _Mapping(
+    "dead_letter",
+    rows.DEAD_LETTER_COLUMNS,
+    order=("letter_id", "received_at", "stage", "stream", "idx", "reason", "event"),
+    renames={"index": "idx", "error": "reason"},
+    extra={"letter_id": "TEXT"},
+    values={"letter_id": "letter_id(d)", "event": 'd.event.decode(errors="replace")'},
+    key=("letter_id",),
+    upsert=False,
+    builder="""
+def build(batch, window_ms):
+    return [{row} for d in batch.values]
+""",
+    item="d",
+)
+
+Params = list[tuple[Any, ...]]
+_Builder = Callable[[Batch, int], Params]
 
 
-def _session_params(batch: Batch, window_ms: int) -> Params:
-    values: Sequence[SessionsBatch] = batch.values
-    return [
-        (
-            s.session_id, s.user_id, s.started_at, s.ended_at, s.event_count, s.play_count,
-            s.stream_count, s.listened_ms, s.country, s.os, _encode(s.plays).decode(),
+class Column(NamedTuple):
+    """One column of a warehouse table."""
+
+    name: str
+    #: SQLite's type: TEXT, INTEGER, REAL or BLOB.
+    type: str
+    nullable: bool
+
+
+class Table(NamedTuple):
+    """One warehouse table, derived from its row (see ``warehouse``)."""
+
+    name: str
+    columns: tuple[Column, ...]
+    #: CREATE TABLE (and the key's index) for a new file, each IF NOT EXISTS.
+    create: tuple[str, ...]
+    #: The idempotent INSERT of one row (columns named, values in ``columns``' order).
+    insert: str
+    #: A batch's rows, one tuple per item, in ``columns``' order.
+    build: _Builder
+
+
+class Warehouse(NamedTuple):
+    """Every table, and what a write of each stream runs."""
+
+    tables: tuple[Table, ...]
+    #: Every table's CREATE statements.
+    schema: str
+    #: stream -> the table its items go to.
+    writers: dict[str, Table]
+
+
+def _sql_type(leaf: rows.Leaf) -> str:
+    """The SQLite type of a value: a new kind of type needs a line here."""
+    t = leaf.type
+    if isinstance(t, mi.IntType | mi.BoolType):
+        return "INTEGER"
+    if isinstance(t, mi.FloatType):
+        return "REAL"
+    if isinstance(t, mi.BytesType):
+        return "BLOB"
+    if isinstance(t, mi.StrType | mi.DateTimeType | mi.ListType | mi.DictType | mi.StructType):
+        return "TEXT"  # a datetime as RFC 3339 text; a list, dict or struct as JSON
+    if isinstance(t, mi.LiteralType) and all(isinstance(v, str) for v in t.values):
+        return "TEXT"
+    raise TypeError(f"{'.'.join(leaf.path)}: no SQLite type for {t}")
+
+
+def _value(var: str, leaf: rows.Leaf) -> str:
+    """The expression of ``leaf``'s value on the item named ``var``."""
+    path = leaf.path
+    expr = ".".join((var, *path))
+    t = leaf.type
+    if isinstance(t, mi.DateTimeType):
+        expr = f"encode({expr})[1:-1].decode()"  # msgspec's RFC 3339, as in the rows' JSON
+    elif isinstance(t, mi.ListType | mi.DictType | mi.StructType):
+        expr = f"encode({expr}).decode()"
+    guards = [f"{'.'.join((var, *path[:n]))} is None" for n in leaf.none_at]
+    if len(path) in leaf.none_at and expr == ".".join((var, *path)):
+        guards.pop()  # the value itself: None as it is
+    return f"None if {' or '.join(guards)} else {expr}" if guards else expr
+
+
+#: What the generated builders see.
+_NAMESPACE: dict[str, Any] = {
+    "LATE": Stream.LATE, "encode": _encode, "epoch_ms": epoch_ms, "event_json": rows.event_json,
+    "sessions": rows.sessions, "chart_rows": rows.chart_rows,
+}
+
+
+def _table(m: _Mapping) -> Table:
+    var = m.item
+    by_name: dict[str, tuple[Column, str]] = {}
+    derived: list[str] = []
+    for leaf in rows.leaves(m.row):
+        dotted = ".".join(leaf.path)
+        name = m.renames.get(dotted, leaf.path[-1])
+        if name in by_name:
+            raise TypeError(f"{m.table}: two columns named {name!r}: rename one in its _Mapping")
+        by_name[name] = (
+            Column(name, _sql_type(leaf), leaf.nullable), m.values.get(name) or _value(var, leaf)
         )
-        for s in sessions(values)
-    ]
+        derived.append(name)
+    for name, sql_type in m.extra.items():
+        by_name[name] = (Column(name, sql_type, False), m.values[name])
+    stale = [n for n in (*m.order, *m.values, *m.key) if n not in by_name]
+    if stale:
+        raise TypeError(f"{m.table}: the mapping names columns the row has not: {stale}")
+    names = [*m.order, *(n for n in derived if n not in m.order)]
+    columns = tuple(by_name[n][0] for n in names)
+
+    def decl(c: Column) -> str:
+        if m.key == (c.name,):
+            return f"    {c.name} {c.type} PRIMARY KEY"
+        return f"    {c.name} {c.type}{'' if c.nullable else ' NOT NULL'}"
+
+    create = [f"CREATE TABLE IF NOT EXISTS {m.table} (\n" + ",\n".join(map(decl, columns)) + "\n)"]
+    target = ", ".join(
+        f"ifnull({n}, '')" if by_name[n][0].nullable else n for n in m.key
+    )
+    if len(m.key) > 1:
+        create.append(f"CREATE UNIQUE INDEX IF NOT EXISTS {m.table}_key\n    ON {m.table} ({target})")
+    action = "DO NOTHING"
+    if m.upsert:
+        action = "DO UPDATE SET " + ", ".join(
+            f"{c.name} = excluded.{c.name}" for c in columns if c.name not in m.key
+        )
+    insert = (
+        f"INSERT INTO {m.table} ({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
+        f" ON CONFLICT ({target}) {action}"
+    )
+    source = m.builder.format(row="(" + ", ".join(by_name[n][1] for n in names) + ",)")
+    build: _Builder = rows.compile_builder(
+        source, f"evd.sinks.sqlite: {m.table} rows", {**_NAMESPACE, "letter_id": letter_id}
+    )
+    return Table(m.table, columns, tuple(create), insert, build)
 
 
-def _chart_params(batch: Batch, window_ms: int) -> Params:
-    values: Sequence[ChartsBatch] = batch.values
-    return [
-        (r.window_start, r.window_start + window_ms, r.country, r.track_id, p, r.plays)
-        for p, r in chart_rows(values)
-    ]
+def warehouse(event: type[msgspec.Struct] = Event) -> Warehouse:
+    """The tables, derived from the rows' declarations (``event``: the events'
+    struct, evd.core.schema.Event; another only to test a new field)."""
+    events = _table(_EVENTS._replace(row=rows.event_columns(event)))
+    sessions, charts, letters = (_table(m) for m in (_SESSIONS, _CHARTS, _DEAD_LETTER))
+    tables = (events, sessions, charts, letters)
+    return Warehouse(
+        tables,
+        "".join(f"\n{c};" for t in tables for c in t.create) + "\n",
+        {
+            Stream.EVENTS: events, Stream.LATE: events, Stream.SESSIONS: sessions,
+            Stream.CHARTS: charts, Stream.DEAD_LETTER: letters,
+        },
+    )
 
 
 def letter_id(d: DeadLetter) -> str:
@@ -242,25 +400,10 @@ def letter_id(d: DeadLetter) -> str:
     return hashlib.blake2b(key, digest_size=16).hexdigest()
 
 
-def _letter_params(batch: Batch, window_ms: int) -> Params:
-    values: Sequence[DeadLetter] = batch.values
-    return [
-        (letter_id(d), d.received_at, d.stage, d.stream, d.index, d.error,
-         d.event.decode(errors="replace"))
-        for d in values
-    ]
-
-
-_Builder = Callable[[Batch, int], Params]
-
-#: stream -> (statement, rows builder)
-_WRITERS: dict[str, tuple[str, _Builder]] = {
-    Stream.EVENTS: (_INSERT_EVENT, _event_params),
-    Stream.LATE: (_INSERT_EVENT, _event_params),
-    Stream.SESSIONS: (_UPSERT_SESSION, _session_params),
-    Stream.CHARTS: (_UPSERT_CHART, _chart_params),
-    Stream.DEAD_LETTER: (_INSERT_LETTER, _letter_params),
-}
+#: The warehouse of this version's rows.
+WAREHOUSE = warehouse()
+#: Every table's CREATE statements (``sqlite3 file .schema`` of a new file).
+SCHEMA = WAREHOUSE.schema
 
 
 def _fit_int64(params: Params) -> Params:
@@ -378,8 +521,18 @@ class SqliteSink(Sink):
         conn.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         conn.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
         # One transaction: a worker starting at the same time sees all or none.
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executescript(f"BEGIN IMMEDIATE;{SCHEMA}COMMIT;")
+            for table in WAREHOUSE.tables:
+                for statement in table.create:
+                    conn.execute(statement)
+                # A file of an older version lacks the columns of newer fields:
+                # they are added, nullable (its rows have no value for them).
+                have = {c[1] for c in conn.execute(f"PRAGMA table_info({table.name})")}
+                for c in table.columns:
+                    if c.name not in have:
+                        conn.execute(f"ALTER TABLE {table.name} ADD COLUMN {c.name} {c.type}")
+            conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
                 conn.rollback()
@@ -388,8 +541,9 @@ class SqliteSink(Sink):
     def _write(self, batch: Batch) -> None:
         conn = self._conn
         assert conn is not None
-        sql, build = _WRITERS[batch.stream]
-        params = build(batch, self.ctx.chart_window_ms)
+        table = WAREHOUSE.writers[batch.stream]
+        sql = table.insert
+        params = table.build(batch, self.ctx.chart_window_ms)
         if not params:
             return
         try:

@@ -30,6 +30,7 @@ from operator import attrgetter
 from typing import Any, BinaryIO, Protocol
 
 import msgspec
+import msgspec.inspect as mi
 import zstandard
 from msgspec.structs import astuple
 
@@ -37,6 +38,7 @@ from evd.core.errors import ConfigError
 from evd.core.log import Stream
 from evd.core.schema import (
     DeadLetter,
+    Event,
     Session,
     SessionsBatch,
 )
@@ -147,6 +149,81 @@ class Ndjson:
         f.write(comp.flush())
 
 
+def _arrow_value(expr: str, t: mi.Type, depth: int = 0) -> str:
+    """The expression of the value pyarrow takes for ``expr`` of type ``t``
+    (rows.parquet_schemas' type for it): a struct as a tuple, a datetime as
+    its RFC 3339 text, a list item by item."""
+    if isinstance(t, mi.UnionType):
+        others = [x for x in t.types if not isinstance(x, mi.NoneType)]
+        inner = _arrow_value(expr, others[0], depth) if len(others) == 1 else expr
+        if inner == expr:
+            return expr
+        if isinstance(others[0], mi.StructType):  # a struct is always true
+            return f"{expr} and {inner}"
+        return f"None if {expr} is None else {inner}"
+    if isinstance(t, mi.StructType):
+        parts = [_arrow_value(f"{expr}.{f.name}", f.type, depth) for f in t.fields]
+        if all(p == f"{expr}.{f.name}" for p, f in zip(parts, t.fields, strict=True)):
+            return f"astuple({expr})"
+        return f"({', '.join(parts)},)"
+    if isinstance(t, mi.DateTimeType):
+        return f"encode({expr})[1:-1].decode()"  # msgspec's RFC 3339, as in NDJSON
+    if isinstance(t, mi.ListType):
+        item = f"x{depth}"
+        value = _arrow_value(item, t.item_type, depth + 1)
+        return expr if value == item else f"[{value} for {item} in {expr}]"
+    return expr
+
+
+#: The events rows' builder: the events of the events records ``values`` as
+#: tuples in the Parquet schema's order without ``timestamp``, added to
+#: ``out``, their timestamps to ``stamps``. {late}: the late flag's expression.
+_EVENT_TUPLES = """
+def build(values, all_late, out, stamps):
+    for b in values:
+        r, skew = b.received_at, b.skew_ms
+        evs = b.events
+        stamps += [e.timestamp for e in evs]
+        if all_late or b.late:
+            late = range(len(evs)) if all_late else frozenset(b.late)
+            out += [{row_late} for i, e in enumerate(evs)]
+        else:
+            out += [{row} for e in evs]
+"""
+#: The enrichment's expressions in _EVENT_TUPLES (event_time:
+#: evd.core.schema.epoch_ms inlined, as in rows.event_structs).
+_ENRICHMENT = {
+    "received_at": "r", "event_time": "int(e.timestamp.timestamp() * 1000) + skew",
+    "late": "{late}",
+}
+
+
+def _event_tuples_builder() -> Callable[[list[Any], bool, list[Any], list[datetime]], None]:
+    """_EVENT_TUPLES with the row's tuple derived from rows.event_columns, compiled."""
+    parts = [
+        _arrow_value(f"e.{name}", t)
+        for name, t in rows.struct_columns(Event) if name != "timestamp"
+    ]
+    for name, _ in rows.EVENT_ENRICHMENT:
+        if name not in _ENRICHMENT:
+            raise TypeError(f"Parquet events rows: no expression for the enrichment {name!r}")
+        parts.append(_ENRICHMENT[name])
+    row = "(" + ", ".join(parts) + ",)"
+    source = _EVENT_TUPLES.format(
+        row=row.replace("{late}", "False"), row_late=row.replace("{late}", "i in late")
+    )
+    build: Callable[[list[Any], bool, list[Any], list[datetime]], None] = rows.compile_builder(
+        source, "evd.sinks.lake.formats: Parquet events rows",
+        {"astuple": astuple, "encode": _encode},
+    )
+    return build
+
+
+_event_tuples = _event_tuples_builder()
+#: Where the events' ``timestamp`` column is (_events adds it apart).
+_TIMESTAMP_COLUMN = [name for name, _ in rows.event_columns()].index("timestamp")
+
+
 class Parquet:
     """Parquet (zstd), a row group per PARQUET_ROW_GROUP rows, columns built
     from the structs directly."""
@@ -202,34 +279,12 @@ class Parquet:
         NDJSON rows, encoded for the whole chunk at once (RFC 3339 has no '"'
         or ',')."""
         pa = self.pa
-        all_late = chunk.stream == Stream.LATE
         out: list[tuple[Any, ...]] = []
         stamps: list[datetime] = []
-        for b in chunk.values:
-            r, skew = b.received_at, b.skew_ms
-            evs = b.events
-            stamps += [e.timestamp for e in evs]
-            # event_time: evd.core.schema.epoch_ms inlined, as in rows.event_structs.
-            if all_late or b.late:
-                late = range(len(evs)) if all_late else frozenset(b.late)
-                out += [
-                    (e.event_id, e.user_id, e.track_id, astuple(e.playback), e.event_type,
-                     e.context and astuple(e.context), e.device and astuple(e.device),
-                     e.geo and astuple(e.geo), r, int(e.timestamp.timestamp() * 1000) + skew,
-                     i in late)
-                    for i, e in enumerate(evs)
-                ]
-            else:
-                out += [
-                    (e.event_id, e.user_id, e.track_id, astuple(e.playback), e.event_type,
-                     e.context and astuple(e.context), e.device and astuple(e.device),
-                     e.geo and astuple(e.geo), r, int(e.timestamp.timestamp() * 1000) + skew,
-                     False)
-                    for e in evs
-                ]
+        _event_tuples(chunk.values, chunk.stream == Stream.LATE, out, stamps)
         columns: list[Any] = pa.array(out, self.event_rows).flatten()
         text = _encode(stamps)[2:-2].decode().split('","')
-        columns.insert(1, pa.array(text, pa.string()))
+        columns.insert(_TIMESTAMP_COLUMN, pa.array(text, pa.string()))
         return columns
 
     def _sessions(self, chunk: Batch) -> list[Any]:
