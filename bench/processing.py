@@ -130,7 +130,7 @@ def record(events: int, *, seed: int = 1, users: int = 20_000, rate: float = 100
         if not batch_is_valid(evs):
             raise AssertionError("the traffic model produced an invalid event")
         groups: dict[int, list[Event]] = {}
-        for ev, p in zip(evs, partitions_for([ev.user_id for ev in evs], partitions)):
+        for ev, p in zip(evs, partitions_for([ev.user_id for ev in evs], partitions), strict=True):
             groups.setdefault(p, []).append(ev)
         for p, group in groups.items():
             for ev in group:

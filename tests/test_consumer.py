@@ -392,7 +392,7 @@ async def test_fetch_returns_what_was_appended_per_sublog_in_offset_order(
     for i in range(12):  # both writers interleaved, several segments each
         for w, producer in enumerate(producers):
             items = [(s, p, payload(f"{w}/{s}/{p}/{i}", pad=200)) for s, p in targets]
-            for (s, p, data), offset in zip(items, await append_many(producer, items)):
+            for (s, p, data), offset in zip(items, await append_many(producer, items), strict=True):
                 appended[backend.sublog(s, p, w)].append((offset, data))
     consumer = backend.consumer("contract")
     assigned = {TopicPartition(Stream.RAW, 1), TopicPartition(Stream.CHARTS, 1)}

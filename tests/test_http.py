@@ -371,7 +371,7 @@ def test_invalid_events_are_rejected_by_index_and_dead_lettered(server: EvdServe
     assert (result["accepted"], result["duplicates"]) == (2, 0)
     got = [(x["index"], x["event_id"], x["error"]) for x in result["rejected"]]
     assert [(i, eid) for i, eid, _ in got] == [(i, eid) for i, eid, _ in expected]
-    for (index, _, error), (_, _, path) in zip(got, expected):
+    for (index, _, error), (_, _, path) in zip(got, expected, strict=True):
         assert isinstance(error, str) and error
         if path is not None:
             assert error.startswith(f"{path}:"), (index, error)

@@ -261,7 +261,7 @@ class HeldLog(MemoryLog):
 async def test_one_group_commit_answers_every_connection_waiting_on_it(outcome: str) -> None:
     server, _, log = held_server()
     conns = []
-    for i in range(3):
+    for _ in range(3):
         proto, transport = HttpProtocol(server.cfg.limits, server), FakeTransport()
         proto.connection_made(transport)
         conns.append((proto, transport))

@@ -135,7 +135,7 @@ async def test_segments_below_every_consumers_commit_go_never_the_last(logs: Log
     offsets = await fill(lg)
     before = bases(root, Stream.RAW, 0)
     assert len(before) >= 4
-    sizes = {b: p.stat().st_size for b, p in zip(before, seg_files(root, Stream.RAW, 0))}
+    sizes = {b: p.stat().st_size for b, p in zip(before, seg_files(root, Stream.RAW, 0), strict=True)}
     sub = SubLog(Stream.RAW, 0, 0)
     await commit(logs, "sink", {sub: offsets[30]})
     retention = Retention(lg, config(), root, None)

@@ -343,7 +343,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         order.insert(draw(st.sampled_from(fits)), order[k])
 
     per_source: list[list[RawBatch]] = []
-    for src, order in enumerate(arrivals):
+    for order in arrivals:
         records = []
         pos = 0
         while pos < len(order):

@@ -64,7 +64,9 @@ def _rate(text: str) -> float | None:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of events/s or 'max', got {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected a number of events/s or 'max', got {text!r}"
+        ) from None
     if not value > 0:
         raise argparse.ArgumentTypeError("--rate must be > 0 (or 'max')")
     return value
@@ -75,7 +77,9 @@ def _positive(kind: type[int | float]) -> Any:
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}")
+            raise argparse.ArgumentTypeError(
+                f"expected a {kind.__name__}, got {text!r}"
+            ) from None
         if value <= 0:
             raise argparse.ArgumentTypeError(f"expected a value > 0, got {text!r}")
         return value

@@ -256,9 +256,9 @@ def render(report: Report) -> str:
          _steps([(pt.t_s, pt.error_requests_per_s) for pt in r.series], iv)),
     ]
     lat: list[Series] = [
-        ("p50", COLORS[0], [(x, pt.p50_ms) for x, pt in zip(mid, r.series) if pt.p50_ms > 0]),
-        ("p99", COLORS[3], [(x, pt.p99_ms) for x, pt in zip(mid, r.series) if pt.p99_ms > 0]),
-        ("max", COLORS[2], [(x, pt.max_ms) for x, pt in zip(mid, r.series) if pt.max_ms > 0]),
+        ("p50", COLORS[0], [(x, pt.p50_ms) for x, pt in zip(mid, r.series, strict=True) if pt.p50_ms > 0]),
+        ("p99", COLORS[3], [(x, pt.p99_ms) for x, pt in zip(mid, r.series, strict=True) if pt.p99_ms > 0]),
+        ("max", COLORS[2], [(x, pt.max_ms) for x, pt in zip(mid, r.series, strict=True) if pt.max_ms > 0]),
     ]
     spectrum = [(math.log10(1 / (1 - p / 100)) if p < 100 else 5.0, v)
                 for p, v in r.latency_spectrum if p < 100]

@@ -327,7 +327,9 @@ class Ingest:
         if partitions == 1:
             return ({0: keep} if keep else {}), ids, duplicates
         groups: dict[int, list[Event]] = {}
-        for event, p in zip(keep, partitions_for([event.user_id for event in keep], partitions)):
+        for event, p in zip(
+            keep, partitions_for([event.user_id for event in keep], partitions), strict=True
+        ):
             group = groups.get(p)
             if group is None:
                 groups[p] = [event]

@@ -112,7 +112,7 @@ class Sink(ABC):
         Stream.EVENTS, Stream.LATE, Stream.SESSIONS, Stream.CHARTS, Stream.DEAD_LETTER
     )
 
-    async def start(self) -> None:  # most sinks need no start-up
+    async def start(self) -> None:  # noqa: B027 (a hook: most sinks need no start-up)
         """Open connections or files; called before the first write."""
 
     @abstractmethod
@@ -123,10 +123,10 @@ class Sink(ABC):
         (``asyncio.to_thread`` or the sink's own executor).
         """
 
-    async def flush(self) -> None:
+    async def flush(self) -> None:  # noqa: B027 (a hook: a durable write needs no flush)
         """Make everything ``write`` returned for durable at the target."""
 
-    async def close(self) -> None:
+    async def close(self) -> None:  # noqa: B027 (a hook: most sinks hold nothing)
         """Release resources; called once, after the last write."""
 
     def decode(self, stream: str, payload: bytes) -> Any:

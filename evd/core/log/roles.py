@@ -206,7 +206,7 @@ class Consumer(ABC):
     async def committed(self) -> dict[SubLog, int]:
         """The offsets last committed for the assigned partitions (absent: none)."""
 
-    async def register(self) -> None:  # a log whose retention ignores consumers: nothing
+    async def register(self) -> None:  # noqa: B027 (a hook; no-op if retention ignores consumers)
         """Hold the assigned partitions for this consumer from now on, before its
         first commit: retention deletes nothing it has not committed past."""
 

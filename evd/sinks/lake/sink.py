@@ -310,7 +310,7 @@ class FilesSink(Sink):
             for b in batch.values:
                 found[b.partition] = max(found.get(b.partition, b.closed_until), b.closed_until)
         elif stream == Stream.SESSIONS:
-            for b, p in zip(batch.values, batch.partitions):
+            for b, p in zip(batch.values, batch.partitions, strict=True):
                 if b.complete_until is not None:
                     found[p] = max(found.get(p, b.complete_until), b.complete_until)
         for p, until in found.items():

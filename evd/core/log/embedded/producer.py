@@ -552,7 +552,7 @@ class EmbeddedLog(Producer):
                     journal = self._journal
                     if journal is not None:
                         iov: list[bytes] = []
-                        for (stream, partition), (part, frames) in zip(batch, work):
+                        for (stream, partition), (part, frames) in zip(batch, work, strict=True):
                             iov.append(entry_head(
                                 stream, partition, part.durable_end, sum(map(len, frames))
                             ))

@@ -165,9 +165,9 @@ class KafkaConsumer(Consumer):
         firsts = await self._consumer.beginning_offsets(tps)
         listed = await self._consumer.end_offsets(tps)
         # Only positions past the listed end need the exact end (the probe).
-        past = {tp: listed[tp] for s, tp in zip(sublogs, tps) if self._positions[s] > listed[tp]}
+        past = {tp: listed[tp] for s, tp in zip(sublogs, tps, strict=True) if self._positions[s] > listed[tp]}
         ends = listed | await self._exact_ends(past)
-        for sublog, tp in zip(sublogs, tps):
+        for sublog, tp in zip(sublogs, tps, strict=True):
             offset = self._positions[sublog]
             if not firsts[tp] <= offset <= ends[tp]:
                 raise InvalidOffset(
