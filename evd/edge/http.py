@@ -412,7 +412,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _set_phase(self, phase: int) -> None:
         self.phase = phase
-        self.deadline = self.server.now + self.server.phase_timeouts[phase]
+        # The clock now, not the sweep's last reading (server.now): that one is a
+        # sweep interval old or more, and the deadline would come that much early.
+        self.deadline = self.server.loop.time() + self.server.phase_timeouts[phase]
 
     def expire(self) -> None:
         """Called by the server's sweep once ``deadline`` has passed."""
