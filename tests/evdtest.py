@@ -505,3 +505,25 @@ def sink_context(
     """A SinkContext whose consumers read the embedded log under ``data_dir``."""
     kwargs.setdefault("open_consumer", lambda name: EmbeddedConsumer(data_dir, name))
     return SinkContext(data_dir, worker, workers, partitions, chart_window_ms, **kwargs)
+
+
+def freeze(pid: int, timeout: float = 10.0) -> None:
+    """SIGSTOP ``pid``, and return once every thread of it has stopped.
+
+    kill() returns before the stop has taken effect: a thread that is running, or
+    waiting for a CPU on a busy machine, may still answer a request sent right after.
+    """
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while True:
+        states = []
+        for task in os.scandir(f"/proc/{pid}/task"):
+            try:
+                stat = Path(task.path, "stat").read_text()
+            except FileNotFoundError:  # a thread that ended meanwhile
+                continue
+            states.append(stat.rpartition(")")[2].split()[0])
+        if all(state in "TtZX" for state in states):
+            return
+        assert time.monotonic() < deadline, f"process {pid} not stopped after {timeout} s: {states}"
+        time.sleep(0.005)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -252,9 +254,27 @@ def test_a_server_that_cannot_start_is_reported(tmp_path: Path) -> None:
     assert "FAILED" in proc.stdout
 
 
+@contextlib.contextmanager
+def sigint_not_ignored() -> Iterator[None]:
+    """A child started meanwhile takes SIGINT as Ctrl-C, whoever started pytest.
+
+    A process inherits an ignored SIGINT (``pytest &`` from a script ignores it), and
+    Python then never raises KeyboardInterrupt: bench.scaling would run to its end
+    and exit 0. A handler, unlike SIG_IGN, is reset to the default at exec.
+    """
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous is signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def test_interrupting_it_stops_the_server(tmp_path: Path) -> None:
     out = tmp_path / "scaling"
-    with open(tmp_path / "output.txt", "wb") as output:
+    with open(tmp_path / "output.txt", "wb") as output, sigint_not_ignored():
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench.scaling", "--out", str(out), "--workers", "1",
              "--batches", "1", "--fsync", "never", "--duration", "30"],

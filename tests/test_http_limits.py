@@ -38,7 +38,9 @@ TIGHT: dict[str, Any] = {
 }
 
 RATE: dict[str, Any] = {
-    "limits": {"rate_limit_events_per_s": 2, "rate_limit_burst": 5},
+    # A slow refill (5 events in 50 s): however long the two POSTs below take apart,
+    # the second finds the bucket still empty.
+    "limits": {"rate_limit_events_per_s": 0.1, "rate_limit_burst": 5},
     "auth": {"keys": ["key-a", "key-b"]},
 }
 

@@ -197,7 +197,8 @@ async def test_100_continue_never_overtakes_a_queued_response() -> None:
 
 
 async def test_a_key_over_its_rate_is_refused_from_headers_alone() -> None:
-    proto, transport, log = await connect(rate_limit_events_per_s=1, rate_limit_burst=2)
+    # A slow refill (one event in 100 s): the bucket stays empty however slow the machine.
+    proto, transport, log = await connect(rate_limit_events_per_s=0.01, rate_limit_burst=2)
     try:
         first = raw_post(batch([make_event("r-1"), make_event("r-2")]))
         # The bucket is empty now: the next body is not even decoded (it is not
@@ -381,6 +382,7 @@ class FakeHost:
     def __init__(self, answer: Reply | Exception = CANNED) -> None:
         self.connections: set[HttpProtocol] = set()
         self.now = 0.0
+        self.clock = lambda: self.now
         self.draining = False
         self.answer = answer
         self.durable: asyncio.Future[None] | None = None

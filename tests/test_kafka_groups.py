@@ -41,6 +41,7 @@ from evdtest import (
     EvdServer,
     ServerFactory,
     batch,
+    freeze,
     make_event,
     post,
     request,
@@ -196,7 +197,7 @@ def test_a_frozen_broker_gives_503_and_every_200_reaches_the_warehouse(
                     assert "retry-after" in resp.headers
 
         post_some("before", 20)
-        os.kill(pid, signal.SIGSTOP)
+        freeze(pid)
         try:
             post_some("frozen", 6)
         finally:

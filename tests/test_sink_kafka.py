@@ -238,6 +238,11 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: How soon a write with timeout_s=0.5 must have failed: long for 0.5 s on a busy
+#: machine, short of aiokafka's own 40 s request timeout (not what ended it).
+GAVE_UP_WITHIN_S = 15.0
+
+
 async def test_no_broker_is_a_retriable_error_not_a_failed_start(tmp_path: Path) -> None:
     s = make_sink(tmp_path, f"127.0.0.1:{closed_port()}", "team-a.plays", timeout_s=0.5)
     started = time.monotonic()
@@ -247,7 +252,7 @@ async def test_no_broker_is_a_retriable_error_not_a_failed_start(tmp_path: Path)
     await s.close()
     assert caught.value.retriable and not isinstance(caught.value, PermanentSinkError)
     assert "team-a.plays" in str(caught.value)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < GAVE_UP_WITHIN_S
 
 
 async def test_a_broker_that_never_answers_fails_within_timeout_s(tmp_path: Path) -> None:
@@ -267,7 +272,7 @@ async def test_a_broker_that_never_answers_fails_within_timeout_s(tmp_path: Path
         started = time.monotonic()
         with pytest.raises(SinkError, match=r"cannot reach .* after 0\.5 s") as caught:
             await s.write(Batch("events", [events_value(["e1"], ["u1"])], 1, 100))
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < GAVE_UP_WITHIN_S
         assert caught.value.retriable
         await s.close()
     finally:
@@ -293,7 +298,7 @@ async def test_a_broker_gone_after_start_fails_the_write_within_timeout_s(
         started = time.monotonic()
         with pytest.raises(SinkError) as caught:
             await s.write(Batch("events", [events_value(["e2", "e3"], ["u1", "u2"])], 2, 200))
-        assert time.monotonic() - started < 3
+        assert time.monotonic() - started < GAVE_UP_WITHIN_S
         assert caught.value.retriable and not isinstance(caught.value, PermanentSinkError)
         await asyncio.wait_for(s.close(), 5)
     finally:

@@ -169,6 +169,9 @@ def _within(run: dict[str, Any], bytes_per_id: float) -> tuple[bool, str]:
     )
 
 
+# Three children in turn, each bounded by CHILD_TIMEOUT_S: pytest's 120 s default for the
+# whole test would cut it off first on a busy machine (it did, under a CPU hog).
+@pytest.mark.timeout(3 * CHILD_TIMEOUT_S + 30)
 def test_memory_after_a_million_users_is_start_up_plus_the_dedup_window() -> None:
     per_id = _child("ids", str(2 * USERS))["bytes_per_id"]
     per_session = _child("sessions", "100000")["bytes_per_session"]
@@ -180,6 +183,7 @@ def test_memory_after_a_million_users_is_start_up_plus_the_dedup_window() -> Non
     assert ok, report
 
 
+@pytest.mark.timeout(2 * CHILD_TIMEOUT_S + 30)
 def test_negative_control_keeping_closed_sessions_fails_the_check() -> None:
     users = 200_000
     per_id = _child("ids", str(2 * users))["bytes_per_id"]

@@ -395,7 +395,7 @@ async def test_a_reader_in_another_process_waits_without_polling_and_wakes_on_ne
     print(f"reader: {out['waits']} waits, {elapsed:.2f} s, cpu {out['cpu']:.2f} s")
     if poke:
         assert out["got"] == [f"{b}-{i}" for b in range(bursts) for i in range(per_burst)]
-        assert elapsed < 10
+        assert elapsed < timeout  # sooner than a single wait that ran to its timeout
         # One wait per wake-up: the bursts, the writer's recovery, a few spurious.
         assert out["waits"] <= bursts + 4
     else:

@@ -9,6 +9,7 @@ connection's event loop only.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
@@ -25,8 +26,11 @@ class ConnectionHost(Protocol):
     #: The open connections: a connection adds itself when made and removes
     #: itself when lost (the timeout sweep and draining walk this set).
     connections: set[HttpProtocol]
-    #: Loop time as of the latest timeout sweep; phase deadlines count from it.
+    #: Loop time as of the latest timeout sweep (what the sweep compares deadlines with).
     now: float
+    #: The loop's clock: a phase deadline counts from it, not from ``now``, which
+    #: is up to a sweep interval old and would make the deadline that much early.
+    clock: Callable[[], float]
     #: The server is draining: every request is answered 503, and a response
     #: closes its connection.
     draining: bool

@@ -419,7 +419,9 @@ class HttpProtocol(asyncio.Protocol):
 
     def _set_phase(self, phase: int) -> None:
         self.phase = phase
-        self.deadline = self.host.now + self.timeouts[phase]
+        # The clock now, not the sweep's last reading (host.now): that one is a
+        # sweep interval old or more, and the deadline would come that much early.
+        self.deadline = self.host.clock() + self.timeouts[phase]
 
     def expire(self) -> None:
         """Called by the host's timeout sweep once ``deadline`` has passed."""

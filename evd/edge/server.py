@@ -92,6 +92,7 @@ class Server:
         #: Created inside the worker's running loop.
         self.loop = asyncio.get_running_loop()
         self.now = self.loop.time()
+        self.clock = self.loop.time
         self._server: asyncio.base_events.Server | None = None
         self._sweeper: asyncio.Task[None] | None = None
         #: Requests waiting for a group commit, by the commit's future, with when
