@@ -1,6 +1,6 @@
 """Edge -> Kafka -> processor throughput against the Tansu test broker.
 
-Starts a Tansu broker (evd.bench.tansu), one edge pod (``evd serve --roles edge
+Starts a Tansu broker (bench.tansu), one edge pod (``evd serve --roles edge
 --workers 1``) pinned to ``--edge-cpu`` and, with ``--process``, one process pod
 (``--roles process``); then sends seed-shaped batches (bench.seedload's
 requests, 100 events from 100 random users each, so a request touches most
@@ -33,8 +33,8 @@ import uvloop
 
 from bench.pipeline import drive, free_port, scrape
 from bench.scaling import tree_cpu
+from bench.tansu import Broker
 from evd.bench import metrics
-from evd.bench.tansu import Broker
 from evd.config import Config
 from evd.core.config import KafkaConfig, LogConfig
 from evd.core.log import TopicPartition

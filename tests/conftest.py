@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 from evdtest import ServerFactory
+from screenshot import NoChromium, chromium
 
-from evd.bench.screenshot import NoChromium, chromium
-from evd.bench.tansu import Broker
+from bench.tansu import Broker
 
 #: Set to 1 (CI does) to fail, rather than skip, the browser tests when no Chromium is found.
 REQUIRE_BROWSER = "EVD_REQUIRE_BROWSER"

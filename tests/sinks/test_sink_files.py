@@ -502,7 +502,7 @@ from pathlib import Path
 from evd.sinks.lake.sink import FilesSinkConfig
 from evd.sinks.base import Batch
 from evd.sinks.lake.sink import FilesSink
-sys.path.insert(0, sys.argv[2])
+sys.path[:0] = sys.argv[2:4]  # this test module and the test support
 from test_sink_files import H1, batch, events_batch, sink_context
 
 async def main():
@@ -520,7 +520,8 @@ asyncio.run(main())
 
 def test_after_a_sigkill_mid_write_every_visible_file_is_whole(tmp_path: Path) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(tmp_path), str(Path(__file__).parent)],
+        [sys.executable, "-c", WRITER, str(tmp_path), str(Path(__file__).parent),
+         str(Path(__file__).parents[1] / "support")],
         stdout=subprocess.PIPE, text=True,
     )
     try:

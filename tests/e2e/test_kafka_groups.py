@@ -4,7 +4,7 @@ separate OS processes, separate data directories; the process pods share only
 the snapshot directory, as pods share a volume).
 
 - The sinks issue's end-to-end load and checks pass unchanged through them
-  (tests/test_sinks_e2e.py: every accepted event once in sqlite and in the lake,
+  (tests/e2e/test_sinks_e2e.py: every accepted event once in sqlite and in the lake,
   sessions and charts equal to the batch computation field by field, the audit
   adds up), and both edge pods answer the top-tracks API as the warehouse's
   charts add up.
@@ -51,7 +51,7 @@ from evdtest import (
 from sinkcheck import lake_rows, query, wait_for
 from test_sinks_e2e import CONFIG, check_delivered, post_load
 
-from evd.bench.tansu import Broker
+from bench.tansu import Broker
 
 pytestmark = pytest.mark.workers_independent
 
@@ -246,7 +246,7 @@ def test_the_shipped_kafka_config_checks_and_runs_as_three_groups(
     """configs/kafka.yaml as a user deploys it, with only what a pod spec sets from the
     environment changed (brokers, keys, one worker): an event posted to the edge pod
     reaches the warehouse and the team's topic, filtered by event type."""
-    shipped = Path(__file__).resolve().parents[1] / "configs" / "kafka.yaml"
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "kafka.yaml"
     checked = run_cli("check-config", str(shipped))
     assert checked.returncode == 0, checked.stderr
     assert "backend: kafka" in checked.stdout

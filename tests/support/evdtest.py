@@ -32,7 +32,7 @@ from evd.sinks.base import SinkContext
 
 DEV_KEY = "evd-dev-key"
 HOST = "127.0.0.1"
-SEED_EVENT_PATH = Path(__file__).parent / "data" / "seed-event.json"
+SEED_EVENT_PATH = Path(__file__).parents[1] / "data" / "seed-event.json"
 LISTENING_RE = re.compile(r"evd listening on http://127\.0\.0\.1:(\d+)")
 WORKER_RE = re.compile(r"evd listening on http://\S+ \(worker (\d+) of \d+, pid (\d+)")
 #: Workers of every server a test starts without choosing (EVD_TEST_WORKERS=2 runs
@@ -441,7 +441,7 @@ class ServerFactory:
     ) -> EvdServer:
         """Start ``python -m evd serve`` and wait until it listens (and /readyz is 200).
 
-        ``launcher`` replaces ``python -m evd`` (tests/powercut.py records fsyncs).
+        ``launcher`` replaces ``python -m evd`` (tests/support/powercut.py records fsyncs).
         """
         self._n += 1
         work = self.tmp / f"server{self._n}"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from evdtest import clean_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 60
 
 

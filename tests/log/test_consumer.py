@@ -34,7 +34,7 @@ from typing import Any, ClassVar, NamedTuple
 import pytest
 from aiokafka import AIOKafkaConsumer
 
-from evd.bench.tansu import Broker
+from bench.tansu import Broker
 from evd.config import Config
 from evd.core.config import KafkaConfig, LogConfig
 from evd.core.errors import LogOverloaded

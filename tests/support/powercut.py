@@ -1,6 +1,6 @@
 """A power cut, simulated: which bytes of each file an fsync made durable.
 
-``python tests/powercut.py RECORD serve ...`` runs ``evd`` with ``os.fsync``
+``python tests/support/powercut.py RECORD serve ...`` runs ``evd`` with ``os.fsync``
 wrapped: every fsync of a regular file appends ``<size>\\t<path>`` to RECORD
 once it returned, where size is the file's size before the fsync began (all of
 which that fsync made durable). After the process is killed, ``cut_power``

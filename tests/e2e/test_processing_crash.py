@@ -2,7 +2,7 @@
 SIGKILLed at random moments several times; after the last restart and an idle
 period, its ``sessions`` and ``charts`` streams, deduplicated by id, equal
 those of a run without crashes over the same input (and the batch reference,
-tests/batchref.py, over that input).
+tests/support/batchref.py, over that input).
 
 Event times are in the past (the wall clock at the start minus an hour), so the
 load has to be continuous: a partition idle for ``idle_timeout_ms`` moves its
@@ -200,7 +200,7 @@ def read_outputs(data_dir: Path) -> Streams:
 
 
 def matches_reference(outputs: Streams, events: list[dict[str, Any]]) -> bool:
-    """``outputs`` are what tests/batchref.py computes from ``events`` (all on time)."""
+    """``outputs`` are what tests/support/batchref.py computes from ``events`` (all on time)."""
     typed = msgspec.convert(events, list[Event])
     raw = RawBatch(received_at=0, events=typed)
     result = compute([raw], ProcessingConfig(session_gap_ms=SESSION_GAP_MS), WINDOW_S * 1000)

@@ -18,10 +18,10 @@ from typing import NamedTuple
 
 import pytest
 from evdtest import ServerFactory, clean_env
+from screenshot import color_counts, hex_rgb, near, read_png, screenshot
 
 from evd.bench.harness import main
 from evd.bench.report import Report, decode
-from evd.bench.screenshot import color_counts, hex_rgb, near, read_png, screenshot
 from evd.bench.traffic import TrafficConfig, write_stream
 
 # Bounds a whole CLI run (spawn + setup + run + drain); a healthy one takes ~5 s.

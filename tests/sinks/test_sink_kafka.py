@@ -20,7 +20,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.admin import AIOKafkaAdminClient
 from evdtest import sink_context
 
-from evd.bench.tansu import Broker
+from bench.tansu import Broker
 from evd.config import load_config
 from evd.core.config import BatchConfig, KafkaConfig, RetryConfig
 from evd.core.errors import ConfigError

@@ -154,7 +154,7 @@ def test_dump_config_round_trips(tmp_path: Path) -> None:
 def test_the_shipped_config_file_lists_exactly_the_defaults() -> None:
     # configs/evd.yaml documents every key with its default: it must decode to
     # the defaults, and name every key the schema has.
-    shipped = Path(__file__).resolve().parents[1] / "configs" / "evd.yaml"
+    shipped = Path(__file__).resolve().parents[2] / "configs" / "evd.yaml"
     assert load_config(shipped, environ={}) == Config()
     raw = msgspec.yaml.decode(shipped.read_bytes())
     defaults = msgspec.to_builtins(Config())

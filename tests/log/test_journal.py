@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_log import open_log, read_all, segments
+from test_embedded_log import open_log, read_all, segments
 
 from evd.core.log.embedded.framing import frame
 from evd.core.log.embedded.journal import DIRNAME, Journal, entry_head, read_entries

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_log import open_log, read_all, segments
+from test_embedded_log import open_log, read_all, segments
 
 from evd.core.errors import ConfigError
 from evd.core.log.embedded.framing import frame
@@ -30,7 +30,7 @@ from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter, RawBatch, event_decoder, msgpack_encoder
 from evd.logtool import iter_stream
 
-SEED_EVENT = json.loads((Path(__file__).parent / "data" / "seed-event.json").read_text())
+SEED_EVENT = json.loads((Path(__file__).parents[1] / "data" / "seed-event.json").read_text())
 
 
 def raw_record(*event_ids: str) -> bytes:

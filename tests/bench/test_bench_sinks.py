@@ -14,7 +14,7 @@ from evdtest import clean_env
 
 from evd.core.log import records
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # bench/ is not installed (it runs from a checkout): import it from there.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from evdtest import ServerFactory, clean_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 RUN_TIMEOUT_S = 60
 
 

@@ -1,6 +1,6 @@
 """Stream processing through the real server: POST -> raw log -> processors -> the
 ``events``, ``sessions``, ``charts`` and ``late`` streams, compared with the batch
-computation of the contract (tests/batchref.py), with 1 and 2 workers."""
+computation of the contract (tests/support/batchref.py), with 1 and 2 workers."""
 
 from __future__ import annotations
 

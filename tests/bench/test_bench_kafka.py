@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from evdtest import clean_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.workers_independent
 

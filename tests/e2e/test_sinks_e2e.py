@@ -4,7 +4,7 @@ resend the same ids; a few invalid and late events) are posted; once everything
 settled, every accepted event_id is in the sqlite ``events`` table exactly once
 and in the lake exactly once, every invalid event is in ``dead_letter`` with its
 reason, sessions and charts in sqlite equal the batch computation of the
-contract (tests/batchref.py) field by field, and ``evd audit`` reports no
+contract (tests/support/batchref.py) field by field, and ``evd audit`` reports no
 discrepancy."""
 
 from __future__ import annotations

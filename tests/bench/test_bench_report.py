@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 import orjson
 import pytest
+from screenshot import color_counts, hex_rgb, near, read_png, screenshot
 
 from evd.bench import html, metrics
 from evd.bench.driver import BodySource, Driver
@@ -25,7 +26,6 @@ from evd.bench.report import (
     encode,
     summary_text,
 )
-from evd.bench.screenshot import color_counts, hex_rgb, near, read_png, screenshot
 from evd.bench.traffic import TrafficConfig
 
 START_MS = 1_717_243_200_000

@@ -1,5 +1,5 @@
 """KafkaLog (the Producer of ``log.backend: kafka``) at its edges, on a real
-Kafka-protocol broker (Tansu, see evd.bench.tansu).
+Kafka-protocol broker (Tansu, see bench.tansu).
 
 Covered: an append_all's future completes only once the broker acknowledged
 its records, which are then readable; a broker that does not answer fails an
@@ -30,7 +30,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka import TopicPartition as KafkaTP
 from evdtest import freeze
 
-from evd.bench.tansu import Broker
+from bench.tansu import Broker
 from evd.config import Config
 from evd.core.config import KafkaConfig, LogConfig
 from evd.core.errors import LogOverloaded, LogUnavailable

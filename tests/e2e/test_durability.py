@@ -36,7 +36,7 @@ from evd.edge.server import Server
 from evd.logtool import iter_stream
 from evd.worker import open_log
 
-POWERCUT = Path(__file__).parent / "powercut.py"
+POWERCUT = Path(__file__).parents[1] / "support" / "powercut.py"
 
 
 def logged_ids(data_dir: Path, stream: str = "raw") -> set[str]:

@@ -15,7 +15,7 @@ from evd.core.config import ProcessingConfig
 from evd.core.log import partition_for, records
 from evd.core.schema import epoch_ms
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # bench/ is not installed (it runs from a checkout): import it from there.
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -1,12 +1,12 @@
 """The lake's ``_SUCCESS`` for an events hour with ``log.backend: kafka``, on a real
-Kafka-protocol broker (Tansu, see evd.bench.tansu).
+Kafka-protocol broker (Tansu, see bench.tansu).
 
 The files sink reads the processor's and its own committed offsets, and the raw
 records' stamps, through the SinkContext's ``open_consumer`` (KafkaConsumers
 here): an hour is marked once the processor committed past every raw record of
 it (at a record stamped hour end + grace, or at a partition's end) and the sink
 committed what it wrote; a processor behind a record of the hour keeps it
-unmarked. The same rules on the embedded log: tests/test_sink_files.py.
+unmarked. The same rules on the embedded log: tests/sinks/test_sink_files.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from test_sink_files import GRACE_MS, H1, HOUR, WINDOW_MS, batch, config, event, events_batch
 
-from evd.bench.tansu import Broker
+from bench.tansu import Broker
 from evd.config import Config
 from evd.core.config import KafkaConfig, LogConfig
 from evd.core.log import SubLog, TopicPartition, records

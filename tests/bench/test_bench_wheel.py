@@ -25,7 +25,7 @@ from evdtest import ServerFactory
 
 from evd.bench.report import decode
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 #: Bounds each child process (build, install, probe, run); each takes a few seconds.
 STEP_TIMEOUT_S = 120
 #: What the wheel is built from: the sources setuptools reads, copied so that the
