@@ -60,6 +60,7 @@ def explain_validation(exc: msgspec.ValidationError) -> str:
     if not path:
         return reason
     if ": " in reason and reason.split(": ", 1)[0].replace(".", "").isidentifier():
-        # A check in __post_init__ already names its field, relative to ``path``.
+        # A reason that starts with a key path (a nested Struct's own check) is
+        # relative to ``path``: join them with a dot.
         return f"{path}.{reason}"
     return f"{path}: {reason}"

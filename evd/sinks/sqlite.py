@@ -44,12 +44,11 @@ loss while their offsets say delivered.
 All SQLite work, including building the rows, runs in one thread owned by the
 sink (a connection belongs to the thread that opened it), never on the event loop.
 
-Cost (2-core EPYC VM, one core, ``python -m bench.sinks --sinks sqlite``):
-about 72,000 events/s into a new file, a third building rows in Python, the
-rest SQLite. Random event ids make every write touch pages all over the
-``event_id`` index, so the cost per event grows with the table: at 1,000,000
-events about 52,000/s, where a key in arrival order, (received_at, event_id)
-WITHOUT ROWID, measured 82,000/s and stays flat.
+Cost: about a third of the time goes to building rows in Python, the rest to
+SQLite. Random event ids make every write touch pages all over the
+``event_id`` index, so the cost per event grows with the table (a key in arrival
+order would stay flat, but the contract names ``event_id`` the primary key);
+the figures are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -105,9 +104,8 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 
 #: Bytes per page of a new file. A write appends to the table and updates the
 #: event_id index at random places; SQLite writes each changed page to the WAL
-#: (two system calls a page) and later copies it to the file. At 200,000 events
-#: in 10,000-event writes, 16 KiB pages cost 7.6 us of CPU an event against
-#: 11.0 with SQLite's 4 KiB (12.6 against 18.2 at 1,000,000 events).
+#: (two system calls a page) and later copies it to the file: larger pages mean
+#: fewer of them per write (docs/performance.md).
 PAGE_SIZE = 16_384
 #: Page cache per connection (per worker), KiB: holds the event_id index a
 #: write updates at random places (SQLite's default, 2 MiB, measured 25% slower

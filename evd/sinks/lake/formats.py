@@ -10,14 +10,11 @@ Speed. The sink runs a format in a thread (``asyncio.to_thread``), which
 encodes and compresses a chunk of rows at a time. An event's NDJSON row is
 one msgspec encoding of an ``EventStruct`` (evd.sinks.rows) built from the event's fields and its
 enrichment (no dicts); Parquet rows are tuples that pyarrow converts in one
-pass. Levels, measured on the traffic model's rows (bench.sinks' recording,
-513 bytes each, the 2-core VM): gzip is level 1, zlib compressing 5.4 times
-at 168 MB/s, where level 3 gives 5.7 times at 148 MB/s and level 6 6.5 times
-at 74 MB/s, and the 300,000 events/s target needs 154 MB/s for the
-compression alone. So gzip is ISA-L's deflate (the ``isal`` package, a
-dependency; level 1: 5.6 times at 815 MB/s), the same format; where isal is
-missing (no wheel for the platform) it falls back to zlib. zstd is
-level 1: 7.25 times at 672 MB/s, where level 3 gives 7.35 times at 347 MB/s.
+pass. Both compressors run at level 1, where the ratio is close to the higher
+levels' at several times their speed; gzip is ISA-L's deflate (the ``isal``
+package, a dependency), the same format as zlib's at several times its speed,
+and falls back to zlib where isal is missing (no wheel for the platform). The
+figures behind these choices are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -244,8 +241,8 @@ class Parquet:
         self.schemas: dict[str, Any] = rows.parquet_schemas(pa)
         events = self.schemas[Stream.EVENTS]
         # Dictionary pages for the events' few-valued columns only: on ids and
-        # times (all distinct) a dictionary is built and thrown away. Measured on
-        # the traffic model's events: 1.42 -> 0.90 us per row, 52 -> 47 bytes.
+        # times (all distinct) a dictionary is built and thrown away (faster and
+        # smaller files: docs/performance.md).
         few = [
             "event_type", "track_id", "playback.initiator", "context.page_uri",
             "context.playlist_uri", "device.os", "device.client_version", "geo.country",
