@@ -24,19 +24,24 @@ import asyncio
 import email.utils
 import time
 from datetime import UTC
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import msgspec
-from multidict import CIMultiDict
-from yarl import URL
 
 from evd.core.config import SinkConfig
 from evd.core.errors import ConfigError
 from evd.sinks import rows
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkContext, SinkError
 
+if TYPE_CHECKING:
+    import aiohttp
+
 __all__ = ["HttpSink", "HttpSinkConfig", "parse_retry_after"]
+
+# aiohttp (and its yarl and multidict) are imported by the sink when one is
+# configured, not with this module: the registry imports every sink module to
+# read its config section, and a worker without webhooks should not carry the
+# client library's objects (every cyclic GC pass walks them).
 
 #: Bytes of an answer read at most: the excerpt an error quotes, and what is
 #: drained so the connection can be reused (a longer answer closes it instead).
@@ -90,6 +95,8 @@ class HttpSink(Sink):
     def __init__(self, cfg: HttpSinkConfig, ctx: SinkContext) -> None:
         self.cfg = cfg
         self.window_ms = ctx.chart_window_ms
+        from yarl import URL
+
         self.url = URL(cfg.url)
         if self.url.user is not None and any(h.lower() == "authorization" for h in cfg.headers):
             # aiohttp sends URL credentials as basic auth and refuses both at once.
@@ -108,6 +115,9 @@ class HttpSink(Sink):
             raise RuntimeError(f"http sink {self.cfg.name!r} is closed; it cannot start again")
         if self._session is not None:
             raise RuntimeError(f"http sink {self.cfg.name!r} was already started")
+        import aiohttp
+        from multidict import CIMultiDict
+
         headers = CIMultiDict({"Content-Type": "application/json"})
         headers.update(self.cfg.headers)  # case-insensitive: a configured content-type replaces ours
         self._session = aiohttp.ClientSession(
@@ -136,7 +146,7 @@ class HttpSink(Sink):
                 reason = resp.reason or ""
         except TimeoutError:
             raise SinkError(f"{where}: no answer within {self.cfg.timeout_s:g} s") from None
-        except aiohttp.ClientError as exc:
+        except _client_error() as exc:
             raise SinkError(f"{where}: {type(exc).__name__}: {exc}") from None
         if 200 <= status < 300:
             return
@@ -169,6 +179,13 @@ class HttpSink(Sink):
             _encode(self.cfg.name), _encode(batch.stream), count,
             lines[:-1].replace(b"\n", b","),
         )
+
+
+def _client_error() -> type[Exception]:
+    """aiohttp's base error (imported once a sink started, so already loaded)."""
+    import aiohttp
+
+    return aiohttp.ClientError
 
 
 async def _drain(resp: aiohttp.ClientResponse) -> bytes:

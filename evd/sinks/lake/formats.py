@@ -19,6 +19,7 @@ figures behind these choices are in docs/performance.md.
 
 from __future__ import annotations
 
+import functools
 import types
 import zlib
 from collections.abc import Callable, Iterator
@@ -28,7 +29,6 @@ from typing import Any, BinaryIO, Protocol
 
 import msgspec
 import msgspec.inspect as mi
-import zstandard
 from msgspec.structs import astuple
 
 from evd.core.errors import ConfigError
@@ -55,14 +55,22 @@ NDJSON_CHUNK_ITEMS = 4096
 #: split work by row group.
 PARQUET_ROW_GROUP = 65_536
 
-try:
-    # ISA-L's deflate (the isal package): about 5 times zlib's speed at
-    # level 1 and slightly smaller files; the same gzip format and compressobj API.
-    from isal import isal_zlib
 
-    _deflate: types.ModuleType = isal_zlib
-except ImportError:
-    _deflate = zlib
+@functools.cache
+def _best_deflate() -> types.ModuleType:
+    """ISA-L's deflate (the isal package): several times zlib's speed at level 1
+    and slightly smaller files; the same gzip format and compressobj API. zlib
+    where isal is missing."""
+    try:
+        from isal import isal_zlib
+    except ImportError:
+        return zlib
+    return isal_zlib
+
+
+#: The deflate of gzip files; None: _best_deflate(), imported by the first gzip
+#: writer (a server whose lake writes zstd or Parquet never imports isal).
+_deflate: types.ModuleType | None = None
 
 _encode = msgspec.json.Encoder().encode
 _encode_lines = msgspec.json.Encoder().encode_lines
@@ -122,11 +130,16 @@ class Ndjson:
         self.window_ms = window_ms
         self.ext = {"gzip": ".ndjson.gz", "zstd": ".ndjson.zst", "none": ".ndjson"}[compression]
         # One write at a time per sink, so one compressor context serves them all.
-        self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+        self._zstd: Any = None
+        if compression == "zstd":
+            import zstandard
+
+            self._zstd = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
 
     def _compressor(self) -> _Compressor:
         if self.compression == "gzip":
-            gzip: _Compressor = _deflate.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # gzip framing
+            deflate = _deflate or _best_deflate()
+            gzip: _Compressor = deflate.compressobj(GZIP_LEVEL, zlib.DEFLATED, 31)  # gzip framing
             return gzip
         if self.compression == "zstd":
             zstd: _Compressor = self._zstd.compressobj()
