@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_atomic"]
+__all__ = ["fsync_dir", "make_dirs", "write_atomic"]
 
 
 def fsync_dir(path: Path) -> None:
@@ -27,3 +27,16 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """Create ``path`` and its missing parents (another process may create them too);
+    the directories whose entries changed, for the caller to fsync."""
+    missing: list[Path] = []
+    p = path
+    while not p.exists():
+        missing.append(p)
+        p = p.parent
+    for directory in reversed(missing):
+        directory.mkdir(exist_ok=True)
+    return [directory.parent for directory in reversed(missing)]

@@ -51,7 +51,7 @@ import orjson
 
 from evd.core.config import BatchConfig, MiB, SinkConfig
 from evd.core.errors import ConfigError, EvdError
-from evd.core.files import fsync_dir, write_atomic
+from evd.core.files import fsync_dir, make_dirs, write_atomic
 from evd.core.log import Stream
 from evd.sinks import metrics, rows
 from evd.sinks.base import Batch, Sink, SinkContext, SinkError
@@ -285,17 +285,8 @@ class FilesSink(Sink):
         """Create ``directory`` and its missing parents, each entry made durable."""
         if directory in self._dirs:
             return
-        missing: list[Path] = []
-        d = directory
-        while not d.is_dir():
-            missing.append(d)
-            d = d.parent
-        for d in reversed(missing):
-            try:
-                d.mkdir()
-            except FileExistsError:
-                pass  # another worker made it
-            fsync_dir(d.parent)
+        for parent in make_dirs(directory):
+            fsync_dir(parent)
         if len(self._dirs) >= MAX_KNOWN_DIRS:
             self._dirs.clear()
         self._dirs.add(directory)

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from evd.core.errors import ConfigError
-from evd.core.files import fsync_dir
+from evd.core.files import fsync_dir, make_dirs
 from evd.core.log import Record
 from evd.core.log.embedded.journal import DIRNAME as JOURNAL_DIR
 from evd.core.log.embedded.journal import SUFFIX as JOURNAL_SUFFIX
@@ -24,20 +24,9 @@ from evd.core.log.embedded.sublog import (
     writer_name,
 )
 
-__all__ = ["make_dirs", "old_layout", "partition_dirs", "read_partition", "upgrade_layout", "writers_on_disk"]
+__all__ = ["old_layout", "partition_dirs", "read_partition", "upgrade_layout", "writers_on_disk"]
 
 log = logging.getLogger(__name__)
-
-def make_dirs(path: Path) -> list[Path]:
-    """Create ``path`` and its missing parents; the directories whose entries changed."""
-    missing: list[Path] = []
-    p = path
-    while not p.exists():
-        missing.append(p)
-        p = p.parent
-    for directory in reversed(missing):
-        directory.mkdir(exist_ok=True)
-    return [directory.parent for directory in reversed(missing)]
 
 
 def read_partition(

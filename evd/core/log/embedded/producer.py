@@ -49,7 +49,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from evd.core.errors import ConfigError, LogOverloaded, LogUnavailable
-from evd.core.files import fsync_dir
+from evd.core.files import fsync_dir, make_dirs
 from evd.core.log import Append, Producer, Record
 from evd.core.log.embedded import metrics
 from evd.core.log.embedded.framing import HEADER as FRAME_HEADER
@@ -57,7 +57,6 @@ from evd.core.log.embedded.framing import IOV_MAX, frame, scan_frames
 from evd.core.log.embedded.journal import DIRNAME as JOURNAL_DIR
 from evd.core.log.embedded.journal import Journal, entry_head
 from evd.core.log.embedded.layout import (
-    make_dirs,
     old_layout,
     partition_dirs,
     upgrade_layout,
