@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -24,6 +25,10 @@ class FakeServer:
         self.connections = 0
         self.active = 0
         self.max_active = 0
+        #: With ``gather`` set, a request is held until that many are active at once
+        #: (``delay`` only bounds the wait): concurrency that does not depend on timing.
+        self.gather = 0
+        self.together = asyncio.Event()
         self.server: asyncio.Server | None = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -39,7 +44,13 @@ class FakeServer:
                     await reader.readexactly(length)
                 self.active += 1
                 self.max_active = max(self.max_active, self.active)
-                await asyncio.sleep(self.delay)
+                if self.gather:
+                    if self.active >= self.gather:
+                        self.together.set()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.together.wait(), self.delay)
+                else:
+                    await asyncio.sleep(self.delay)
                 self.active -= 1
                 if not self.handler(head, writer):
                     break
@@ -108,20 +119,20 @@ async def test_keep_alive_reuses_one_connection(fake: Starter) -> None:
 
 
 async def test_pool_bound_can_grow_and_shrink(fake: Starter) -> None:
-    srv = await fake(_ok, delay=0.05)
+    srv = await fake(_ok, delay=4.0)  # a bound: requests are released once `limit` are in
     pool = ConnectionPool(srv.target, limit=2, timeout=5)
     req = build_request("GET", srv.target, "/")
 
-    async def burst() -> int:
-        srv.max_active = 0
+    async def burst(limit: int) -> int:
+        srv.max_active, srv.gather, srv.together = 0, limit, asyncio.Event()
         await asyncio.gather(*(pool.request(req) for _ in range(6)))
         return srv.max_active
 
-    assert await burst() == 2
+    assert await burst(2) == 2
     pool.set_limit(6)
-    assert await burst() == 6
+    assert await burst(6) == 6
     pool.set_limit(2)
-    assert await burst() == 2
+    assert await burst(2) == 2
     assert len(pool._idle) <= 2, "connections above a lowered bound are closed"
     pool.close()
 
