@@ -70,6 +70,11 @@ def error_reply(status: int, message: str, retry_after: int = 0) -> Reply:
 class TooLarge(EvdError):
     """The decompressed body exceeds limits.max_decompressed_bytes."""
 
+#: The streams the edge appends to, as plain strings: an enum member's lookup
+#: (EnumType has __getattr__) is several times a global's, once per request.
+_RAW: str = Stream.RAW.value
+_DEAD_LETTER: str = Stream.DEAD_LETTER.value
+
 
 def gunzip(body: bytes, limit: int) -> bytes:
     """Inflate a gzip body (every member), failing as soon as the output passes ``limit``."""
@@ -201,12 +206,12 @@ class Ingest:
         by_partition, accepted_ids, duplicates = self._split(events)
         encode = rec.encode
         records: list[Append] = [
-            (Stream.RAW, p, encode(rec.Kind.RAW, received_at, RawBatch(received_at, batch, skew)))
+            (_RAW, p, encode(rec.Kind.RAW, received_at, RawBatch(received_at, batch, skew)))
             for p, batch in by_partition.items()
         ]
         for letter in dead:
             records.append((
-                Stream.DEAD_LETTER,
+                _DEAD_LETTER,
                 partition_for(letter.event.decode(errors="replace"), self.partitions),
                 encode(rec.Kind.DEAD_LETTER, received_at, letter),
             ))
@@ -327,9 +332,10 @@ class Ingest:
         if partitions == 1:
             return ({0: keep} if keep else {}), ids, duplicates
         groups: dict[int, list[Event]] = {}
-        for event, p in zip(
-            keep, partitions_for([event.user_id for event in keep], partitions), strict=True
-        ):
+        # One partition per event, by construction. No strict=: on this path per
+        # request, the keyword is parsed at every call.
+        parts = partitions_for([event.user_id for event in keep], partitions)
+        for event, p in zip(keep, parts):  # noqa: B905
             group = groups.get(p)
             if group is None:
                 groups[p] = [event]
