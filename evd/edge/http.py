@@ -247,7 +247,8 @@ class HttpProtocol(asyncio.Protocol):
         if method != b"POST":
             self.discard = True
             return
-        key = self.host.authorize(self.authorization)
+        authorize = self.host.authorize  # (see _set_phase)
+        key = authorize(self.authorization)
         if key is None:
             self._fail(401, "missing or invalid API key (Authorization: Bearer <key>)")
             raise _Stop
@@ -259,7 +260,8 @@ class HttpProtocol(asyncio.Protocol):
         if self.content_length > self.limits.max_body_bytes:
             self._fail(413, f"body exceeds limits.max_body_bytes={self.limits.max_body_bytes}")
             raise _Stop
-        self.early = self.host.shed(key)
+        shed = self.host.shed
+        self.early = shed(key)
         if self.early is not None:
             self.discard = True  # keep the connection: skip the body, then answer
             return
@@ -298,7 +300,8 @@ class HttpProtocol(asyncio.Protocol):
             return
         if self.key is not None and not self.discard:
             body = self.body[0] if len(self.body) == 1 else b"".join(self.body)
-            result = self.host.ingest_events(body, self.content_encoding, self.key)
+            ingest_events = self.host.ingest_events
+            result = ingest_events(body, self.content_encoding, self.key)
             if isinstance(result, Pending):
                 self.host.when_durable(self, slot, result)
                 return
@@ -321,7 +324,8 @@ class HttpProtocol(asyncio.Protocol):
             elif fut.exception() is not None:
                 reply = error_reply(503, f"log unavailable: {fut.exception()}", 5)
             else:
-                self.host.events_committed(pending)
+                events_committed = self.host.events_committed
+                events_committed(pending)
                 reply = pending.reply
                 metrics.REQUEST_SECONDS.observe(time.perf_counter() - slot.started)
         except Exception as exc:  # noqa: BLE001 (every request gets one answer)
@@ -421,7 +425,11 @@ class HttpProtocol(asyncio.Protocol):
         self.phase = phase
         # The clock now, not the sweep's last reading (host.now): that one is a
         # sweep interval old or more, and the deadline would come that much early.
-        self.deadline = self.host.clock() + self.timeouts[phase]
+        # The host's callables may be bound methods of its parts held as
+        # attributes: fetched as an attribute, then called, both steps are
+        # specialized by the interpreter; called as a method, neither is.
+        clock = self.host.clock
+        self.deadline = clock() + self.timeouts[phase]
 
     def expire(self) -> None:
         """Called by the host's timeout sweep once ``deadline`` has passed."""
