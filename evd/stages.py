@@ -42,7 +42,7 @@ from evd.state import metrics
 from evd.state.runner import PartitionRunner
 from evd.state.snapshots import DirectoryStore
 
-__all__ = ["OpenConsumer", "Stages", "WorkerStages", "publish_gauges", "snapshot_dir", "spawn"]
+__all__ = ["OpenConsumer", "Stages", "WorkerStages", "publish_gauges", "snapshot_dir"]
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +61,6 @@ def snapshot_dir(cfg: Config) -> Path:
     """Where the processors' snapshots live (``snapshot.dir``, else ``{data_dir}/state``)."""
     return Path(cfg.snapshot.dir or Path(cfg.server.data_dir) / "state")
 
-
-def spawn(
-    tasks: set[asyncio.Task[None]],
-    coro: Coroutine[Any, Any, None],
-    what: str,
-    on_failure: Callable[[BaseException], None],
-) -> asyncio.Task[None]:
-    """Run ``coro`` as a task kept in ``tasks``; if it dies, log it and call ``on_failure``."""
-    task = asyncio.get_running_loop().create_task(coro)
-    tasks.add(task)
-
-    def done(t: asyncio.Task[None]) -> None:
-        tasks.discard(t)
-        if not t.cancelled() and (exc := t.exception()) is not None:
-            log.error("%s failed: %r", what, exc, exc_info=exc)
-            on_failure(exc)
-
-    task.add_done_callback(done)
-    return task
 
 
 async def publish_gauges(runners: Callable[[], Iterable[PartitionRunner]]) -> None:
@@ -141,8 +122,19 @@ class Stages:
         self._closed = False
 
     def spawn(self, coro: Coroutine[Any, Any, None], what: str) -> asyncio.Task[None]:
-        """A task owned by these stages, cancelled by ``close``; its death calls ``on_failure``."""
-        return spawn(self._tasks, coro, what, self.on_failure)
+        """A task owned by these stages, cancelled by ``close``; if it dies, it is
+        logged and ``on_failure`` is called."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            self._tasks.discard(t)
+            if not t.cancelled() and (exc := t.exception()) is not None:
+                log.error("%s failed: %r", what, exc, exc_info=exc)
+                self.on_failure(exc)
+
+        task.add_done_callback(done)
+        return task
 
     def running(self) -> list[PartitionRunner]:
         """The processors running now (for the gauges)."""
