@@ -138,8 +138,11 @@ class ProcessingConfig(Base):
     #: A sub-log with nothing to read for this long stops holding the watermark back;
     #: a partition idle this long advances its watermark with the wall clock.
     idle_timeout_ms: int = 10_000
-    #: Events older than watermark - allowed_lateness are late.
-    allowed_lateness_ms: int = 0
+    #: An event behind the watermark by at most this still counts: sessions and
+    #: chart rows it changes are emitted again (revision + 1); an older one is
+    #: late (the ``late`` stream, counted). Emitted sessions and windows are kept
+    #: this long for it.
+    allowed_lateness_ms: int = 3_600_000
     #: A gap between a user's events longer than this starts a new session.
     session_gap_ms: int = 30 * 60 * 1000
     #: Events the time-ordered buffer of one partition holds at most; above it

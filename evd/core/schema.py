@@ -235,7 +235,14 @@ class Play(msgspec.Struct, gc=False):
 
 
 class Session(msgspec.Struct):
-    """A closed listening session (the ``sessions`` stream; ARCHITECTURE.md)."""
+    """A closed listening session (the ``sessions`` stream; ARCHITECTURE.md).
+
+    ``revision``: 0 when first emitted; a late event (within the allowed
+    lateness) that changes the session emits it again, same id, revision + 1.
+    ``retracted``: the session no longer exists (a late event preceded its first
+    event or merged it into another); its last revision, carrying the content it
+    had. Readers keep the highest revision per id and skip retracted ones.
+    """
 
     session_id: str
     user_id: str
@@ -248,14 +255,17 @@ class Session(msgspec.Struct):
     country: str | None
     os: str | None
     plays: list[Play]
+    revision: int = 0
+    retracted: bool = False
 
 
 class SessionsBatch(msgspec.Struct):
     """One record of the ``sessions`` stream.
 
     ``complete_until``: when set, every session of this partition that started
-    before it has been emitted (in this record or earlier); the lake marks an
-    hour of sessions complete by it. A record may carry only this.
+    before it has been emitted (in this record or earlier) in its final revision:
+    no late event within the allowed lateness can change or add one. The lake
+    marks an hour of sessions complete by it. A record may carry only this.
     """
 
     sessions: list[Session]
@@ -264,12 +274,15 @@ class SessionsBatch(msgspec.Struct):
 
 class ChartRow(msgspec.Struct, gc=False):
     """Plays of one track in one closed window of one partition; the id is
-    (window_start, country, track_id, partition). ``country`` None: no geo."""
+    (window_start, country, track_id, partition). ``country`` None: no geo.
+    ``revision``: 0 when the window closed (or, for a key a late play added to a
+    closed window, when first emitted), + 1 for each late play that changed it."""
 
     window_start: int
     country: str | None
     track_id: str
     plays: int
+    revision: int = 0
 
 
 class ChartsBatch(msgspec.Struct):
@@ -277,9 +290,13 @@ class ChartsBatch(msgspec.Struct):
 
     ``closed_until``: every window of this partition ending at or before it is
     closed and already emitted (rows of a window with no plays: none), so a
-    record with no rows still tells readers that time moved on.
+    record with no rows still tells readers that time moved on. Rows may be
+    revisions of windows closed earlier (late plays). ``final_until``: every
+    window ending at or before it is final (past the allowed lateness: no
+    revision can follow); None in records that do not move it.
     """
 
     partition: int
     closed_until: int
     rows: list[ChartRow]
+    final_until: int | None = None
