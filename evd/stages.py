@@ -64,19 +64,21 @@ def snapshot_dir(cfg: Config) -> Path:
 
 
 async def publish_gauges(runners: Callable[[], Iterable[PartitionRunner]]) -> None:
-    """Every GAUGE_INTERVAL_S, the processors' lag, open sessions and buffered events."""
+    """Every GAUGE_INTERVAL_S, the processors' lag, open and kept sessions, buffered events."""
     while True:
-        lag_bytes, lag_seconds, sessions, buffered = 0, 0.0, 0, 0
+        lag_bytes, lag_seconds, sessions, kept, buffered = 0, 0.0, 0, 0, 0
         for runner in runners():
             lag = runner.consumer.lag()
             lag_bytes += lag.bytes
             lag_seconds = max(lag_seconds, lag.seconds)
             if runner.processor is not None:
                 sessions += runner.processor.open_sessions
+                kept += runner.processor.kept_sessions
                 buffered += runner.processor.buffered
         metrics.PROCESSOR_LAG_BYTES.set(lag_bytes)
         metrics.PROCESSOR_LAG_SECONDS.set(lag_seconds)
         metrics.OPEN_SESSIONS.set(sessions)
+        metrics.KEPT_SESSIONS.set(kept)
         metrics.BUFFERED_EVENTS.set(buffered)
         await asyncio.sleep(GAUGE_INTERVAL_S)
 
@@ -151,7 +153,7 @@ class Stages:
             consumer = self.open_consumer(PROCESSOR)
             runner = PartitionRunner(
                 p, self.cfg, self.producer, consumer, self.store,
-                sources=self.sources, phase=i / len(new),
+                sources=self.sources, phase=i / len(new), outputs=self.open_consumer(None),
             )
             await runner.restore()
             await consumer.register()  # the log keeps raw for it before its first snapshot
@@ -179,7 +181,7 @@ class Stages:
         for runner, task in going:
             if not task.cancelled() and (exc := task.exception()) is not None:
                 log.error("processor %d did not snapshot when stopped: %r", runner.partition, exc)
-            await runner.consumer.close()
+            await runner.close()
         return [runner.partition for runner, _ in going]
 
     # -- delivery ---------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """The processing of one raw-log partition, without I/O: dedup, watermarks, late
-routing, sessions and charts (ARCHITECTURE.md "Processing semantics").
+routing, sessions and charts with their revisions (ARCHITECTURE.md "Processing
+semantics").
 
 The runner feeds raw records with ``process`` and wall-clock progress with
 ``tick``, appends what lands in ``Outputs`` to the output streams, and snapshots
@@ -23,8 +24,9 @@ from evd.state.watermark import BufferedEvent, EventBuffer, Watermarks, Watermar
 
 __all__ = ["Outputs", "PartitionProcessor", "PartitionState", "StateVersionError"]
 
-#: The PartitionState layout this evd writes and reads.
-STATE_VERSION = 1
+#: The PartitionState layout this evd writes (and every older one it reads).
+#: 2: sessions keep their events; emitted sessions and windows kept for late data.
+STATE_VERSION = 2
 HOUR_MS = 3_600_000
 
 
@@ -46,6 +48,8 @@ class PartitionState(msgspec.Struct, kw_only=True):
     duplicates: int = 0
     late: int = 0
     forced: int = 0
+    #: Of ``late``, those late only because the buffer's bound forced the watermark.
+    late_forced: int = 0
 
 
 class Outputs:
@@ -53,7 +57,8 @@ class Outputs:
     appends it."""
 
     __slots__ = (
-        "chart_rows", "closed_until", "duplicates", "events", "late", "sessions", "sessions_until",
+        "chart_rows", "closed_until", "duplicates", "events", "final_until", "late",
+        "late_forced", "sessions", "sessions_until",
     )
 
     def __init__(self) -> None:
@@ -63,16 +68,22 @@ class Outputs:
         #: Per raw record: only its late events (``late`` lists every index); records
         #: with none are left out.
         self.late: list[EventsBatch] = []
-        #: Sessions closed (emitted and evicted).
+        #: Sessions emitted: closed ones, revisions and retractions.
         self.sessions: list[Session] = []
-        #: Rows of chart windows that closed.
+        #: Rows of chart windows that closed, and revisions of closed ones.
         self.chart_rows: list[ChartRow] = []
         #: Set whenever the charts' closed_until advanced; else left as it was.
         self.closed_until: int | None = None
-        #: Set when it advanced: every session starting before it was emitted.
+        #: Set whenever the charts' final_until advanced; else left as it was.
+        self.final_until: int | None = None
+        #: Set when it advanced: every session starting before it was emitted in its
+        #: final revision.
         self.sessions_until: int | None = None
         #: Events dropped as duplicates.
         self.duplicates = 0
+        #: Of the late events, those late only because the buffer's bound forced the
+        #: watermark (the others: beyond the allowed lateness).
+        self.late_forced = 0
 
     def clear(self) -> None:
         """Forget everything (after the runner appended it)."""
@@ -81,8 +92,10 @@ class Outputs:
         self.sessions = []
         self.chart_rows = []
         self.closed_until = None
+        self.final_until = None
         self.sessions_until = None
         self.duplicates = 0
+        self.late_forced = 0
 
 
 class PartitionProcessor:
@@ -93,16 +106,20 @@ class PartitionProcessor:
     lateness: to ``events`` flagged late and to ``late``, never to sessions or
     charts); otherwise it goes to ``events`` at once and waits in the time-ordered
     buffer until the watermark passes it, then reaches sessions and charts in
-    (time, event_id) order. Above ``max_buffered_events`` the oldest events are
-    released anyway and the watermark moves past them.
+    (time, event_id) order. An event the watermark had already passed is released
+    at once: the sessions and chart rows it changes are emitted again (see
+    SessionTable, ChartWindows). Above ``max_buffered_events`` the oldest events
+    are released anyway and the watermark moves past them.
 
-    Counters (cumulative, kept in the snapshot): ``duplicates``, ``late``, ``forced``.
+    Counters (cumulative, kept in the snapshot): ``duplicates``, ``late``
+    (``late_forced`` of them because of the buffer's bound), ``forced``.
     """
 
     __slots__ = (
         "_buffer",
         "_charts",
         "_dedup",
+        "_lateness",
         "_max_buffered",
         "_partition",
         "_sessions",
@@ -111,6 +128,7 @@ class PartitionProcessor:
         "duplicates",
         "forced",
         "late",
+        "late_forced",
     )
 
     def __init__(
@@ -133,6 +151,7 @@ class PartitionProcessor:
                 )
         self._partition = partition
         self._max_buffered = processing.max_buffered_events
+        self._lateness = processing.allowed_lateness_ms
         #: Sessions starting before this were all emitted (None: not known yet).
         self._sessions_until: int | None = None
         self._dedup = DedupWindow(
@@ -149,11 +168,16 @@ class PartitionProcessor:
         )
         self._buffer = EventBuffer(None if state is None else state.buffer)
         self._sessions = SessionTable(
-            processing.session_gap_ms, None if state is None else state.sessions
+            processing.session_gap_ms,
+            processing.allowed_lateness_ms,
+            None if state is None else state.sessions,
         )
-        self._charts = ChartWindows(chart_window_ms, None if state is None else state.charts)
+        self._charts = ChartWindows(
+            chart_window_ms, processing.allowed_lateness_ms, None if state is None else state.charts
+        )
         self.duplicates = 0 if state is None else state.duplicates
         self.late = 0 if state is None else state.late
+        self.late_forced = 0 if state is None else state.late_forced
         self.forced = 0 if state is None else state.forced
 
     @property
@@ -167,9 +191,26 @@ class PartitionProcessor:
         return len(self._sessions)
 
     @property
+    def kept_sessions(self) -> int:
+        """Emitted sessions kept for late events."""
+        return self._sessions.kept
+
+    @property
     def buffered(self) -> int:
         """Events waiting for the watermark."""
         return len(self._buffer)
+
+    def raise_revisions(
+        self,
+        sessions: dict[str, tuple[int, int]],
+        chart_rows: dict[tuple[int, str | None, str], int],
+    ) -> None:
+        """What the output streams already hold beyond this state (emitted after the
+        snapshot it was restored from, before a crash): session_id -> (revision, the
+        watermark after which it cannot change), chart row key -> revision. Each
+        next revision is above these, so revisions in a stream only ever increase."""
+        self._sessions.raise_revisions(sessions)
+        self._charts.raise_revisions(chart_rows)
 
     def process(
         self, source: int, batch: RawBatch, now_ms: int, out: Outputs, offset: int = -1
@@ -195,6 +236,11 @@ class PartitionProcessor:
             )
         if late:
             self.late += len(late)
+            forced_past = self._watermarks.forced_past
+            forced = sum(1 for i in late if forced_past(times[i]))
+            if forced:
+                self.late_forced += forced
+                out.late_forced += forced
             late_events = [kept[i] for i in late]
             out.late.append(
                 EventsBatch(
@@ -233,24 +279,29 @@ class PartitionProcessor:
             forced_until = released[-1][0] + 1
             if wm is None or forced_until > wm:
                 wm = forced_until
-                watermarks.advance(wm)
+                watermarks.force(wm)
             # Events tied in time with the last forced one are now below the watermark.
             buffer.pop_before(wm, released)
         if wm is None:
             return
         if released:
-            self._sessions.apply(released, out.sessions)
+            self._sessions.apply(released, out.sessions, wm)
             self._charts.add(released)
         self._sessions.close_before(wm, out.sessions)
-        until = self._charts.close(wm, out.chart_rows)
+        until, final = self._charts.close(wm, out.chart_rows)
+        if final is not None:
+            out.final_until = final
         if until is not None:
             out.closed_until = until
             # Once per closed window, and only while an hour may be left to finish:
-            # the scan over open sessions is O(sessions).
+            # the scan over open and kept sessions is O(sessions). A session starting
+            # before wm - lateness can only be one of those (a late event within
+            # the lateness starts none before it).
+            bound = wm - self._lateness
             done = self._sessions_until
-            if done is None or done // HOUR_MS < wm // HOUR_MS:
+            if done is None or done // HOUR_MS < bound // HOUR_MS:
                 started = self._sessions.oldest_start()
-                now_done = wm if started is None or started > wm else started
+                now_done = bound if started is None or started > bound else started
                 if done is None or now_done > done:
                     self._sessions_until = out.sessions_until = now_done
 
@@ -267,4 +318,5 @@ class PartitionProcessor:
             duplicates=self.duplicates,
             late=self.late,
             forced=self.forced,
+            late_forced=self.late_forced,
         )

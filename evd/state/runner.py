@@ -10,12 +10,21 @@ bounds what the processor holds in the log's queue.
 
 Snapshots: every ``snapshot.interval_s`` and at a clean stop, once every output
 produced so far is durable, the processor's state is saved with the raw offsets
-it covers, then those offsets are committed as consumer ``processor`` (which
-lets retention delete raw segments below them). After a crash the partition
-restarts from its latest snapshot and replays the raw log after it, so it
-re-produces outputs already appended since that snapshot; they carry the same
-ids (event_id, session_id, the chart row's key), and idempotent sinks absorb
-them. Start-up replays at most about one snapshot interval of log.
+it covers (and the ends of its sessions and charts streams), then those offsets
+are committed as consumer ``processor`` (which lets retention delete raw
+segments below them). After a crash the partition restarts from its latest
+snapshot and replays the raw log after it, so it re-produces outputs already
+appended since that snapshot; they carry the same ids (event_id, session_id,
+the chart row's key), and idempotent sinks absorb them. Start-up replays at most
+about one snapshot interval of log.
+
+Revisions after a crash: the replay need not emit the same revisions as the run
+that crashed (which events were late depends on the wall clock and on how the
+sub-logs interleaved), so before replaying, the runner reads back what its
+sessions and charts streams got after the snapshot and raises the processor's
+next revision of each id above it (``PartitionProcessor.raise_revisions``): in
+a stream, a later revision of an id is always higher, and "highest revision
+wins" holds for every sink.
 """
 
 from __future__ import annotations
@@ -34,6 +43,7 @@ from evd.core.log import records as rec
 from evd.core.log.streams import Stream
 from evd.core.schema import ChartsBatch, SessionsBatch
 from evd.state import metrics
+from evd.state.charts import RowKey
 from evd.state.processor import Outputs, PartitionProcessor, PartitionState
 from evd.state.snapshots import Snapshot, SnapshotStore
 
@@ -67,8 +77,17 @@ class PartitionRunner:
         store: SnapshotStore,
         sources: Collection[int] = (),
         phase: float = 0.0,
+        outputs: Consumer | None = None,
     ) -> None:
         self.partition = partition
+        #: An anonymous consumer of the partition's sessions and charts streams: their
+        #: ends go into each snapshot, and a restore reads what came after (None:
+        #: neither; revisions after a crash then restart from the snapshot's).
+        self.outputs = outputs
+        if outputs is not None:
+            outputs.assign(
+                [TopicPartition(Stream.SESSIONS, partition), TopicPartition(Stream.CHARTS, partition)]
+            )
         #: The writers that may append to the partition (the running workers):
         #: known as sources from the start, each holds the watermark until it
         #: delivers or is idle for idle_timeout, so a writer whose sub-log is
@@ -114,6 +133,9 @@ class PartitionRunner:
         self.processor = PartitionProcessor(
             self.partition, self.cfg.processing, chart_ms, state=state, now_ms=now
         )
+        if snapshot.outputs and self.outputs is not None:
+            sessions, rows = await self._emitted_since(snapshot.outputs)
+            self.processor.raise_revisions(sessions, rows)
         ends = await self.consumer.end_offsets()
         self._forced = self.processor.forced
         for writer, offset in snapshot.offsets.items():
@@ -135,6 +157,47 @@ class PartitionRunner:
             "partition %d restored from its snapshot of %d (offsets %s)",
             self.partition, snapshot.taken_at, snapshot.offsets,
         )
+
+    async def _emitted_since(
+        self, starts: dict[str, dict[int, int]]
+    ) -> tuple[dict[str, tuple[int, int]], dict[RowKey, int]]:
+        """The highest revision of every session and chart row in the partition's
+        output streams from ``starts`` (a snapshot's ``outputs``) to their ends now."""
+        reader = self.outputs
+        assert reader is not None
+        ends = await reader.end_offsets()
+        for sublog in ends:
+            start = starts.get(sublog.stream, {}).get(sublog.source)
+            if start is None:
+                reader.seek_to_beginning(sublog)  # a writer that came after the snapshot
+            else:
+                reader.seek(sublog, min(start, ends[sublog]))
+        keep = self.cfg.processing.session_gap_ms + self.cfg.processing.allowed_lateness_ms
+        sessions: dict[str, tuple[int, int]] = {}
+        rows: dict[RowKey, int] = {}
+        while any(reader.positions().get(s, 0) < end for s, end in ends.items()):
+            records = await reader.fetch(FETCH_BYTES, TICK_S)
+            if not records:
+                break  # nothing more arrives: what is there has been read
+            for record in records:
+                if record.offset >= ends.get(record.sublog, 0):
+                    continue
+                value = rec.decode(record.payload, record.sublog.stream)
+                if isinstance(value, SessionsBatch):
+                    for s in value.sessions:
+                        if s.revision >= sessions.get(s.session_id, (-1, 0))[0]:
+                            sessions[s.session_id] = (s.revision, s.ended_at + keep)
+                elif isinstance(value, ChartsBatch):
+                    for r in value.rows:
+                        key = (r.window_start, r.country, r.track_id)
+                        rows[key] = max(r.revision, rows.get(key, -1))
+        return sessions, rows
+
+    async def close(self) -> None:
+        """Close the consumers (after run() ended)."""
+        await self.consumer.close()
+        if self.outputs is not None:
+            await self.outputs.close()
 
     def stop(self) -> None:
         """Ask run() to end after its current pass (it snapshots first)."""
@@ -185,7 +248,9 @@ class PartitionRunner:
         metrics.PROCESSOR_DUPLICATES.inc(out.duplicates)
         late = sum(len(b.events) for b in out.late)
         if late:
-            metrics.PROCESSOR_LATE.inc(late)
+            metrics.PROCESSOR_LATE.inc(metrics.LATE_LATENESS, late - out.late_forced)
+            if out.late_forced:
+                metrics.PROCESSOR_LATE.inc(metrics.LATE_BUFFER_FULL, out.late_forced)
         forced = self.processor.forced if self.processor is not None else 0
         if forced != self._forced:
             metrics.PROCESSOR_FORCED.inc(forced - self._forced)
@@ -206,11 +271,16 @@ class PartitionRunner:
             await self._in_flight
             self._in_flight = None
         positions = self.consumer.positions()
+        outputs: dict[str, dict[int, int]] = {}
+        if self.outputs is not None:
+            for sublog, end in (await self.outputs.end_offsets()).items():
+                outputs.setdefault(sublog.stream, {})[sublog.source] = end
         snapshot = Snapshot(
             partition=self.partition,
             taken_at=_now_ms(),
             offsets={s.source: o for s, o in positions.items()},
             state=await encode_state(proc.snapshot()),
+            outputs=outputs,
         )
         await self.store.save(snapshot)
         await self.consumer.commit(positions)
@@ -275,9 +345,9 @@ def output_records(
 
     One ``events`` (and ``late``) record per raw record that kept events (the
     raw bytes of its events forwarded where ``forward`` has them), one
-    ``sessions`` record with every session closed, one ``charts`` record when
-    rows closed or ``closed_until`` moved (a record with no rows still tells
-    readers that time moved on).
+    ``sessions`` record with every session emitted, one ``charts`` record when
+    rows were emitted or ``closed_until`` or ``final_until`` moved (a record with
+    no rows still tells readers that time moved on).
     """
     p = partition
     encode = rec.encode
@@ -289,11 +359,14 @@ def output_records(
     if out.sessions or out.sessions_until is not None:
         batch = SessionsBatch(out.sessions, out.sessions_until)
         appends.append((Stream.SESSIONS, p, encode(rec.Kind.SESSIONS, now, batch)))
-    if out.chart_rows or (out.closed_until is not None and out.closed_until != closed_until):
+    if (
+        out.chart_rows
+        or out.final_until is not None
+        or (out.closed_until is not None and out.closed_until != closed_until)
+    ):
         closed = out.closed_until if out.closed_until is not None else closed_until
         assert closed is not None, "chart rows before any window closed"
         closed_until = closed
-        appends.append(
-            (Stream.CHARTS, p, encode(rec.Kind.CHARTS, now, ChartsBatch(p, closed, out.chart_rows)))
-        )
+        charts = ChartsBatch(p, closed, out.chart_rows, out.final_until)
+        appends.append((Stream.CHARTS, p, encode(rec.Kind.CHARTS, now, charts)))
     return appends, closed_until

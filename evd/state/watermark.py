@@ -29,6 +29,9 @@ class WatermarkState(msgspec.Struct, kw_only=True):
     """Snapshot of Watermarks (activity is not kept: a restore counts as activity)."""
 
     watermark: int | None = None
+    #: The watermark as events and the wall clock alone put it, below ``watermark``
+    #: when the buffer's bound forced it (None: equal to ``watermark``).
+    natural: int | None = None
     #: Newest event time per known source; None for a source that has not delivered
     #: an event yet (it holds the watermark while it is active).
     sources: dict[int, int | None] = msgspec.field(default_factory=dict)
@@ -45,7 +48,9 @@ class Watermarks:
     clock: ``now_ms - max_out_of_orderness_ms``.
     """
 
-    __slots__ = ("_active", "_idle_ms", "_lateness_ms", "_max", "_ooo_ms", "_since", "_wm")
+    __slots__ = (
+        "_active", "_idle_ms", "_lateness_ms", "_max", "_natural", "_ooo_ms", "_since", "_wm",
+    )
 
     def __init__(
         self,
@@ -60,11 +65,14 @@ class Watermarks:
         self._lateness_ms = allowed_lateness_ms
         self._since = now_ms
         self._wm: int | None = None
+        #: What the watermark would be had the buffer's bound never forced it.
+        self._natural: int | None = None
         self._max: dict[int, int | None] = {}
         #: Last activity (wall clock) of each source in ``_max``.
         self._active: dict[int, int] = {}
         if state is not None:
             self._wm = state.watermark
+            self._natural = state.watermark if state.natural is None else state.natural
             self._max = dict(state.sources)
             self._active = dict.fromkeys(self._max, now_ms)
 
@@ -83,6 +91,7 @@ class Watermarks:
         mx = maxima.get(source)
         top = _NEVER if mx is None else mx
         wm = _NEVER if self._wm is None else self._wm
+        natural = _NEVER if self._natural is None else self._natural
         lateness = self._lateness_ms
         limit = wm - lateness
         ooo = self._ooo_ms
@@ -94,9 +103,11 @@ class Watermarks:
                     c = t - ooo
                     if c > floor:  # noqa: PLR1730 (per event: min() is a call)
                         c = floor
-                    if c > wm:
-                        wm = c
-                        limit = wm - lateness
+                    if c > natural:
+                        natural = c
+                        if c > wm:
+                            wm = c
+                            limit = wm - lateness
             if t < limit:
                 late.append(i)
         if top != _NEVER:
@@ -105,7 +116,14 @@ class Watermarks:
             maxima[source] = None
         if wm != _NEVER:
             self._wm = wm
+        if natural != _NEVER:
+            self._natural = natural
         return late
+
+    def forced_past(self, t: int) -> bool:
+        """Whether a late event at ``t`` is late only because the buffer's bound forced
+        the watermark (it is within the lateness of the natural watermark)."""
+        return self._natural is not None and t >= self._natural - self._lateness_ms
 
     def _floor_of_others(self, source: int, now_ms: int) -> int | None:
         """Minimum watermark of the other active sources (None: one of them holds it)."""
@@ -134,16 +152,19 @@ class Watermarks:
             if now_ms - self._since < self._idle_ms:
                 return
             floor = now_ms - self._ooo_ms
-        self.advance(floor)
+        if self._natural is None or floor > self._natural:
+            self._natural = floor
+        self.force(floor)
 
-    def advance(self, watermark: int) -> None:
+    def force(self, watermark: int) -> None:
         """Move the watermark to ``watermark`` if that is higher (a forced release)."""
         if self._wm is None or watermark > self._wm:
             self._wm = watermark
 
     def snapshot(self) -> WatermarkState:
         """The watermark and per-source maxima; restoring counts as activity of every source."""
-        return WatermarkState(watermark=self._wm, sources=dict(self._max))
+        natural = None if self._natural == self._wm else self._natural
+        return WatermarkState(watermark=self._wm, natural=natural, sources=dict(self._max))
 
 
 #: Not a source id (writer ids and Kafka partitions are >= 0).

@@ -74,7 +74,7 @@ def test_sessions_and_charts_equal_the_batch_computation(
         accepted += chunk
     # Invalid events: dead-lettered with their reason, not processed.
     bad = dict(events[0], event_id="bad-1", track_id="spotify:track:nope")
-    late = dict(events[0], event_id="late-1", timestamp=iso(start_ms - 3_600_000))
+    late = dict(events[0], event_id="late-1", timestamp=iso(start_ms - 2 * 3_600_000))
     resp = post(server.port, batch([bad, late]))
     assert resp.status == 200 and resp.json()["rejected"][0]["index"] == 0
     last_ms = max(int(datetime.fromisoformat(e["timestamp"]).timestamp() * 1000) for e in events)
@@ -110,7 +110,7 @@ def test_sessions_and_charts_equal_the_batch_computation(
         ("bad-1", "track_id")
     ]
     metrics = request(server.port, "GET", "/metrics").body.decode()
-    assert "evd_processor_late_total 1.0" in metrics
+    assert 'evd_processor_late_total{reason="lateness"} 1.0' in metrics
     assert server.stop() == 0
 
 

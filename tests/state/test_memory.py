@@ -1,15 +1,21 @@
-"""Memory of the partition processor grows with the open sessions and the dedup window,
-never with the users ever seen.
+"""Memory of the partition processor grows with the open sessions, the sessions kept
+for the allowed lateness and the dedup window, never with the users ever seen.
 
 Each measurement runs in its own interpreter (this file run as a script), so the
 resident set is its own: 1,000,000 users each send one short session (play, then end,
-in records of 100 events); sessions close as the watermark passes them and a final
-tick closes the rest. Afterwards the process holds what it held at start-up plus the
-dedup window (2,000,000 remembered ids, all within the window), within 20 %. The
-window's bytes per id are measured in another interpreter that fills a DedupWindow
-alone with the same ids; bytes per open session are measured with 100,000 open ones.
-The negative control keeps every closed session alive (what a table that never
-evicts would hold) and the same check must fail.
+in records of 100 events); sessions close as the watermark passes them, are kept for
+the allowed lateness (a minute of event time here: about 6,000 users' sessions) and
+then forgotten, and a final tick closes and forgets the rest. Afterwards the process
+holds what it held at start-up plus the dedup window (2,000,000 remembered ids, all
+within the window), within 20 %. The window's bytes per id are measured in another
+interpreter that fills a DedupWindow alone with the same ids; bytes per open session
+are measured with 100,000 open ones, bytes per kept (emitted) session with 100,000
+kept ones. The negative control keeps every closed session alive (what a table that
+never forgets would hold) and the same check must fail.
+
+With the default allowed lateness (an hour) the kept sessions are those that closed
+within the last hour of event time: ``test_kept_sessions_are_those_of_the_lateness``
+checks their number, which is what the memory above the dedup window scales with.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from evd.state.sessions import SessionTable
 pytestmark = pytest.mark.workers_independent
 
 USERS = 1_000_000
+#: Allowed lateness of the million-user run: 6,000 users' sessions kept at a time.
+LATENESS_MS = 60_000
 #: |RSS after - (RSS at start-up + dedup window)| must stay within this share of the latter.
 TOLERANCE = 0.20
 #: Generous for a loaded 2-core machine; the three children take about 30 s there.
@@ -84,16 +92,21 @@ def _records(
 def _measure_users(users: int, keep_closed: bool) -> dict[str, Any]:
     kept: list[object] = []
     if keep_closed:
-        close = SessionTable._close
+        emit = SessionTable._emit
 
-        def close_and_keep(self: SessionTable, s: Any) -> Session:
+        def emit_and_keep(self: SessionTable, s: Any, closed: list[Session]) -> None:
             kept.append(s)
-            return close(self, s)
+            emit(self, s, closed)
 
-        SessionTable._close = close_and_keep  # type: ignore[method-assign]
+        SessionTable._emit = emit_and_keep  # type: ignore[method-assign]
     # A short gap: sessions close a few seconds of event time after they end, so
     # only a few hundred are open at any moment.
-    p = PartitionProcessor(0, ProcessingConfig(session_gap_ms=1_000), 60_000, now_ms=NOW)
+    p = PartitionProcessor(
+        0,
+        ProcessingConfig(session_gap_ms=1_000, allowed_lateness_ms=LATENESS_MS),
+        60_000,
+        now_ms=NOW,
+    )
     out = Outputs()
     gc.collect()
     start = _rss()
@@ -144,6 +157,27 @@ def _measure_sessions(sessions: int) -> dict[str, Any]:
     return {"bytes_per_session": (_rss() - start) / sessions}
 
 
+def _measure_kept(sessions: int) -> dict[str, Any]:
+    # Sessions of two events (play, end) closed by the watermark and kept for an
+    # hour of lateness: what stays is the kept sessions.
+    p = PartitionProcessor(
+        0, ProcessingConfig(dedup_max_ids=1, session_gap_ms=1_000), 60_000, now_ms=NOW
+    )
+    out = Outputs()
+    gc.collect()
+    start = _rss()
+    for record in _records(sessions, spacing_ms=1):
+        p.process(0, record, NOW, out)
+        out.clear()
+    # One user's session 20 minutes of event time later closes them all (within the
+    # hour, so they are kept).
+    for record in _records(1, first=sessions + 1_200_000, spacing_ms=1):
+        p.process(0, record, NOW, out)
+    assert p.kept_sessions == sessions
+    out.clear()
+    return {"bytes_per_kept_session": (_rss() - start) / sessions}
+
+
 def _child(*args: str) -> dict[str, Any]:
     proc = subprocess.run(
         [sys.executable, __file__, *args],
@@ -175,7 +209,11 @@ def _within(run: dict[str, Any], bytes_per_id: float) -> tuple[bool, str]:
 def test_memory_after_a_million_users_is_start_up_plus_the_dedup_window() -> None:
     per_id = _child("ids", str(2 * USERS))["bytes_per_id"]
     per_session = _child("sessions", "100000")["bytes_per_session"]
-    print(f"bytes per remembered id: {per_id:.1f}; bytes per open session: {per_session:.0f}")
+    per_kept = _child("kept", "100000")["bytes_per_kept_session"]
+    print(
+        f"bytes per remembered id: {per_id:.1f}; bytes per open session: {per_session:.0f};"
+        f" bytes per kept session (2 events): {per_kept:.0f}"
+    )
     run = _child("users", str(USERS))
     ok, report = _within(run, per_id)
     print(report)
@@ -202,6 +240,27 @@ if __name__ == "__main__":
         result = _measure_ids(n)
     elif mode == "sessions":
         result = _measure_sessions(n)
+    elif mode == "kept":
+        result = _measure_kept(n)
     else:
         pytest.fail(f"unknown mode {mode!r}")
     print(json.dumps(result))
+
+
+def test_kept_sessions_are_those_of_the_lateness() -> None:
+    # Default lateness (an hour), users 10 ms apart, gap 1 s: a session is kept from
+    # its close until the watermark passes its end + gap + an hour, so about 360,000
+    # users' sessions at a time (plus a few out of order), never all of them.
+    users = 500_000
+    p = PartitionProcessor(0, ProcessingConfig(session_gap_ms=1_000), 60_000, now_ms=NOW)
+    out = Outputs()
+    peak = 0
+    for n, record in enumerate(_records(users)):
+        p.process(0, record, NOW, out)
+        out.clear()
+        if n % 100 == 0:
+            peak = max(peak, p.kept_sessions)
+    per_hour = 3_600_000 // 10
+    assert per_hour * 0.95 <= peak <= per_hour * 1.05, peak
+    p.tick(BASE + 10**12, (), out)
+    assert (p.open_sessions, p.kept_sessions) == (0, 0)

@@ -30,6 +30,7 @@ from evd.core.schema import (
 )
 from evd.state.dedup import DedupState, DedupWindow
 from evd.state.processor import (
+    STATE_VERSION,
     Outputs,
     PartitionProcessor,
     PartitionState,
@@ -304,7 +305,7 @@ def test_disorder_within_the_bound_gives_the_sessions_of_in_order_input(
 
 
 def test_an_event_beyond_the_bound_is_late() -> None:
-    p = proc()
+    p = proc(allowed_lateness_ms=0)
     out = feed(p, rb(ev("e1", 60_000), ev("e2", 54_999, user="b"), ev("e3", 55_000, user="c")))
     # e2 is older than watermark (55 s) - allowed lateness (0); e3 is not.
     assert [b.late for b in out.events] == [[1]]
@@ -331,7 +332,7 @@ def test_nothing_is_late_before_there_is_a_watermark() -> None:
 
 
 def test_late_routing_uses_the_watermark_as_it_moves_inside_a_record() -> None:
-    p = proc()
+    p = proc(allowed_lateness_ms=0)
     out = feed(p, rb(ev("e1", 0), ev("e2", 100_000, user="b"), ev("e3", 1_000, user="c")))
     assert out.events[0].late == [2]
 
@@ -616,13 +617,15 @@ def test_closed_until_advances_without_rows() -> None:
     assert out.chart_rows == [] and out.closed_until == BASE + 3 * MIN
 
 
-def test_a_play_released_into_a_closed_window_is_not_counted() -> None:
-    # Only possible with allowed lateness: e2 is not late but its window has closed.
+def test_a_play_into_a_closed_window_counts_in_a_new_row() -> None:
+    # e2 is not late (within the lateness) but its window has closed: its row has not
+    # been emitted yet (the window had no plays of that key), so it is revision 0.
     p = proc(allowed_lateness_ms=30_000)
     out = feed(p, rb(ev("e1", 65_000, user="a")), rb(ev("e2", 50_000, user="b")))
     assert out.closed_until == BASE + MIN and out.events[1].late == []
+    assert [(r.window_start, r.plays, r.revision) for r in out.chart_rows] == [(BASE, 1, 0)]
     out = close_all(p, out)
-    assert [(r.window_start, r.plays) for r in out.chart_rows] == [(BASE + MIN, 1)]
+    assert [(r.window_start, r.plays) for r in out.chart_rows] == [(BASE, 1), (BASE + MIN, 1)]
     assert len(out.sessions) == 2  # sessions still see it
 
 
@@ -650,10 +653,17 @@ def test_above_max_buffered_events_the_oldest_are_forced_out() -> None:
     # Five waiting, bound three: e1 and e2 forced; the watermark moves to e2 + 1 ms, which
     # releases e3 (tied with e2 in time) as well.
     assert q.forced == 2 and q.buffered == 2 and q.watermark == BASE + 20_001
+    # 20 s is within the lateness of the watermark events alone give (20 s - 10 min):
+    # late only because of the bound.
     out = feed(q, rb(ev("late", 20_000, user="f")))
-    assert out.events[0].late == [0]
+    assert out.events[0].late == [] and out.late_forced == 0
+    r = proc(max_buffered_events=3, max_out_of_orderness_ms=600_000, allowed_lateness_ms=0)
+    feed(r, rb(*(ev(f"e{n}", n * 10_000, user="abcde"[n - 1]) for n in range(1, 6))))
+    assert r.watermark == BASE + 20_001
+    out = feed(r, rb(ev("late", 20_000, user="f")))
+    assert out.events[0].late == [0] and out.late_forced == 1 and r.late_forced == 1
     out = close_all(q)
-    assert sorted(s.user_id for s in out.sessions) == ["a", "b", "c", "d", "e"]
+    assert sorted(s.user_id for s in out.sessions) == ["a", "b", "c", "d", "e", "f"]
 
 
 def test_event_buffer_releases_in_time_then_id_order(rng: random.Random) -> None:
@@ -722,7 +732,7 @@ def test_snapshot_restore_continues_exactly_as_the_uninterrupted_processor(
     run(original, steps[:cut], end=False)
     blob = msgspec.msgpack.encode(original.snapshot())
     state = _decoder.decode(blob)
-    assert state.version == 1
+    assert state.version == STATE_VERSION
     restored = PartitionProcessor(0, config, MIN, state=state, now_ms=NOW)
     assert (restored.watermark, restored.open_sessions, restored.buffered) == (
         original.watermark,
@@ -762,8 +772,11 @@ def test_a_snapshot_of_a_newer_version_or_another_partition_is_refused() -> None
     p = proc()
     feed(p, rb(ev("e1", 0)))
     state = p.snapshot()
-    with pytest.raises(StateVersionError, match="version 2"):
-        PartitionProcessor(0, ProcessingConfig(), MIN, msgspec.structs.replace(state, version=2))
+    newer = STATE_VERSION + 1
+    with pytest.raises(StateVersionError, match=f"version {newer}"):
+        PartitionProcessor(
+            0, ProcessingConfig(), MIN, msgspec.structs.replace(state, version=newer)
+        )
     with pytest.raises(StateVersionError, match="partition 1"):
         PartitionProcessor(1, ProcessingConfig(), MIN, state)
 
@@ -840,7 +853,7 @@ def test_events_records_carry_their_raw_origin_and_the_duplicates_they_dropped()
 
 def test_sessions_until_says_every_session_that_started_before_it_was_emitted() -> None:
     hour = 3_600_000
-    p = proc()
+    p = proc(allowed_lateness_ms=0)
     out = feed(p, rb(ev("a1", 0, user="a")))
     # The first watermark (BASE - 5 s) is before user a's session started.
     assert out.sessions_until == BASE - OOO
