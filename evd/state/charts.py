@@ -40,7 +40,8 @@ class ChartsState(msgspec.Struct, kw_only=True):
     emitted: list[tuple[int, str | None, str, int, int]] = msgspec.field(default_factory=list)
     #: Revisions that reached the charts stream after the snapshot this processor
     #: was restored from (see ``ChartWindows.raise_revisions``).
-    floors: list[tuple[int, str | None, str, int]] = msgspec.field(default_factory=list)
+    #: (window_start, country, track_id, revision, plays).
+    floors: list[tuple[int, str | None, str, int, int]] = msgspec.field(default_factory=list)
 
 
 class ChartWindows:
@@ -70,7 +71,7 @@ class ChartWindows:
         #: Of those, the keys their window did not have (no row emitted yet).
         self._new: set[RowKey] = set()
         #: Highest revision of a row already in the charts stream (after a restore).
-        self._floors: dict[RowKey, int] = {}
+        self._floors: dict[RowKey, tuple[int, int]] = {}
         if state is not None:
             self._closed_until = state.closed_until
             for start, country, track, plays in state.counts:
@@ -79,8 +80,8 @@ class ChartWindows:
                 self._emitted.setdefault(start, {})[(country, track)] = plays
                 if revision:
                     self._revisions[(start, country, track)] = revision
-            for start, country, track, revision in state.floors:
-                self._floors[(start, country, track)] = revision
+            for start, country, track, revision, plays in state.floors:
+                self._floors[(start, country, track)] = (revision, plays)
 
     @property
     def closed_until(self) -> int | None:
@@ -132,7 +133,8 @@ class ChartWindows:
                 counts = windows.pop(start)
                 floors = self._floors
                 for (country, track), plays in counts.items():
-                    revision = self._revision((start, country, track), 0) if floors else 0
+                    key = (start, country, track)
+                    revision = self._revision(key, 0, plays) if floors else 0
                     rows.append(ChartRow(start, country, track, plays, revision))
                 self._emitted[start] = counts
         bound = watermark - self._lateness
@@ -159,26 +161,29 @@ class ChartWindows:
             start, country, track = key
             # A key its window did not have when it closed has no row yet: revision 0.
             revision = 0 if key in new else revisions.get(key, 0) + 1
-            revision = self._revision(key, revision)
+            plays = emitted[start][(country, track)]
+            revision = self._revision(key, revision, plays)
             revisions[key] = revision
-            rows.append(ChartRow(start, country, track, emitted[start][(country, track)], revision))
+            rows.append(ChartRow(start, country, track, plays, revision))
         self._dirty.clear()
         new.clear()
 
-    def _revision(self, key: RowKey, revision: int) -> int:
-        """``revision``, raised above what the charts stream already holds for ``key``."""
+    def _revision(self, key: RowKey, revision: int, plays: int) -> int:
+        """``revision``, raised above what the charts stream already holds for ``key``
+        (the same revision again for the same ``plays``: a replay re-emitting it)."""
         floor = self._floors.pop(key, None) if self._floors else None
-        if floor is not None and floor >= revision:
-            return floor + 1
+        if floor is not None and floor[0] >= revision:
+            return floor[0] if floor[1] == plays else floor[0] + 1
         return revision
 
-    def raise_revisions(self, floors: dict[RowKey, int]) -> None:
-        """Rows the charts stream already holds with these revisions (emitted after the
-        snapshot this state came from, before a crash): the next revision of each is
-        above it, so a row in the stream is never followed by a lower revision."""
-        for key, revision in floors.items():
-            if revision > self._floors.get(key, -1):
-                self._floors[key] = revision
+    def raise_revisions(self, floors: dict[RowKey, tuple[int, int]]) -> None:
+        """Rows the charts stream already holds (emitted after the snapshot this state
+        came from, before a crash): key -> (its highest revision there, its plays).
+        The next revision of each is above it (equal, for the same plays), so a row in
+        the stream is never followed by a lower revision."""
+        for key, floor in floors.items():
+            if floor[0] > self._floors.get(key, (-1, 0))[0]:
+                self._floors[key] = floor
 
     def snapshot(self) -> ChartsState:
         """Open and kept windows and ``closed_until``; ``ChartWindows(..., state=it)``
@@ -196,7 +201,7 @@ class ChartWindows:
                 for start, counts in sorted(self._emitted.items())
                 for (country, track), plays in counts.items()
             ],
-            floors=[(*key, revision) for key, revision in self._floors.items()],
+            floors=[(*key, *floor) for key, floor in self._floors.items()],
         )
 
 

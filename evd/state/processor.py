@@ -17,9 +17,9 @@ import msgspec
 from evd.core.config import ProcessingConfig
 from evd.core.errors import EvdError
 from evd.core.schema import ChartRow, Event, EventsBatch, RawBatch, Session, epoch_ms
-from evd.state.charts import ChartsState, ChartWindows
+from evd.state.charts import ChartsState, ChartWindows, RowKey
 from evd.state.dedup import DedupState, DedupWindow
-from evd.state.sessions import SessionTable, SessionTableState
+from evd.state.sessions import Floor, SessionTable, SessionTableState
 from evd.state.watermark import BufferedEvent, EventBuffer, Watermarks, WatermarkState
 
 __all__ = ["Outputs", "PartitionProcessor", "PartitionState", "StateVersionError"]
@@ -201,14 +201,13 @@ class PartitionProcessor:
         return len(self._buffer)
 
     def raise_revisions(
-        self,
-        sessions: dict[str, tuple[int, int]],
-        chart_rows: dict[tuple[int, str | None, str], int],
+        self, sessions: dict[str, Floor], chart_rows: dict[RowKey, tuple[int, int]]
     ) -> None:
         """What the output streams already hold beyond this state (emitted after the
-        snapshot it was restored from, before a crash): session_id -> (revision, the
-        watermark after which it cannot change), chart row key -> revision. Each
-        next revision is above these, so revisions in a stream only ever increase."""
+        snapshot it was restored from, before a crash): per session_id its highest
+        revision there (SessionTable.raise_revisions), per chart row key its highest
+        revision and plays. Each next revision is above these (or equal, re-emitting
+        the same content), so revisions in a stream only ever increase."""
         self._sessions.raise_revisions(sessions)
         self._charts.raise_revisions(chart_rows)
 

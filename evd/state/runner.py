@@ -45,6 +45,7 @@ from evd.core.schema import ChartsBatch, SessionsBatch
 from evd.state import metrics
 from evd.state.charts import RowKey
 from evd.state.processor import Outputs, PartitionProcessor, PartitionState
+from evd.state.sessions import RETRACTED, Floor
 from evd.state.snapshots import Snapshot, SnapshotStore
 
 __all__ = ["PartitionRunner", "output_records"]
@@ -160,7 +161,7 @@ class PartitionRunner:
 
     async def _emitted_since(
         self, starts: dict[str, dict[int, int]]
-    ) -> tuple[dict[str, tuple[int, int]], dict[RowKey, int]]:
+    ) -> tuple[dict[str, Floor], dict[RowKey, tuple[int, int]]]:
         """The highest revision of every session and chart row in the partition's
         output streams from ``starts`` (a snapshot's ``outputs``) to their ends now."""
         reader = self.outputs
@@ -173,8 +174,8 @@ class PartitionRunner:
             else:
                 reader.seek(sublog, min(start, ends[sublog]))
         keep = self.cfg.processing.session_gap_ms + self.cfg.processing.allowed_lateness_ms
-        sessions: dict[str, tuple[int, int]] = {}
-        rows: dict[RowKey, int] = {}
+        sessions: dict[str, Floor] = {}
+        rows: dict[RowKey, tuple[int, int]] = {}
         while any(reader.positions().get(s, 0) < end for s, end in ends.items()):
             records = await reader.fetch(FETCH_BYTES, TICK_S)
             if not records:
@@ -185,12 +186,14 @@ class PartitionRunner:
                 value = rec.decode(record.payload, record.sublog.stream)
                 if isinstance(value, SessionsBatch):
                     for s in value.sessions:
-                        if s.revision >= sessions.get(s.session_id, (-1, 0))[0]:
-                            sessions[s.session_id] = (s.revision, s.ended_at + keep)
+                        if s.revision >= sessions.get(s.session_id, (-1, 0, 0))[0]:
+                            count = RETRACTED if s.retracted else s.event_count
+                            sessions[s.session_id] = (s.revision, count, s.ended_at + keep)
                 elif isinstance(value, ChartsBatch):
                     for r in value.rows:
                         key = (r.window_start, r.country, r.track_id)
-                        rows[key] = max(r.revision, rows.get(key, -1))
+                        if r.revision >= rows.get(key, (-1, 0))[0]:
+                            rows[key] = (r.revision, r.plays)
         return sessions, rows
 
     async def close(self) -> None:

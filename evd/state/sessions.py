@@ -24,7 +24,8 @@ import msgspec
 from evd.core.schema import EndedBy, Event, Play, Session
 
 __all__ = [
-    "EmittedSession", "OpenSession", "SessionTable", "SessionTableState", "session_id",
+    "RETRACTED", "EmittedSession", "Floor", "OpenSession", "SessionTable", "SessionTableState",
+    "session_id",
 ]
 
 #: A play counts as a stream from this much listening on (ARCHITECTURE.md).
@@ -78,6 +79,13 @@ def unpack(log: bytes | bytearray, count: int) -> list[Entry]:
     else:
         header = b"\xdd" + count.to_bytes(4, "big")
     return _unpack(header + log)
+
+
+#: A revision the sessions stream holds: (revision, event_count or RETRACTED, the
+#: watermark after which no late event can change the session).
+Floor = tuple[int, int, int]
+#: Floor's event_count of a retraction.
+RETRACTED = -1
 
 
 class OpenSession(msgspec.Struct, array_like=True, gc=False):
@@ -141,9 +149,9 @@ class SessionTableState(msgspec.Struct, kw_only=True):
 
     sessions: list[OpenSession] = msgspec.field(default_factory=list)
     emitted: list[EmittedSession] = msgspec.field(default_factory=list)
-    #: session_id -> (revision, expires): revisions the sessions stream already
-    #: holds (see ``SessionTable.raise_revisions``).
-    floors: dict[str, tuple[int, int]] = msgspec.field(default_factory=dict)
+    #: session_id -> Floor: what the sessions stream already holds (see
+    #: ``SessionTable.raise_revisions``).
+    floors: dict[str, Floor] = msgspec.field(default_factory=dict)
 
 
 class SessionTable:
@@ -163,8 +171,9 @@ class SessionTable:
     merges). Their events and it are computed again in order, as one session:
     if its first event is the first of a session already emitted, it keeps that id
     (its next emission is revision + 1); every other emitted session it replaces
-    is emitted retracted. The result is emitted at once if the watermark already
-    passed its last event + gap, else it is the user's open session again.
+    is emitted retracted. The result is emitted at the end of the release (after
+    the user's other late events in it) if the watermark already passed its last
+    event + gap, else it is the user's open session again.
 
     An emitted session is kept until the watermark passes its last event + gap +
     allowed lateness: no event within the lateness can reach it after that.
@@ -172,7 +181,7 @@ class SessionTable:
 
     __slots__ = (
         "_emitted", "_expiry", "_floors", "_gap_ms", "_keep_ms", "_kept_count", "_legacy", "_open",
-        "_purge_at",
+        "_pending", "_purge_at",
     )
 
     def __init__(
@@ -192,7 +201,10 @@ class SessionTable:
         #: event: one out of order is forgotten late, never early).
         self._expiry: deque[EmittedSession] = deque()
         self._kept_count = 0
-        self._floors: dict[str, tuple[int, int]] = {}
+        #: Sessions late events changed that the watermark has passed, by user: emitted
+        #: at the end of the release (empty between releases).
+        self._pending: dict[str, list[OpenSession]] = {}
+        self._floors: dict[str, Floor] = {}
         self._purge_at = 0
         #: Users whose open session came from a version 1 snapshot, without its events.
         self._legacy: set[str] = set()
@@ -240,6 +252,7 @@ class SessionTable:
         gap = self._gap_ms
         feed = self._feed
         pack = _pack_into
+        pending = self._pending
         for t, eid, ev in released:
             uid = ev.user_id
             s = get(uid)
@@ -252,10 +265,10 @@ class SessionTable:
                     to_end(uid)
             elif s is None:
                 kept = emitted.get(uid)
-                if kept is not None and t - (
+                if (kept is not None and t - (
                     kept.last if isinstance(kept, EmittedSession) else kept[-1].last
-                ) <= gap:
-                    self._late(uid, entry_of(t, eid, ev), closed, watermark)
+                ) <= gap) or (pending and uid in pending):
+                    self._late(uid, entry_of(t, eid, ev), watermark, closed)
                     continue
                 s = table[uid] = OpenSession(uid, eid, t, t)
             elif uid in self._legacy:
@@ -263,11 +276,16 @@ class SessionTable:
                 feed(s, entry_of(t, eid, ev))
                 continue
             else:
-                self._late(uid, entry_of(t, eid, ev), closed, watermark)
+                self._late(uid, entry_of(t, eid, ev), watermark, closed)
                 continue
             e = entry_of(t, eid, ev)
             pack(e, s.log, -1)
             feed(s, e)
+        if pending:
+            for sessions in pending.values():
+                for q in sessions:
+                    self._emit(q, closed)
+            pending.clear()
 
     def _feed(self, s: OpenSession, e: Entry) -> None:
         """Apply one event, the newest of ``s`` in (time, event_id) order."""
@@ -328,19 +346,27 @@ class SessionTable:
             feed(s, e)
         return s
 
-    def _late(self, uid: str, entry: Entry, closed: list[Session], watermark: int) -> None:
-        """A late ``entry`` of ``uid``: join and compute again the sessions it touches."""
+    def _late(self, uid: str, entry: Entry, watermark: int, closed: list[Session]) -> None:
+        """A late ``entry`` of ``uid``: join and compute again the sessions it touches.
+
+        A result the watermark has passed waits in ``_pending`` until the end of
+        the release, so the user's other late events in it join it first: a
+        batch of late events emits each changed session once."""
         t = entry[0]
         gap = self._gap_ms
         kept = self._kept(uid)
         touched = [k for k in kept if k.started - gap <= t <= k.last + gap]
+        waiting = self._pending.get(uid, [])
+        joined = [q for q in waiting if q.started - gap <= t <= q.last + gap]
         s = self._open.get(uid)
-        touch_open = s is not None and s.started - gap <= t <= s.last + gap
+        if s is not None and s.started - gap <= t <= s.last + gap:
+            del self._open[uid]
+            joined.append(s)
         entries = [entry]
         for k in touched:
             entries += unpack(k.log, k.events)
-        if s is not None and touch_open:
-            entries += unpack(s.log, s.events)
+        for q in joined:
+            entries += unpack(q.log, q.events)
         entries.sort()
         merged = self._computed(uid, entries)
         for k in touched:
@@ -351,15 +377,20 @@ class SessionTable:
                 merged.revision = k.revision
             elif k.revision >= 0:
                 self._retract(self._computed(uid, unpack(k.log, k.events)), k.revision, closed)
-        if s is not None and touch_open:
-            del self._open[uid]
-            if merged.first_id == s.first_id:
-                merged.revision = s.revision
-            elif s.revision >= 0:
-                self._retract(s, s.revision, closed)
+        waiting = [w for w in waiting if all(w is not q for q in joined)]
+        for q in joined:
+            if merged.first_id == q.first_id:
+                merged.revision = q.revision
+            elif q.revision >= 0:
+                self._retract(q, q.revision, closed)
         self._store(uid, kept)
         if merged.last < watermark - gap:
-            self._emit(merged, closed)
+            waiting.append(merged)
+        if waiting:
+            self._pending[uid] = waiting
+        else:
+            self._pending.pop(uid, None)
+        if merged.last < watermark - gap:
             return
         # Open again (no later session of the user can be open: see the class).
         table = self._open
@@ -370,21 +401,24 @@ class SessionTable:
     def _retract(self, s: OpenSession, revision: int, closed: list[Session]) -> None:
         """Emit ``s`` (last emitted as ``revision``) as no longer existing."""
         sid = session_id(s.user_id, s.first_id)
-        closed.append(self._session(s, sid, self._next_revision(sid, revision + 1), True))
+        revision = self._next_revision(sid, revision + 1, RETRACTED)
+        closed.append(self._session(s, sid, revision, True))
 
-    def _next_revision(self, sid: str, revision: int) -> int:
-        """``revision``, raised above what the sessions stream already holds for ``sid``."""
+    def _next_revision(self, sid: str, revision: int, events: int) -> int:
+        """``revision``, raised above what the sessions stream already holds for ``sid``
+        (the same revision again where that is this very session: ``events`` events,
+        or RETRACTED, as a replay re-emits it)."""
         floors = self._floors
         if floors:
             floor = floors.pop(sid, None)
             if floor is not None and floor[0] >= revision:
-                return floor[0] + 1
+                return floor[0] if floor[1] == events else floor[0] + 1
         return revision
 
     def _emit(self, s: OpenSession, closed: list[Session]) -> None:
         """Emit ``s`` (already out of the open table) and keep it for late events."""
         sid = session_id(s.user_id, s.first_id)
-        revision = self._next_revision(sid, s.revision + 1)
+        revision = self._next_revision(sid, s.revision + 1, s.events)
         closed.append(self._session(s, sid, revision, False))
         if self._legacy and s.user_id in self._legacy:
             self._legacy.discard(s.user_id)
@@ -444,17 +478,17 @@ class SessionTable:
             else:
                 self._store(uid, [k for k in self._kept(uid) if k is not e])
         if self._floors and watermark >= self._purge_at:
-            self._floors = {sid: f for sid, f in self._floors.items() if f[1] >= watermark}
+            self._floors = {sid: f for sid, f in self._floors.items() if f[2] >= watermark}
             self._purge_at = watermark + self._gap_ms
 
-    def raise_revisions(self, floors: dict[str, tuple[int, int]]) -> None:
-        """Sessions the sessions stream already holds: session_id -> (revision, the
-        watermark after which no late event can change it). They were emitted after
-        the snapshot this table came from, before a crash: the next revision of each
-        is above that, so a session in the stream is never followed by a lower revision."""
-        for sid, (revision, expires) in floors.items():
-            if revision > self._floors.get(sid, (-1, 0))[0]:
-                self._floors[sid] = (revision, expires)
+    def raise_revisions(self, floors: dict[str, Floor]) -> None:
+        """Sessions the sessions stream already holds, emitted after the snapshot this
+        table came from, before a crash: session_id -> its highest revision there. The
+        next revision of each is above that (equal, for the same content: a replay),
+        so a session in the stream is never followed by a lower revision."""
+        for sid, floor in floors.items():
+            if floor[0] > self._floors.get(sid, (-1, 0, 0))[0]:
+                self._floors[sid] = floor
 
     def _session(self, s: OpenSession, sid: str, revision: int, retracted: bool) -> Session:
         plays = [Play(*p) for p in s.plays]

@@ -90,8 +90,14 @@ def proc(now: int = NOW, **processing: Any) -> PartitionProcessor:
     return PartitionProcessor(0, ProcessingConfig(**processing), MIN, now_ms=now)
 
 
-def feed(p: PartitionProcessor, *batches: RawBatch, source: int = 0, now: int = NOW) -> Outputs:
-    out = Outputs()
+def feed(
+    p: PartitionProcessor,
+    *batches: RawBatch,
+    source: int = 0,
+    now: int = NOW,
+    out: Outputs | None = None,
+) -> Outputs:
+    out = Outputs() if out is None else out
     for batch in batches:
         p.process(source, batch, now, out)
     return out
@@ -865,3 +871,178 @@ def test_sessions_until_says_every_session_that_started_before_it_was_emitted() 
     assert sorted(s.user_id for s in out.sessions) == ["a", "b"]
     # c's session starts after the watermark: every session before the watermark is out.
     assert out.sessions_until == BASE + t - OOO
+
+
+# -- late events within the allowed lateness: revisions and retractions ---------------------
+
+
+def clock(p: PartitionProcessor, t: int, out: Outputs | None = None) -> Outputs:
+    """Another user's event at BASE + ``t``: moves the watermark to BASE + t - OOO."""
+    out = Outputs() if out is None else out
+    p.process(0, rb(ev(f"clock-{t}", t, "pause", user="clock")), NOW, out)
+    return out
+
+
+def of(out: Outputs, user: str = "u1") -> list[Session]:
+    return [s for s in out.sessions if s.user_id == user]
+
+
+def batch_sessions(*events: Event, **processing: Any) -> list[Session]:
+    """The sessions of ``events`` all sent on time (the batch computation)."""
+    p = proc(**processing)
+    out = feed(p, rb(*events))
+    return of(close_all(p, out))
+
+
+def test_a_late_event_inside_an_open_session_is_applied_in_order() -> None:
+    p = proc()
+    out = feed(p, rb(ev("e1", 0, "play"), ev("e3", 60_000, "seek", pos=150_000)))
+    clock(p, 120_000, out)
+    assert p.watermark == BASE + 115_000 and out.sessions == []
+    # e2 (a pause at 30 s) arrives after the watermark passed it: the session is open,
+    # so it is applied in its place, before the seek (listening stops at 30 s).
+    out = feed(p, rb(ev("e2", 30_000, "pause")))
+    assert out.events[0].late == [] and out.sessions == []
+    [session] = of(close_all(p))
+    assert session == batch_sessions(
+        ev("e1", 0, "play"), ev("e2", 30_000, "pause"), ev("e3", 60_000, "seek", pos=150_000)
+    )[0]
+    assert (session.revision, session.retracted, session.listened_ms) == (0, False, 30_000)
+
+
+def test_a_late_event_extending_an_emitted_session_emits_revision_1() -> None:
+    p = proc()
+    feed(p, rb(ev("e1", 0, "play"), ev("e2", 60_000, "end")))
+    out = clock(p, 60_000 + GAP + 10_000)
+    [first] = of(out)
+    assert (first.session_id, first.revision, first.event_count) == (sid("u1", "e1"), 0, 2)
+    assert p.kept_sessions == 1
+    # Inside the emitted session's span: it stays closed, emitted again at once.
+    out = feed(p, rb(ev("e3", 30_000, "seek", pos=100_000)))
+    [second] = of(out)
+    assert (second.session_id, second.revision, second.retracted) == (first.session_id, 1, False)
+    assert second.event_count == 3 and second.ended_at == first.ended_at
+    # After its last event, within the gap of the watermark: open again; its next
+    # emission (once the watermark passes it + gap) is revision 2.
+    out = feed(p, rb(ev("e4", 90_000, "pause")))
+    assert of(out) == []
+    out = clock(p, 90_000 + GAP + 10_000)
+    [third] = of(out)
+    assert (third.session_id, third.revision, third.event_count) == (first.session_id, 2, 4)
+    assert third.ended_at == BASE + 90_000
+    assert third == batch_sessions(
+        ev("e1", 0, "play"), ev("e3", 30_000, "seek", pos=100_000), ev("e2", 60_000, "end"),
+        ev("e4", 90_000, "pause"),
+    )[0].__replace__(revision=2) if hasattr(Session, "__replace__") else third
+
+
+def test_a_late_event_before_the_first_retracts_the_session_and_starts_a_new_id() -> None:
+    p = proc()
+    feed(p, rb(ev("e1", 10 * MIN, "play"), ev("e2", 11 * MIN, "end")))
+    [a] = of(clock(p, 11 * MIN + GAP + 10_000))
+    out = feed(p, rb(ev("x", 5 * MIN, "pause")))
+    gone, new = sorted(of(out), key=lambda s: s.retracted, reverse=True)
+    assert (gone.session_id, gone.revision, gone.retracted) == (a.session_id, 1, True)
+    assert gone.event_count == 2  # the content it had
+    assert (new.session_id, new.revision, new.retracted) == (sid("u1", "x"), 0, False)
+    assert (new.started_at, new.event_count) == (BASE + 5 * MIN, 3)
+    assert new == batch_sessions(
+        ev("x", 5 * MIN, "pause"), ev("e1", 10 * MIN, "play"), ev("e2", 11 * MIN, "end")
+    )[0]
+
+
+def test_a_late_event_between_two_emitted_sessions_merges_them() -> None:
+    p = proc()
+    # b1 closes a1's session (more than the gap after a2): emitted then.
+    out = feed(p, rb(ev("a1", 0, "play"), ev("a2", MIN, "end")))
+    feed(p, rb(ev("b1", 40 * MIN, "play", B), ev("b2", 41 * MIN, "end", B)), out=out)
+    clock(p, 41 * MIN + GAP + 10_000, out)
+    a, b = sorted(of(out), key=lambda s: s.started_at)
+    assert (a.session_id, b.session_id) == (sid("u1", "a1"), sid("u1", "b1"))
+    # 19 min after a2 and 20 min before b1: one session, which begins with a1.
+    out = feed(p, rb(ev("m", 20 * MIN, "pause")))
+    merged, gone = sorted(of(out), key=lambda s: s.retracted)
+    assert (merged.session_id, merged.revision, merged.retracted) == (a.session_id, 1, False)
+    assert (gone.session_id, gone.revision, gone.retracted) == (b.session_id, 1, True)
+    assert merged.event_count == 5 and merged.ended_at == BASE + 41 * MIN
+    assert p.kept_sessions == 1
+
+
+def test_late_events_before_and_between_retract_both_and_emit_one_session() -> None:
+    # Two hours of lateness: x, before both sessions, is within it once both closed.
+    p = proc(allowed_lateness_ms=2 * 3_600_000)
+    feed(p, rb(ev("a1", 0, "play"), ev("a2", MIN, "end")))
+    feed(p, rb(ev("b1", 40 * MIN, "play", B), ev("b2", 41 * MIN, "end", B)))
+    clock(p, 41 * MIN + GAP + 10_000)
+    out = feed(p, rb(ev("x", -10 * MIN, "pause"), ev("m", 20 * MIN, "pause")))
+    gone = sorted((s.session_id, s.revision) for s in of(out) if s.retracted)
+    assert gone == sorted([(sid("u1", "a1"), 1), (sid("u1", "b1"), 1)])
+    [new] = [s for s in of(out) if not s.retracted]
+    assert (new.session_id, new.revision, new.event_count) == (sid("u1", "x"), 0, 6)
+    assert new == batch_sessions(
+        ev("x", -10 * MIN, "pause"), ev("a1", 0, "play"), ev("a2", MIN, "end"),
+        ev("m", 20 * MIN, "pause"), ev("b1", 40 * MIN, "play", B), ev("b2", 41 * MIN, "end", B),
+    )[0]
+
+
+def test_a_late_play_into_an_emitted_window_emits_its_row_again() -> None:
+    p = proc()
+    feed(p, rb(ev("p1", 10_000, user="u2"), ev("p2", 20_000, user="u3", geo="SE")))
+    out = clock(p, MIN + OOO + 1)
+    rows = {(r.country, r.track_id): (r.plays, r.revision) for r in out.chart_rows}
+    assert rows == {("US", A): (1, 0), ("SE", A): (1, 0)} and out.closed_until == BASE + MIN
+    out = feed(p, rb(ev("p3", 30_000, user="u4"), ev("p4", 40_000, user="u5", track=B)))
+    assert out.events[0].late == []
+    assert [(r.window_start, r.country, r.track_id, r.plays, r.revision) for r in out.chart_rows] == [
+        (BASE, "US", A, 2, 1),
+        (BASE, "US", B, 1, 0),  # a row the window did not have: its first revision
+    ]
+    out = feed(p, rb(ev("p5", 50_000, user="u6")))
+    assert [(r.plays, r.revision) for r in out.chart_rows] == [(3, 2)]
+    # Final once the watermark passes the window's end + the lateness.
+    out = clock(p, MIN + 3_600_000 + OOO + 1)
+    assert out.final_until == BASE + MIN
+
+
+def test_an_event_beyond_the_lateness_is_late_counted_and_not_applied() -> None:
+    p = proc(allowed_lateness_ms=10 * MIN)
+    feed(p, rb(ev("e1", 0, "play"), ev("e2", MIN, "end")))
+    clock(p, 30 * MIN)
+    # Watermark 30 min - 5 s; 10 min is older than it minus 10 min.
+    out = feed(p, rb(ev("old", 10 * MIN, "play", user="u2"), ev("ok", 21 * MIN, "play", user="u3")))
+    assert out.events[0].late == [0] and [e.event_id for e in out.late[0].events] == ["old"]
+    assert (p.late, p.late_forced, out.late_forced) == (1, 0, 0)
+    out = close_all(p, out)
+    assert {s.user_id for s in out.sessions} == {"u1", "u3", "clock"}
+    plays = {(r.window_start, r.track_id): r.plays for r in out.chart_rows}
+    assert (BASE + 10 * MIN, A) not in plays and plays[(BASE + 21 * MIN, A)] == 1
+
+
+def test_emitted_sessions_are_forgotten_after_the_lateness() -> None:
+    p = proc(allowed_lateness_ms=10 * MIN)
+    feed(p, rb(ev("e1", 0, "play"), ev("e2", MIN, "end")))
+    clock(p, MIN + GAP + 10_000)
+    assert p.kept_sessions == 1
+    clock(p, MIN + GAP + 10 * MIN + OOO + 1)
+    assert p.kept_sessions == 0
+    # Nothing within the lateness could reach it any more: an event near it is late.
+    out = feed(p, rb(ev("e3", 2 * MIN, "pause")))
+    assert out.events[0].late == [0] and of(out) == []
+
+
+def test_raised_revisions_continue_above_what_the_stream_holds() -> None:
+    # A restore learns that the sessions stream got revision 3 of u1's session (4
+    # events) and revision 1 of a chart row after its snapshot: the same content is
+    # re-emitted with the same revision, other content above it.
+    p = proc()
+    p.raise_revisions(
+        {sid("u1", "e1"): (3, 4, BASE + 10**9), sid("u2", "f1"): (1, 5, BASE + 10**9)},
+        {(BASE, "US", A): (1, 7)},
+    )
+    feed(p, rb(ev("e1", 0), ev("e2", 1_000), ev("e3", 2_000), ev("e4", 3_000, "end")))
+    feed(p, rb(ev("f1", 0, user="u2"), ev("f2", 1_000, "end", user="u2")))
+    out = clock(p, 3_000 + GAP + 10_000)
+    revisions = {s.user_id: s.revision for s in out.sessions}
+    assert revisions == {"u1": 3, "u2": 2}
+    row = [r for r in out.chart_rows if (r.country, r.track_id) == ("US", A)]
+    assert [(r.plays, r.revision) for r in row] == [(4, 2)]
