@@ -888,6 +888,94 @@ async def test_caught_up_compares_every_sublog_with_its_end(log: Log, tmp_path: 
         await consumer.close()
 
 
+# -- reading the latest revisions (the snippets of docs/architecture.md) ----------------------
+
+
+ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+
+
+def doc_block(language: str, containing: str) -> str:
+    """The fenced ``language`` block of docs/architecture.md that holds ``containing``."""
+    text = ARCHITECTURE.read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split(f"```{language}\n")[1:]]
+    (block,) = [b for b in blocks if containing in b]
+    lines = block.splitlines()
+    indent = min(len(x) - len(x.lstrip()) for x in lines if x.strip())
+    return "\n".join(x[indent:] for x in lines) + "\n"
+
+
+async def revised_lake(sinks: Sinks) -> Path:
+    """A lake holding several revisions of sessions and chart rows, in several
+    files, a retraction among them; returns its root."""
+    sink = await sinks.start()
+    s0, s1, s2, s3, s4 = (session(i, H1 + 1000 * i) for i in range(5))
+    t0, t1 = TRACK, TRACK[:-2] + "zz"
+    writes = [
+        [s0, s1, s2, s3],
+        [revised(s0, 1), revised(s3, 1)],
+        [revised(s1, 1, retracted=True), revised(s3, 2)],
+    ]
+    for n, items in enumerate(writes):
+        for s in items:
+            s.event_count = 100 * n + s.event_count
+        await sink.write(batch("sessions", [SessionsBatch(items)], [0]))
+    await sink.write(batch("charts", [
+        ChartsBatch(0, H1 + WINDOW_MS, [ChartRow(H1, "SE", t0, 2), ChartRow(H1, None, t0, 3)]),
+        ChartsBatch(1, H1 + WINDOW_MS, [ChartRow(H1, None, t0, 1)]),
+    ], [0, 1]))
+    await sink.write(batch("charts", [
+        ChartsBatch(0, H1 + 2 * WINDOW_MS, [ChartRow(H1, "SE", t0, 5, 1), ChartRow(H1, "SE", t1, 1)]),
+    ], [0]))
+    await sink.write(batch("charts", [ChartsBatch(0, H1 + 2 * WINDOW_MS,
+                                                  [ChartRow(H1, "SE", t0, 6, 2)])], [0]))
+    assert len(data_files(lake(sink) / "sessions")) == 3
+    # Files of a lake from before revisions: rows without revision or retracted.
+    for stream, row in (("sessions", expected(batch("sessions", [SessionsBatch([s4])]))[0]),
+                        ("charts", rows.chart_dict(1, ChartRow(H1, "SE", t1, 4), WINDOW_MS))):
+        del row["revision"]
+        row.pop("retracted", None)
+        old = lake(sink) / stream / hour_path(H1) / "part-w00-0-0.ndjson.gz"
+        old.write_bytes(gzip.compress(json.dumps(row).encode() + b"\n"))
+    return lake(sink)
+
+
+#: The latest revision of each id revised_lake wrote: (session_id, event_count, revision).
+LATEST_SESSIONS = [("s-0", 103, 1), ("s-2", 5, 0), ("s-3", 206, 2), ("s-4", 7, 0)]
+#: (window_start, country, track, partition) -> (plays, revision).
+LATEST_CHARTS = {
+    (H1, "SE", TRACK, 0): (6, 2), (H1, None, TRACK, 0): (3, 0), (H1, None, TRACK, 1): (1, 0),
+    (H1, "SE", TRACK[:-2] + "zz", 0): (1, 0), (H1, "SE", TRACK[:-2] + "zz", 1): (4, 0),
+}
+
+
+async def test_the_documented_python_reads_the_latest_revisions(sinks: Sinks) -> None:
+    root = await revised_lake(sinks)
+    code = doc_block("python", "def latest(").replace('"evd-data/lake"', repr(str(root)))
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(ARCHITECTURE), "exec"), namespace)  # noqa: S102 -- the docs' snippet
+    got = sorted((s["session_id"], s["event_count"], s["revision"]) for s in namespace["sessions"])
+    assert got == LATEST_SESSIONS  # s-1 retracted: neither it nor its revision 0
+    assert {k: (r["plays"], r["revision"]) for k, r in namespace["charts"].items()} \
+        == LATEST_CHARTS
+
+
+async def test_the_documented_duckdb_query_reads_the_latest_revisions(sinks: Sinks) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    root = await revised_lake(sinks)
+    sql = doc_block("sql", "PARTITION BY session_id").replace("evd-data/lake", str(root))
+    on_sessions, on_charts = (q for q in sql.split(";") if q.strip())
+    conn = duckdb.connect()
+    try:
+        got = sorted(conn.sql(f"SELECT session_id, event_count, coalesce(revision, 0)"
+                              f" FROM ({on_sessions})").fetchall())
+        assert got == LATEST_SESSIONS
+        charts = conn.sql(f"SELECT window_start, country, track_id, partition, plays,"
+                          f" coalesce(revision, 0) FROM ({on_charts})").fetchall()
+        assert {r[:4]: r[4:] for r in charts} == LATEST_CHARTS
+    finally:
+        conn.close()
+
+
 # -- the late layout ---------------------------------------------------------------------------
 
 
