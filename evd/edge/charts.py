@@ -8,6 +8,12 @@ anonymous consumer from the oldest retained record), so any worker answers
 after a restart. A row read twice (a processor replaying after a crash) sets
 the same value again: rows are stored by their key, never added up.
 
+Rows are revised: a late play (within ``processing.allowed_lateness_ms``)
+re-emits the row of an already closed window with ``revision`` + 1 and the new
+count. Per key the view keeps the highest revision read and applies a row only
+when its revision is at least that one, so an answer holds the latest counts
+and a replayed older revision never lowers one.
+
 Query: ``window_end`` is the end of the latest window closed on every
 partition (the minimum of the partitions' ``closed_until``); the answer sums
 the windows in [window_end - window, window_end).
@@ -104,8 +110,9 @@ class ChartsView:
         self.partitions = partitions
         self.window_ms = window_ms
         self.retention_ms = retention_ms
-        #: (window_start, partition) -> (country, track_id) -> plays, as emitted.
-        self._rows: dict[tuple[int, int], dict[tuple[str | None, str], int]] = {}
+        #: (window_start, partition) -> (country, track_id) -> (plays, revision)
+        #: of the highest revision read.
+        self._rows: dict[tuple[int, int], dict[tuple[str | None, str], tuple[int, int]]] = {}
         #: window_start -> country -> track_id -> plays over partitions (country
         #: None: events without geo); kept in step with _rows.
         self._merged: dict[int, dict[str | None, Counter[str]]] = {}
@@ -114,14 +121,18 @@ class ChartsView:
         self._cache: LRUCache[Query, TopTracks] = LRUCache(maxsize=ANSWER_CACHE_SIZE)
 
     def apply(self, batch: ChartsBatch) -> None:
-        """Take one record of the charts stream (idempotent)."""
+        """Take one record of the charts stream (idempotent): a row replaces its
+        key's count unless an older revision than the one held."""
         p = batch.partition
         for row in batch.rows:
             rows = self._rows.setdefault((row.window_start, p), {})
             key = (row.country, row.track_id)
-            delta = row.plays - rows.get(key, 0)
+            plays, revision = rows.get(key, (0, -1))
+            if row.revision < revision:
+                continue
+            rows[key] = (row.plays, row.revision)
+            delta = row.plays - plays
             if delta:
-                rows[key] = row.plays
                 merged = self._merged.setdefault(row.window_start, defaultdict(Counter))
                 merged[row.country][row.track_id] += delta
         if batch.closed_until > self.closed_until.get(p, -1):

@@ -7,9 +7,15 @@ webhook body and stdout reads the same:
   the event contract, ``event_type`` always present, ``timestamp`` RFC 3339
   with microseconds, in the offset the client used), plus ``received_at`` and ``event_time`` (epoch ms; event_time
   is the skew-corrected time the processor used) and ``late`` (bool).
-- ``sessions``: the session (evd.core.schema.Session), times in epoch ms.
+- ``sessions``: the session (evd.core.schema.Session), times in epoch ms,
+  with its ``revision`` and ``retracted`` flag.
 - ``charts``: ``window_start``, ``window_end``, ``country`` (null: no geo),
-  ``track_id``, ``plays``, ``partition``.
+  ``track_id``, ``plays``, ``partition``, ``revision``.
+
+Session and chart rows are revised: a late event re-emits a row with the same
+id and ``revision`` + 1 (a session no longer existing, ``retracted``). Each
+sink writes every revision as a row as it comes; the warehouse keeps the
+highest per id (evd.sinks.sqlite), the lake appends them all.
 - ``dead_letter``: ``received_at`` (when it was rejected), ``stage`` (``edge``
   or ``sink:<name>``), ``stream`` it was in, ``index`` in its request (-1 for
   sinks), ``error``, and ``event``: the item as JSON.
@@ -123,6 +129,7 @@ CHART_COLUMNS: tuple[tuple[str, Any], ...] = (
     ("track_id", str),
     ("plays", int),
     ("partition", int),
+    ("revision", int),
 )
 #: A dead letter's columns, in row order (``event``: the item's JSON).
 DEAD_LETTER_COLUMNS: tuple[tuple[str, Any], ...] = (
@@ -411,6 +418,7 @@ def chart_dict(partition: int, row: ChartRow, window_ms: int) -> dict[str, Any]:
         "track_id": row.track_id,
         "plays": row.plays,
         "partition": partition,
+        "revision": row.revision,
     }
 
 

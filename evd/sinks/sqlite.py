@@ -12,11 +12,13 @@ derived from the rows' declarations in evd.sinks.rows (see "the tables" below;
   takes it, lands in this same table: a late event is also in ``events``
   flagged ``late = 1``, with the same values, so whichever stream arrives
   first inserts the row and the other finds it there.
-- ``sessions``: ``session_id`` the primary key, one column per Session field,
-  ``plays`` as JSON text (a list of {track_id, started_at, listened_ms, ended_by}).
+- ``sessions``: ``session_id`` the primary key, one column per Session field
+  but ``retracted`` (a retracted session is deleted, see below), ``plays`` as
+  JSON text (a list of {track_id, started_at, listened_ms, ended_by}),
+  ``revision`` the session's latest revision.
 - ``charts``: ``window_start``, ``window_end``, ``country`` (NULL: events
-  without geo), ``track_id``, ``partition``, ``plays``. The key (window_start,
-  country, track_id, partition) is a unique index on ``ifnull(country, '')``:
+  without geo), ``track_id``, ``partition``, ``plays``, ``revision``. The key
+  (window_start, country, track_id, partition) is a unique index on ``ifnull(country, '')``:
   SQLite holds NULLs distinct in a key, so a plain key would let a replayed
   no-geo row in twice, while the index keeps ``country`` NULL for queries.
 - ``dead_letter``: ``letter_id`` (a hash of every other field, so a replay is
@@ -29,11 +31,24 @@ typed from the declaration; a file made by an older version gains it at start
 (``ALTER TABLE ... ADD COLUMN``, nullable: its older rows hold NULL). Inserts
 name their columns, so they do not depend on a file's column order.
 
+The warehouse keeps the latest revision of each session and chart row (late
+events re-emit them with ``revision`` + 1, evd.core.schema.Session): a row is
+inserted, or replaces the stored row of its key only when its revision is
+higher than the stored one (NULL, in a file from before revisions, counts as
+lower than any); a lower or equal revision changes nothing. A session with
+``retracted`` set (it no longer exists: a late event preceded its first event
+or merged it into another) deletes the stored row of its ``session_id`` when
+the stored revision is lower, and never inserts. Within a batch, rows apply in
+the stream's order. No tombstone is kept: a retraction is a session's last
+revision and the output stream only ever raises an id's revision, so nothing
+older follows it (a replayed batch is at or after the last committed one).
+
 Writes are idempotent, so the delivery loop may write a batch again after a
-failure: events and dead letters insert or do nothing, sessions and chart rows
-upsert (a replay carries the same values; the latest write wins). One write is
-one ``BEGIN IMMEDIATE`` transaction: several workers share the file, SQLite
-lets one write at a time and the others wait up to ``busy_timeout_s``.
+failure: events and dead letters insert or do nothing; a replayed session or
+chart row carries a revision the stored one already has (or one its
+retraction passed), so it changes nothing. One write is one ``BEGIN
+IMMEDIATE`` transaction: several workers share the file, SQLite lets one
+write at a time and the others wait up to ``busy_timeout_s``.
 
 Durability: ``synchronous = FULL``. The loop commits the log offsets (fsynced)
 right after ``write`` returns, so a committed row must survive a power cut too;
@@ -59,6 +74,8 @@ import sqlite3
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import groupby
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -121,8 +138,8 @@ CHECKPOINT_PAGES = 2_500
 #
 # A table's columns are its row's leaves (rows.leaves: nested structs flattened,
 # a column named after the last name of its path), each with its SQL type
-# (_sql_type; NOT NULL unless the value may be None), plus the extra columns a
-# _Mapping names. Its row builder is generated from the same columns and
+# (_sql_type; NOT NULL unless the value may be None), less those its _Mapping
+# omits, plus the extra columns it names. Its row builder is generated from the same columns and
 # compiled once, at import: the value of a column is the item's attribute
 # (None when an optional struct on the way is None; a datetime as RFC 3339
 # text, a list or struct as JSON text) unless the mapping gives an expression.
@@ -159,6 +176,15 @@ class _Mapping(NamedTuple):
     builder: str
     #: The builder's name for the row's item (its attributes are the leaves' paths).
     item: str
+    #: Leaves (their paths, dotted) the table leaves out.
+    omit: tuple[str, ...] = ()
+    #: The column of the row's revision: an upsert replaces the stored row
+    #: only when the new row's is higher (a NULL stored one counts as -1).
+    revision: str | None = None
+    #: The item's attribute that marks a retraction (needs ``revision``): such
+    #: an item deletes the stored row of its key when the stored revision is
+    #: lower, and never inserts.
+    retract: str | None = None
 
 
 _EVENTS = _Mapping(
@@ -222,6 +248,9 @@ def build(batch, window_ms):
     return [{row} for s in sessions(batch.values)]
 """,
     item="s",
+    omit=("retracted",),
+    revision="revision",
+    retract="retracted",
 )
 _CHARTS = _Mapping(
     "charts",
@@ -237,6 +266,7 @@ def build(batch, window_ms):
     return [{row} for p, r in chart_rows(batch.values)]
 """,
     item="r",
+    revision="revision",
 )
 _DEAD_LETTER = _Mapping(
     "dead_letter",
@@ -276,8 +306,27 @@ class Table(NamedTuple):
     create: tuple[str, ...]
     #: The idempotent INSERT of one row (columns named, values in ``columns``' order).
     insert: str
-    #: A batch's rows, one tuple per item, in ``columns``' order.
+    #: A batch's rows, one tuple per item, in ``columns``' order; in a table
+    #: with retractions (``delete``), each preceded by the item's retracted flag.
     build: _Builder
+    #: The DELETE of a retracted item's stored row, its parameters the row's
+    #: values at ``delete_at`` (the key, then the revision); None: no retractions.
+    delete: str | None = None
+    delete_at: tuple[int, ...] = ()
+
+    def statements(self, params: Params) -> list[tuple[str, Params]]:
+        """The statements that write the rows ``build`` made, with their
+        parameters, in the rows' order."""
+        if self.delete is None:
+            return [(self.insert, params)]
+        out: list[tuple[str, Params]] = []
+        at = [i + 1 for i in self.delete_at]
+        for retracted, run in groupby(params, key=itemgetter(0)):
+            if retracted:
+                out.append((self.delete, [tuple(r[i] for i in at) for r in run]))
+            else:
+                out.append((self.insert, [r[1:] for r in run]))
+        return out
 
 
 class Warehouse(NamedTuple):
@@ -332,8 +381,12 @@ def _table(m: _Mapping) -> Table:
     var = m.item
     by_name: dict[str, tuple[Column, str]] = {}
     derived: list[str] = []
+    omitted = set(m.omit)
     for leaf in rows.leaves(m.row):
         dotted = ".".join(leaf.path)
+        if dotted in omitted:
+            omitted.remove(dotted)
+            continue
         name = m.renames.get(dotted, leaf.path[-1])
         if name in by_name:
             raise TypeError(f"{m.table}: two columns named {name!r}: rename one in its _Mapping")
@@ -343,9 +396,13 @@ def _table(m: _Mapping) -> Table:
         derived.append(name)
     for name, sql_type in m.extra.items():
         by_name[name] = (Column(name, sql_type, False), m.values[name])
-    stale = [n for n in (*m.order, *m.values, *m.key) if n not in by_name]
+    revision = () if m.revision is None else (m.revision,)
+    stale = [n for n in (*m.order, *m.values, *m.key, *revision) if n not in by_name]
+    stale += sorted(omitted)
     if stale:
         raise TypeError(f"{m.table}: the mapping names columns the row has not: {stale}")
+    if m.retract is not None and m.revision is None:
+        raise TypeError(f"{m.table}: retractions need a revision column")
     names = [*m.order, *(n for n in derived if n not in m.order)]
     columns = tuple(by_name[n][0] for n in names)
 
@@ -365,15 +422,31 @@ def _table(m: _Mapping) -> Table:
         action = "DO UPDATE SET " + ", ".join(
             f"{c.name} = excluded.{c.name}" for c in columns if c.name not in m.key
         )
+        if m.revision is not None:
+            action += f" WHERE excluded.{m.revision} > ifnull({m.table}.{m.revision}, -1)"
     insert = (
         f"INSERT INTO {m.table} ({', '.join(names)}) VALUES ({','.join('?' * len(names))})"
         f" ON CONFLICT ({target}) {action}"
     )
-    source = m.builder.format(row="(" + ", ".join(by_name[n][1] for n in names) + ",)")
+    values = ", ".join(by_name[n][1] for n in names)
+    delete: str | None = None
+    delete_at: tuple[int, ...] = ()
+    if m.retract is not None:
+        assert m.revision is not None
+        values = f"{var}.{m.retract}, {values}"
+        delete_at = tuple(names.index(n) for n in (*m.key, m.revision))
+        match = " AND ".join(
+            f"ifnull({n}, '') = ifnull(?, '')" if by_name[n][0].nullable else f"{n} = ?"
+            for n in m.key
+        )
+        delete = (
+            f"DELETE FROM {m.table} WHERE {match} AND ifnull({m.revision}, -1) < ?"
+        )
+    source = m.builder.format(row=f"({values},)")
     build: _Builder = rows.compile_builder(
         source, f"evd.sinks.sqlite: {m.table} rows", {**_NAMESPACE, "letter_id": letter_id}
     )
-    return Table(m.table, columns, tuple(create), insert, build)
+    return Table(m.table, columns, tuple(create), insert, build, delete, delete_at)
 
 
 def warehouse(event: type[msgspec.Struct] = Event) -> Warehouse:
@@ -540,15 +613,15 @@ class SqliteSink(Sink):
         conn = self._conn
         assert conn is not None
         table = WAREHOUSE.writers[batch.stream]
-        sql = table.insert
         params = table.build(batch, self.ctx.chart_window_ms)
         if not params:
             return
+        statements = table.statements(params)
         try:
             try:
-                self._transaction(conn, sql, params)
+                self._transaction(conn, statements)
             except OverflowError:
-                self._transaction(conn, sql, _fit_int64(params))
+                self._transaction(conn, [(sql, _fit_int64(p)) for sql, p in statements])
         except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
             # A row the schema refuses (a constraint, a value SQLite cannot take):
             # every retry would be refused the same way.
@@ -560,10 +633,11 @@ class SqliteSink(Sink):
             raise SinkError(f"sqlite sink {self.cfg.name!r}: {batch.stream}: {exc}") from exc
 
     @staticmethod
-    def _transaction(conn: sqlite3.Connection, sql: str, params: Params) -> None:
+    def _transaction(conn: sqlite3.Connection, statements: list[tuple[str, Params]]) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            conn.executemany(sql, params)
+            for sql, params in statements:
+                conn.executemany(sql, params)
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:

@@ -88,6 +88,36 @@ def test_a_replayed_row_is_not_counted_twice() -> None:
     assert view.top(parse_query("country=US", MIN, DAY)).tracks[0].plays == 4
 
 
+def revisions(p: int, closed: int, *items: tuple[int, str | None, str, int, int]) -> ChartsBatch:
+    return ChartsBatch(p, closed, [ChartRow(w, c, t, n, r) for w, c, t, n, r in items])
+
+
+def test_the_latest_revision_of_a_row_is_answered() -> None:
+    view = ChartsView(2, MIN, DAY)
+    view.apply(rows(0, MIN, (0, "US", "a", 4), (0, "US", "b", 3)))
+    view.apply(rows(1, MIN, (0, "US", "a", 1)))
+    q = parse_query("", MIN, DAY)
+
+    def answer() -> list[tuple[str, int]]:
+        return [(t.track_id, t.plays) for t in view.top(q).tracks]
+
+    assert answer() == [("a", 5), ("b", 3)]
+    # Late plays revise the closed window: the counts are replaced, not added.
+    view.apply(revisions(0, MIN, (0, "US", "b", 6, 1), (0, None, "c", 2, 0)))
+    assert answer() == [("b", 6), ("a", 5), ("c", 2)]
+    view.apply(revisions(0, MIN, (0, "US", "b", 7, 2)))
+    assert answer() == [("b", 7), ("a", 5), ("c", 2)]
+    # A replay of older revisions (a processor or this view reading again) and of
+    # the latest one change nothing.
+    for _ in range(2):
+        view.apply(revisions(0, MIN, (0, "US", "b", 3, 0), (0, "US", "a", 4, 0)))
+        view.apply(revisions(0, 2 * MIN, (0, "US", "b", 6, 1), (0, None, "c", 2, 0)))
+        view.apply(revisions(0, MIN, (0, "US", "b", 7, 2)))
+    assert answer() == [("b", 7), ("a", 5), ("c", 2)]
+    assert view.top(parse_query("country=US", MIN, DAY)).tracks[0].plays == 7
+    assert view._rows[0, 0][("US", "b")] == (7, 2)
+
+
 def test_windows_older_than_the_retention_are_forgotten() -> None:
     view = ChartsView(1, MIN, 2 * MIN)
     view.apply(rows(0, MIN, (0, "US", "old", 1)))

@@ -121,6 +121,10 @@ def session(i: int, started_at: int) -> Session:
     )
 
 
+def revised(s: Session, revision: int, retracted: bool = False) -> Session:
+    return msgspec.structs.replace(s, revision=revision, retracted=retracted)
+
+
 def chart_rows(window_start: int, n: int) -> list[ChartRow]:
     return [
         ChartRow(window_start, None if i % 3 == 0 else "SE", TRACK[:-2] + f"{i:02d}", i + 1)
@@ -278,10 +282,12 @@ def every_stream() -> list[Batch]:
         batch("events", [events_batch(H1 + 5, 9, late=[1, 4], skew_ms=-90_000),
                          events_batch(H2 + 7, 8, start=9)]),
         batch("late", [events_batch(H1 + 9, 5, start=20)]),
-        batch("sessions", [SessionsBatch([session(i, H1 + i * HOUR // 2) for i in range(4)], H1)],
+        batch("sessions", [SessionsBatch([session(i, H1 + i * HOUR // 2) for i in range(4)]
+                                         + [revised(session(1, H2 + HOUR - 1), 2, retracted=True)], H1)],
               [1]),
         batch("charts", [ChartsBatch(1, H2, chart_rows(H1, 4)),
-                         ChartsBatch(0, H2 + HOUR, chart_rows(H2, 2))], [1, 0]),
+                         ChartsBatch(0, H2 + HOUR, chart_rows(H2, 2)
+                                     + [ChartRow(H2, "SE", TRACK, 9, 3)])], [1, 0]),
         batch("dead_letter", [dead_letter(H1 + 3, i) for i in range(3)]),
     ]
 
@@ -557,15 +563,20 @@ def marker(sink: FilesSink, stream: str, hour: int) -> Path:
     return lake(sink) / stream / hour_path(hour) / "_SUCCESS"
 
 
-async def test_charts_hour_is_marked_when_every_partition_closed_past_it(sinks: Sinks) -> None:
+def final(partition: int, until: int, chart_items: list[ChartRow]) -> ChartsBatch:
+    """A charts record whose windows ending by ``until`` are closed and final."""
+    return ChartsBatch(partition, until, chart_items, final_until=until)
+
+
+async def test_charts_hour_is_marked_when_every_partition_is_final_past_it(sinks: Sinks) -> None:
     w0 = await sinks.start(worker=0, workers=2)
     w1 = await sinks.start(worker=1, workers=2)  # progress is shared through the lake
     end = H1 + HOUR
     now = end + GRACE_MS
-    await w0.write(batch("charts", [ChartsBatch(0, end, chart_rows(end - WINDOW_MS, 3))], [0]))
-    await w1.write(batch("charts", [ChartsBatch(1, end - WINDOW_MS, chart_rows(H1, 2))], [1]))
-    assert await w0.mark_complete_hours(now) == []  # partition 1 has not closed the hour
-    await w1.write(batch("charts", [ChartsBatch(1, end, [])], [1]))  # no rows, only progress
+    await w0.write(batch("charts", [final(0, end, chart_rows(end - WINDOW_MS, 3))], [0]))
+    await w1.write(batch("charts", [final(1, end - WINDOW_MS, chart_rows(H1, 2))], [1]))
+    assert await w0.mark_complete_hours(now) == []  # partition 1 is not final past the hour
+    await w1.write(batch("charts", [final(1, end, [])], [1]))  # no rows, only progress
     assert len(data_files(lake(w0))) == 2  # the progress-only batch wrote no file
     assert await w0.mark_complete_hours(now - 1) == []  # the grace has not passed
     assert await w0.mark_complete_hours(now) == [marker(w0, "charts", H1)]
@@ -576,10 +587,37 @@ async def test_charts_hour_is_marked_when_every_partition_closed_past_it(sinks: 
 
 async def test_charts_without_progress_from_a_partition_stay_unmarked(sinks: Sinks) -> None:
     sink = await sinks.start()
-    await sink.write(batch("charts", [ChartsBatch(0, H2 + HOUR, chart_rows(H1, 1))], [0]))
+    await sink.write(batch("charts", [final(0, H2 + HOUR, chart_rows(H1, 1))], [0]))
     assert await sink.mark_complete_hours(H2 + HOUR * 10) == []
-    await sink.write(batch("charts", [ChartsBatch(1, H2, [])], [1]))
+    await sink.write(batch("charts", [final(1, H2, [])], [1]))
     assert await sink.mark_complete_hours(H2 + HOUR * 10) == [marker(sink, "charts", H1)]
+
+
+async def test_charts_closed_but_not_final_stay_unmarked(sinks: Sinks) -> None:
+    """Closed windows may still be revised by late plays: only final_until marks
+    an hour; a record without it moves nothing."""
+    sink = await sinks.start()
+    later = H2 + HOUR * 10
+    # Closed far past the hour on both partitions, final before its end.
+    await sink.write(batch("charts", [
+        ChartsBatch(0, H2 + HOUR, chart_rows(H1, 2), final_until=H2 - WINDOW_MS),
+        ChartsBatch(1, H2 + HOUR, [], final_until=H2 - WINDOW_MS),
+    ], [0, 1]))
+    assert await sink.mark_complete_hours(later) == []
+    # Revisions of the hour's rows, closed_until moving on, final_until not set.
+    revised = [ChartRow(r.window_start, r.country, r.track_id, r.plays + 1, 1)
+               for r in chart_rows(H1, 2)]
+    await sink.write(batch("charts", [ChartsBatch(0, H2 + 2 * HOUR, revised),
+                                      ChartsBatch(1, H2 + 2 * HOUR, [])], [0, 1]))
+    assert await sink.mark_complete_hours(later) == []
+    await sink.write(batch("charts", [final(0, H2, []), final(1, H2, [])], [0, 1]))
+    assert await sink.mark_complete_hours(later) == [marker(sink, "charts", H1)]
+    # Every revision is a row of the hour.
+    got = [r for p in data_files(lake(sink) / "charts") for r in read_rows(p)]
+    assert sorted((r["track_id"], r["revision"], r["plays"]) for r in got) == sorted(
+        [(r.track_id, 0, r.plays) for r in chart_rows(H1, 2)]
+        + [(r.track_id, 1, r.plays) for r in revised]
+    )
 
 
 async def test_progress_never_goes_back(sinks: Sinks) -> None:
@@ -600,12 +638,12 @@ async def test_a_progress_that_fails_to_save_fails_no_write_and_is_saved_later(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(lake_sink, "write_atomic", full)
-    await sink.write(batch("charts", [ChartsBatch(0, H2, chart_rows(H1, 2))], [0]))
+    await sink.write(batch("charts", [final(0, H2, chart_rows(H1, 2))], [0]))
     assert len(data_files(lake(sink))) == 1  # written, and write did not raise: no retry
     path = lake(sink) / "_progress" / "lake" / "charts" / "p0000.json"
     assert not path.exists()
     monkeypatch.undo()
-    await sink.write(batch("charts", [ChartsBatch(1, H1, [])], [1]))  # another partition's
+    await sink.write(batch("charts", [final(1, H1, [])], [1]))  # another partition's
     assert json.loads(path.read_bytes()) == {"until": H2}
 
 
@@ -850,14 +888,102 @@ async def test_caught_up_compares_every_sublog_with_its_end(log: Log, tmp_path: 
         await consumer.close()
 
 
+# -- reading the latest revisions (the snippets of docs/architecture.md) ----------------------
+
+
+ARCHITECTURE = Path(__file__).resolve().parents[2] / "docs" / "architecture.md"
+
+
+def doc_block(language: str, containing: str) -> str:
+    """The fenced ``language`` block of docs/architecture.md that holds ``containing``."""
+    text = ARCHITECTURE.read_text()
+    blocks = [b.split("```", 1)[0] for b in text.split(f"```{language}\n")[1:]]
+    (block,) = [b for b in blocks if containing in b]
+    lines = block.splitlines()
+    indent = min(len(x) - len(x.lstrip()) for x in lines if x.strip())
+    return "\n".join(x[indent:] for x in lines) + "\n"
+
+
+async def revised_lake(sinks: Sinks) -> Path:
+    """A lake holding several revisions of sessions and chart rows, in several
+    files, a retraction among them; returns its root."""
+    sink = await sinks.start()
+    s0, s1, s2, s3, s4 = (session(i, H1 + 1000 * i) for i in range(5))
+    t0, t1 = TRACK, TRACK[:-2] + "zz"
+    writes = [
+        [s0, s1, s2, s3],
+        [revised(s0, 1), revised(s3, 1)],
+        [revised(s1, 1, retracted=True), revised(s3, 2)],
+    ]
+    for n, items in enumerate(writes):
+        for s in items:
+            s.event_count = 100 * n + s.event_count
+        await sink.write(batch("sessions", [SessionsBatch(items)], [0]))
+    await sink.write(batch("charts", [
+        ChartsBatch(0, H1 + WINDOW_MS, [ChartRow(H1, "SE", t0, 2), ChartRow(H1, None, t0, 3)]),
+        ChartsBatch(1, H1 + WINDOW_MS, [ChartRow(H1, None, t0, 1)]),
+    ], [0, 1]))
+    await sink.write(batch("charts", [
+        ChartsBatch(0, H1 + 2 * WINDOW_MS, [ChartRow(H1, "SE", t0, 5, 1), ChartRow(H1, "SE", t1, 1)]),
+    ], [0]))
+    await sink.write(batch("charts", [ChartsBatch(0, H1 + 2 * WINDOW_MS,
+                                                  [ChartRow(H1, "SE", t0, 6, 2)])], [0]))
+    assert len(data_files(lake(sink) / "sessions")) == 3
+    # Files of a lake from before revisions: rows without revision or retracted.
+    for stream, row in (("sessions", expected(batch("sessions", [SessionsBatch([s4])]))[0]),
+                        ("charts", rows.chart_dict(1, ChartRow(H1, "SE", t1, 4), WINDOW_MS))):
+        del row["revision"]
+        row.pop("retracted", None)
+        old = lake(sink) / stream / hour_path(H1) / "part-w00-0-0.ndjson.gz"
+        old.write_bytes(gzip.compress(json.dumps(row).encode() + b"\n"))
+    return lake(sink)
+
+
+#: The latest revision of each id revised_lake wrote: (session_id, event_count, revision).
+LATEST_SESSIONS = [("s-0", 103, 1), ("s-2", 5, 0), ("s-3", 206, 2), ("s-4", 7, 0)]
+#: (window_start, country, track, partition) -> (plays, revision).
+LATEST_CHARTS = {
+    (H1, "SE", TRACK, 0): (6, 2), (H1, None, TRACK, 0): (3, 0), (H1, None, TRACK, 1): (1, 0),
+    (H1, "SE", TRACK[:-2] + "zz", 0): (1, 0), (H1, "SE", TRACK[:-2] + "zz", 1): (4, 0),
+}
+
+
+async def test_the_documented_python_reads_the_latest_revisions(sinks: Sinks) -> None:
+    root = await revised_lake(sinks)
+    code = doc_block("python", "def latest(").replace('"evd-data/lake"', repr(str(root)))
+    namespace: dict[str, Any] = {}
+    exec(compile(code, str(ARCHITECTURE), "exec"), namespace)  # noqa: S102 -- the docs' snippet
+    got = sorted((s["session_id"], s["event_count"], s["revision"]) for s in namespace["sessions"])
+    assert got == LATEST_SESSIONS  # s-1 retracted: neither it nor its revision 0
+    assert {k: (r["plays"], r["revision"]) for k, r in namespace["charts"].items()} \
+        == LATEST_CHARTS
+
+
+async def test_the_documented_duckdb_query_reads_the_latest_revisions(sinks: Sinks) -> None:
+    duckdb = pytest.importorskip("duckdb")
+    root = await revised_lake(sinks)
+    sql = doc_block("sql", "PARTITION BY session_id").replace("evd-data/lake", str(root))
+    on_sessions, on_charts = (q for q in sql.split(";") if q.strip())
+    conn = duckdb.connect()
+    try:
+        got = sorted(conn.sql(f"SELECT session_id, event_count, coalesce(revision, 0)"
+                              f" FROM ({on_sessions})").fetchall())
+        assert got == LATEST_SESSIONS
+        charts = conn.sql(f"SELECT window_start, country, track_id, partition, plays,"
+                          f" coalesce(revision, 0) FROM ({on_charts})").fetchall()
+        assert {r[:4]: r[4:] for r in charts} == LATEST_CHARTS
+    finally:
+        conn.close()
+
+
 # -- the late layout ---------------------------------------------------------------------------
 
 
 async def test_rows_for_a_marked_hour_go_to_the_late_layout_and_are_counted(sinks: Sinks) -> None:
     sink = await sinks.start()
     end = H1 + HOUR
-    await sink.write(batch("charts", [ChartsBatch(0, end, chart_rows(H1, 2)),
-                                      ChartsBatch(1, end, chart_rows(H1, 1))], [0, 1]))
+    await sink.write(batch("charts", [final(0, end, chart_rows(H1, 2)),
+                                      final(1, end, chart_rows(H1, 1))], [0, 1]))
     assert await sink.mark_complete_hours(end + GRACE_MS) == [marker(sink, "charts", H1)]
     before = data_files(lake(sink) / "charts")
     # A replay after a processor crash: rows of the marked hour, and of the next.
@@ -903,7 +1029,7 @@ async def test_zero_item_batches_write_no_file(sinks: Sinks) -> None:
     sink = await sinks.start()
     await sink.write(batch("events", [decoded("events", EventsBatch(H1, [], duplicates={"play": 2}))]))
     await sink.write(batch("sessions", [SessionsBatch([], H1)], [0]))
-    await sink.write(batch("charts", [ChartsBatch(1, H1, [])], [1]))
+    await sink.write(batch("charts", [final(1, H1, [])], [1]))
     await sink.write(batch("dead_letter", []))
     assert data_files(lake(sink)) == []
     assert sorted(p.relative_to(lake(sink)).as_posix() for p in lake(sink).rglob("*.json")) == [
@@ -930,8 +1056,8 @@ async def test_worker_0_marks_hours_in_the_background_until_closed(sinks: Sinks)
     assert not w1._tasks  # only worker 0 marks
     sink = await sinks.start(worker=0, workers=2, check_interval_s=0.01)
     assert len(sink._tasks) == 1
-    await sink.write(batch("charts", [ChartsBatch(0, H2, chart_rows(H1, 1)),
-                                      ChartsBatch(1, H2, [])], [0, 1]))
+    await sink.write(batch("charts", [final(0, H2, chart_rows(H1, 1)),
+                                      final(1, H2, [])], [0, 1]))
     deadline = time.monotonic() + 10
     while not marker(sink, "charts", H1).exists():
         assert time.monotonic() < deadline, "no marker"

@@ -147,8 +147,8 @@ async def test_every_stream_is_sent_as_its_rows(
 ) -> None:
     values: list[object] = {
         "sessions": [SessionsBatch([Session("s", "u1", T_MS, T_MS + 5, 2, 1, 0, 5, None, "ios",
-                                            [Play(TRACK, T_MS, 5, "skip")])])],
-        "charts": [ChartsBatch(2, T_MS, [ChartRow(T_MS, None, TRACK, 3),
+                                            [Play(TRACK, T_MS, 5, "skip")], 2, True)])],
+        "charts": [ChartsBatch(2, T_MS, [ChartRow(T_MS, None, TRACK, 3, 1),
                                          ChartRow(T_MS, "SE", TRACK, 1)])],
         "dead_letter": [DeadLetter(T_MS, 0, "bad", b'{"event_id":"x"}')],
     }[stream]
@@ -158,6 +158,10 @@ async def test_every_stream_is_sent_as_its_rows(
     assert (doc["sink"], doc["stream"], doc["count"]) == ("hook", stream, batch.count)
     assert doc["items"] == [json.loads(line)
                             for line in rows.json_lines(batch, WINDOW_MS).splitlines()]
+    # Revisions pass on as they are.
+    assert [(i.get("revision"), i.get("retracted")) for i in doc["items"]] == {
+        "sessions": [(2, True)], "charts": [(1, None), (0, None)], "dead_letter": [(None, None)],
+    }[stream]
 
 
 async def test_batches_without_items_send_nothing(sink: HttpSink, target: Target) -> None:

@@ -152,7 +152,7 @@ async def test_other_streams_keys_and_headers(sink: KafkaSink, kafka_broker: Bro
     await sink.write(Batch("sessions", [SessionsBatch([session("s1", "u7"), session("s2", "u8")])],
                            2, 200))
     await sink.write(Batch("charts", [ChartsBatch(1, 0, [ChartRow(T_MS, "SE", other, 5),
-                                                         ChartRow(T_MS, None, TRACK, 2)])], 2, 100))
+                                                         ChartRow(T_MS, None, TRACK, 2, 4)])], 2, 100))
     letters = [
         DeadLetter(T_MS, 3, "bad", b'{"event_id":"x1","user_id":"u9"}'),
         DeadLetter(T_MS, 4, "bad", b'{"event_id":"x2","user_id":42}'),
@@ -167,8 +167,10 @@ async def test_other_streams_keys_and_headers(sink: KafkaSink, kafka_broker: Bro
         other: (other.encode(), b"charts"), TRACK: (TRACK.encode(), b"charts"),
         3: (b"u9", b"dead_letter"), 4: (None, b"dead_letter"), 5: (None, b"dead_letter"),
     }
-    chart = next(json.loads(v) for _, v, h in found if h[STREAM_HEADER] == b"charts")
-    assert chart["window_end"] == chart["window_start"] + WINDOW_MS
+    charts = {json.loads(v)["track_id"]: json.loads(v) for _, v, h in found
+              if h[STREAM_HEADER] == b"charts"}
+    assert all(c["window_end"] == c["window_start"] + WINDOW_MS for c in charts.values())
+    assert {t: c["revision"] for t, c in charts.items()} == {other: 0, TRACK: 4}
 
 
 async def test_an_empty_batch_writes_nothing(sink: KafkaSink, kafka_broker: Broker) -> None:

@@ -1,7 +1,9 @@
 """The sqlite sink (the warehouse) on real files: the schema as named, typed values
 and the ``raw`` rows of evd.sinks.rows, idempotent replays of every stream
-(chart rows without a country included), WAL mode, two sinks writing the same
-file at once, items-free batches, and which failures are retried."""
+(chart rows without a country included), the latest revision of sessions and
+chart rows kept and retracted sessions deleted (a file from before revisions
+too), WAL mode, two sinks writing the same file at once, items-free batches,
+and which failures are retried."""
 
 from __future__ import annotations
 
@@ -53,9 +55,11 @@ EVENT_COLUMNS = [
 ]
 SESSION_COLUMNS = [
     "session_id", "user_id", "started_at", "ended_at", "event_count", "play_count",
-    "stream_count", "listened_ms", "country", "os", "plays",
+    "stream_count", "listened_ms", "country", "os", "plays", "revision",
 ]
-CHART_COLUMNS = ["window_start", "window_end", "country", "track_id", "partition", "plays"]
+CHART_COLUMNS = [
+    "window_start", "window_end", "country", "track_id", "partition", "plays", "revision",
+]
 LETTER_COLUMNS = ["letter_id", "received_at", "stage", "stream", "idx", "reason", "event"]
 
 
@@ -213,12 +217,14 @@ PINNED_SCHEMA = [
     ("sessions", "country", "TEXT", 0, 0),
     ("sessions", "os", "TEXT", 0, 0),
     ("sessions", "plays", "TEXT", 1, 0),
+    ("sessions", "revision", "INTEGER", 1, 0),
     ("charts", "window_start", "INTEGER", 1, 0),
     ("charts", "window_end", "INTEGER", 1, 0),
     ("charts", "country", "TEXT", 0, 0),
     ("charts", "track_id", "TEXT", 1, 0),
     ("charts", "partition", "INTEGER", 1, 0),
     ("charts", "plays", "INTEGER", 1, 0),
+    ("charts", "revision", "INTEGER", 1, 0),
     ("dead_letter", "letter_id", "TEXT", 0, 1),
     ("dead_letter", "received_at", "INTEGER", 1, 0),
     ("dead_letter", "stage", "TEXT", 1, 0),
@@ -427,12 +433,13 @@ async def test_sessions_round_trip_and_replay(sink: SqliteSink, tmp_path: Path) 
          "ended_by": "session_close"},
     ]
     assert json.loads(got[1][10]) == []
-    # A session written again with other values: one row, the latest values.
+    assert [r[11] for r in got] == [0, 0]
+    # Its next revision: one row, the latest values.
     s2 = b.sessions[1]
-    s2.event_count = 2
+    s2.event_count, s2.revision = 2, 1
     await sink.write(batch_of("sessions", [SessionsBatch([s2])]))
-    assert select(path, "SELECT session_id, event_count FROM sessions ORDER BY 1") == [
-        ("s1", 3), ("s2", 2),
+    assert select(path, "SELECT session_id, event_count, revision FROM sessions ORDER BY 1") == [
+        ("s1", 3, 0), ("s2", 2, 1),
     ]
 
 
@@ -442,18 +449,175 @@ async def test_chart_replays_keep_one_row_even_without_country(
     path = tmp_path / "warehouse.sqlite3"
     await sink.write(batch_of("charts", [charts_batch(4)]))
     await sink.write(batch_of("charts", [charts_batch(4)]))
-    await sink.write(batch_of("charts", [charts_batch(6)]))  # the latest write wins
     got = select(path, "SELECT * FROM charts ORDER BY country")
     assert got == [
-        (T0, T0 + WINDOW_MS, None, TRACK, 3, 7),
-        (T0, T0 + WINDOW_MS, "DE", TRACK, 3, 1),
-        (T0, T0 + WINDOW_MS, "SE", TRACK, 3, 6),
+        (T0, T0 + WINDOW_MS, None, TRACK, 3, 5, 0),
+        (T0, T0 + WINDOW_MS, "DE", TRACK, 3, 1, 0),
+        (T0, T0 + WINDOW_MS, "SE", TRACK, 3, 4, 0),
     ]
     assert select(path, "SELECT count(*) FROM charts WHERE country IS NULL") == [(1,)]
     # Another partition's row of the same window and track is its own row.
     await sink.write(batch_of("charts", [ChartsBatch(1, T0, [ChartRow(T0, None, TRACK, 2)])]))
     assert select(path, "SELECT partition, plays FROM charts WHERE country IS NULL"
-                  " ORDER BY partition") == [(1, 2), (3, 7)]
+                  " ORDER BY partition") == [(1, 2), (3, 5)]
+
+
+# -- revisions and retractions ------------------------------------------------------------
+
+
+def revised(s: Session, revision: int, retracted: bool = False, **changes: Any) -> Session:
+    return msgspec.structs.replace(s, revision=revision, retracted=retracted, **changes)
+
+
+def stored_sessions(path: Path) -> list[tuple[Any, ...]]:
+    return select(path, "SELECT session_id, event_count, revision FROM sessions ORDER BY 1")
+
+
+async def test_a_session_is_replaced_only_by_a_higher_revision(
+    sink: SqliteSink, tmp_path: Path
+) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    s1, s2 = sessions_batch().sessions
+    await sink.write(batch_of("sessions", [SessionsBatch([revised(s1, 1, event_count=10), s2])]))
+    assert stored_sessions(path) == [("s1", 10, 1), ("s2", 1, 0)]
+    # Lower and equal revisions, with other values, change nothing.
+    await sink.write(batch_of("sessions", [SessionsBatch([
+        revised(s1, 0, event_count=20), revised(s1, 1, event_count=30),
+        revised(s2, 0, event_count=40),
+    ])]))
+    assert stored_sessions(path) == [("s1", 10, 1), ("s2", 1, 0)]
+    # Higher ones replace every column, in the stream's order within a batch.
+    await sink.write(batch_of("sessions", [SessionsBatch([
+        revised(s1, 2, event_count=11, country="DE", plays=[]), revised(s1, 4, event_count=12),
+        revised(s1, 3, event_count=13), revised(s2, 1, event_count=2),
+    ])]))
+    assert stored_sessions(path) == [("s1", 12, 4), ("s2", 2, 1)]
+    ((*got, plays, revision),) = select(path, "SELECT * FROM sessions WHERE session_id = 's1'")
+    # Revision 4's values: not revision 2's country and plays.
+    assert got == ["s1", "u1", T0, T0 + 90_000, 12, 2, 1, 61_000, "SE", "iOS 17"]
+    assert (len(json.loads(plays)), revision) == (2, 4)
+
+
+async def test_a_retracted_session_is_deleted_and_never_inserted(
+    sink: SqliteSink, tmp_path: Path
+) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    s1, s2 = sessions_batch().sessions
+    s3 = revised(s2, 0, session_id="s3")
+    await sink.write(batch_of("sessions", [SessionsBatch([s1, revised(s2, 2), s3])]))
+    # A retraction deletes a lower stored revision, not an equal or higher one.
+    await sink.write(batch_of("sessions", [SessionsBatch([
+        revised(s1, 1, retracted=True), revised(s2, 2, retracted=True),
+        revised(s2, 1, retracted=True),
+    ])]))
+    assert stored_sessions(path) == [("s2", 1, 2), ("s3", 1, 0)]
+    # One of an id never stored inserts nothing.
+    await sink.write(batch_of("sessions", [SessionsBatch([revised(s1, 5, retracted=True,
+                                                                   session_id="s9")])]))
+    assert stored_sessions(path) == [("s2", 1, 2), ("s3", 1, 0)]
+    # Emitted and retracted in one batch (a session merged into another): applied
+    # in order, so it is gone; the rows around it are written.
+    merged = revised(s3, 1, event_count=4)
+    await sink.write(batch_of("sessions", [SessionsBatch([revised(s1, 0, session_id="s4")]),
+                                           SessionsBatch([revised(s1, 1, retracted=True,
+                                                                  session_id="s4"), merged])]))
+    assert stored_sessions(path) == [("s2", 1, 2), ("s3", 4, 1)]
+
+
+async def test_a_replayed_batch_of_revisions_changes_nothing(
+    sink: SqliteSink, tmp_path: Path
+) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    s1, s2 = sessions_batch().sessions
+    first = batch_of("sessions", [SessionsBatch([s1, s2])])
+    second = batch_of("sessions", [SessionsBatch([
+        revised(s1, 1, event_count=7), revised(s2, 1, retracted=True),
+        revised(s2, 0, session_id="s5"), revised(s2, 1, session_id="s5", event_count=9),
+    ])])
+    await sink.write(first)
+    await sink.write(second)
+    after = select(path, "SELECT * FROM sessions ORDER BY session_id")
+    assert [(r[0], r[4], r[11]) for r in after] == [("s1", 7, 1), ("s5", 9, 1)]
+    await sink.write(second)  # the loop wrote it, then failed to commit its offsets
+    assert select(path, "SELECT * FROM sessions ORDER BY session_id") == after
+
+
+async def test_chart_rows_keep_the_highest_revision(sink: SqliteSink, tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+
+    def revision(n: int, plays: int, country: str | None) -> ChartsBatch:
+        return ChartsBatch(3, T0 + 5 * WINDOW_MS, [ChartRow(T0, country, TRACK, plays, n)])
+
+    await sink.write(batch_of("charts", [charts_batch(4)]))
+    await sink.write(batch_of("charts", [revision(2, 9, None), revision(1, 8, None),
+                                         revision(1, 6, "SE")]))
+    await sink.write(batch_of("charts", [revision(2, 3, None), revision(0, 3, "SE")]))
+    assert select(path, "SELECT country, plays, revision FROM charts ORDER BY country") == [
+        (None, 9, 2), ("DE", 1, 0), ("SE", 6, 1),
+    ]
+    await sink.write(batch_of("charts", [revision(3, 10, None)]))
+    assert select(path, "SELECT plays, revision FROM charts WHERE country IS NULL") == [(10, 3)]
+
+
+#: The sessions and charts tables of a warehouse from before revisions.
+BEFORE_REVISIONS = """
+CREATE TABLE sessions (
+    session_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, started_at INTEGER NOT NULL,
+    ended_at INTEGER NOT NULL, event_count INTEGER NOT NULL, play_count INTEGER NOT NULL,
+    stream_count INTEGER NOT NULL, listened_ms INTEGER NOT NULL, country TEXT, os TEXT,
+    plays TEXT NOT NULL
+);
+CREATE TABLE charts (
+    window_start INTEGER NOT NULL, window_end INTEGER NOT NULL, country TEXT,
+    track_id TEXT NOT NULL, partition INTEGER NOT NULL, plays INTEGER NOT NULL
+);
+CREATE UNIQUE INDEX charts_key ON charts (window_start, ifnull(country, ''), track_id, partition);
+INSERT INTO sessions VALUES ('s1', 'u1', 0, 1, 3, 0, 0, 0, NULL, NULL, '[]');
+INSERT INTO sessions VALUES ('s2', 'u2', 0, 1, 3, 0, 0, 0, NULL, NULL, '[]');
+INSERT INTO sessions VALUES ('s3', 'u3', 0, 1, 3, 0, 0, 0, NULL, NULL, '[]');
+"""
+
+
+async def test_a_file_from_before_revisions_gains_them(tmp_path: Path) -> None:
+    path = tmp_path / "warehouse.sqlite3"
+    conn = db(path)
+    conn.executescript(BEFORE_REVISIONS)
+    conn.execute(f"INSERT INTO charts VALUES ({T0}, {T0 + WINDOW_MS}, NULL, '{TRACK}', 3, 99)")
+    conn.commit()
+    conn.close()
+    sink = SqliteSink(SqliteSinkConfig(name="w"), context(tmp_path))
+    await sink.start()
+    try:
+        assert columns(path, "sessions") == SESSION_COLUMNS
+        assert columns(path, "charts") == CHART_COLUMNS
+        assert select(path, "SELECT count(*) FROM sessions WHERE revision IS NULL") == [(3,)]
+        # A row without a revision is older than any: replaced, or deleted.
+        s1, s2 = sessions_batch().sessions
+        await sink.write(batch_of("sessions", [SessionsBatch([
+            revised(s1, 0, event_count=5), revised(s2, 0, retracted=True),
+        ])]))
+        assert stored_sessions(path) == [("s1", 5, 0), ("s3", 3, None)]
+        await sink.write(batch_of("charts", [charts_batch(4)]))
+        assert select(path, "SELECT plays, revision FROM charts WHERE country IS NULL") == [
+            (5, 0)
+        ]
+    finally:
+        await sink.close()
+
+
+def test_negative_control_an_upsert_without_the_revision_guard_lowers_a_row() -> None:
+    # What the WHERE of the warehouse's upsert prevents: a replayed lower revision.
+    table = warehouse().writers["sessions"]
+    unguarded = table.insert[: table.insert.index(" WHERE excluded.revision")]
+    assert table.insert.endswith("WHERE excluded.revision > ifnull(sessions.revision, -1)")
+    conn = sqlite3.connect(":memory:")
+    conn.executescript(warehouse_module.SCHEMA)
+    s1 = sessions_batch().sessions[0]
+    for s, sql in ((revised(s1, 1, event_count=9), table.insert),
+                   (revised(s1, 0), unguarded)):
+        ((_, *row),) = table.build(batch_of("sessions", [SessionsBatch([s])]), WINDOW_MS)
+        conn.execute(sql, row)
+    assert conn.execute("SELECT event_count, revision FROM sessions").fetchall() == [(3, 0)]
 
 
 def test_negative_control_a_plain_key_lets_null_country_in_twice() -> None:

@@ -74,13 +74,13 @@ def test_rows_split_by_hour_and_tally() -> None:
     assert list(rows.by_hour(batch)) == [rows.hour_of(T_MS + 1000)]  # received_at 11:00:00.5
     assert rows.hour_of(T_MS + 1000) == T_MS + 500  # 11:00
     charts = Batch("charts", [ChartsBatch(1, 0, [
-        ChartRow(T_MS - 59_500, "US", TRACK, 2), ChartRow(T_MS + 500, None, TRACK, 1),
+        ChartRow(T_MS - 59_500, "US", TRACK, 2), ChartRow(T_MS + 500, None, TRACK, 1, 3),
     ])], 2, 20)
     split = rows.by_hour(charts)
     assert [b.count for b in split.values()] == [1, 1]
     line = json.loads(rows.json_lines(split[T_MS + 500], 60_000))
     assert line == {"window_start": T_MS + 500, "window_end": T_MS + 60_500, "country": None,
-                    "track_id": TRACK, "plays": 1, "partition": 1}
+                    "track_id": TRACK, "plays": 1, "partition": 1, "revision": 3}
     assert rows.tally(batch) == {(T_MS + 500, "play"): 1, (T_MS + 500, "skip"): 1}
     letter = DeadLetter(T_MS, 2, "track_id: bad", b'{"event_id": "x"}')
     assert json.loads(rows.json_lines(Batch("dead_letter", [letter], 1, 10))) == {

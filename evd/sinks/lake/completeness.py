@@ -7,7 +7,9 @@ Always: ``now >= hour end + success_grace_s`` (wall clock). Then:
 
 - sessions, charts: every partition's progress is at or past the hour end
   (``SessionsBatch.complete_until``: every session that started before it was
-  emitted; ``ChartsBatch.closed_until``: every window ending by it was). Each
+  emitted in its final revision; ``ChartsBatch.final_until``: every window
+  ending by it is final, past the allowed lateness, so no revision of its rows
+  can follow; records without it move nothing). Each
   instance saves the progress it wrote under ``_progress`` after the batch's
   files are renamed, so worker 0 sees every worker's.
 - events, late, dead_letter (hours of the edge's wall clock): the processor

@@ -300,14 +300,13 @@ class Parquet:
     def _sessions(self, chunk: Batch) -> list[Any]:
         pa = self.pa
         items: list[Session] = [s for b in chunk.values for s in b.sessions]
-        columns = [
-            pa.array(list(map(attrgetter(field.name), items)), field.type)
+        # Every column in the schema's order; ``plays`` (a list of structs) as tuples.
+        return [
+            pa.array([[astuple(p) for p in x.plays] for x in items], field.type)
+            if field.name == "plays"
+            else pa.array(list(map(attrgetter(field.name), items)), field.type)
             for field in self.schemas[Stream.SESSIONS]
-            if field.name != "plays"
         ]
-        plays = [[astuple(p) for p in x.plays] for x in items]
-        columns.append(pa.array(plays, self.schemas[Stream.SESSIONS].field("plays").type))
-        return columns
 
     def _charts(self, chunk: Batch) -> list[Any]:
         pa = self.pa
@@ -326,6 +325,7 @@ class Parquet:
             pa.array([r.track_id for r in items], s),
             pa.array([r.plays for r in items], i64),
             pa.array(partitions, i64),
+            pa.array([r.revision for r in items], i64),
         ]
 
     def _dead_letters(self, chunk: Batch) -> list[Any]:

@@ -298,8 +298,12 @@ class FilesSink(Sink):
         stream = batch.stream
         found: dict[int, int] = {}
         if stream == Stream.CHARTS:
+            # final_until, not closed_until: a closed window may still be revised
+            # by late plays until it is past the allowed lateness.
             for b in batch.values:
-                found[b.partition] = max(found.get(b.partition, b.closed_until), b.closed_until)
+                if b.final_until is not None:
+                    p = b.partition
+                    found[p] = max(found.get(p, b.final_until), b.final_until)
         elif stream == Stream.SESSIONS:
             for b, p in zip(batch.values, batch.partitions, strict=True):
                 if b.complete_until is not None:
