@@ -191,6 +191,11 @@ class PartitionProcessor:
         return len(self._sessions)
 
     @property
+    def closed_until(self) -> int | None:
+        """Every chart window ending at or before this is closed (None: none yet)."""
+        return self._charts.closed_until
+
+    @property
     def kept_sessions(self) -> int:
         """Emitted sessions kept for late events."""
         return self._sessions.kept

@@ -139,6 +139,7 @@ class PartitionRunner:
             self.processor.raise_revisions(sessions, rows)
         ends = await self.consumer.end_offsets()
         self._forced = self.processor.forced
+        self._closed_until = self.processor.closed_until
         for writer, offset in snapshot.offsets.items():
             sublog = SubLog(Stream.RAW, self.partition, writer)
             end = ends.get(sublog, 0)

@@ -28,7 +28,8 @@ STAGES = (
 FAMILIES = {
     "evd_audit_events_total", "evd_chart_rows_total", "evd_events_accepted_total",
     "evd_events_duplicates_total", "evd_events_received_total", "evd_events_rejected_total",
-    "evd_http_connections", "evd_http_requests_total", "evd_lake_late_rows_total",
+    "evd_http_connections", "evd_http_requests_total", "evd_kept_sessions",
+    "evd_kept_sessions_sum", "evd_lake_late_rows_total",
     "evd_log_append_seconds", "evd_log_disk_bytes", "evd_log_disk_bytes_max",
     "evd_log_flush_bytes", "evd_log_fsync_seconds", "evd_log_pending_bytes",
     "evd_log_retention_freed_bytes_total", "evd_log_written_bytes_total", "evd_open_sessions",
