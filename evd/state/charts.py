@@ -19,6 +19,7 @@ from __future__ import annotations
 import msgspec
 
 from evd.core.schema import ChartRow, Event
+from evd.state.revisions import Held, StreamRevisions
 
 __all__ = ["ChartWindows", "ChartsState"]
 
@@ -38,10 +39,8 @@ class ChartsState(msgspec.Struct, kw_only=True):
     #: Closed windows kept for late plays: (window_start, country, track_id, plays,
     #: revision last emitted).
     emitted: list[tuple[int, str | None, str, int, int]] = msgspec.field(default_factory=list)
-    #: Revisions that reached the charts stream after the snapshot this processor
-    #: was restored from (see ``ChartWindows.raise_revisions``).
-    #: (window_start, country, track_id, revision, plays).
-    floors: list[tuple[int, str | None, str, int, int]] = msgspec.field(default_factory=list)
+    #: What the charts stream holds beyond this state (evd.state.revisions).
+    held: list[Held[RowKey]] = msgspec.field(default_factory=list)
 
 
 class ChartWindows:
@@ -49,7 +48,7 @@ class ChartWindows:
     how far windows are closed."""
 
     __slots__ = (
-        "_closed_until", "_dirty", "_emitted", "_final_until", "_floors", "_lateness", "_new",
+        "_closed_until", "_dirty", "_emitted", "_final_until", "_held", "_lateness", "_new",
         "_revisions", "_width", "_windows",
     )
 
@@ -70,8 +69,8 @@ class ChartWindows:
         self._dirty: set[RowKey] = set()
         #: Of those, the keys their window did not have (no row emitted yet).
         self._new: set[RowKey] = set()
-        #: Highest revision of a row already in the charts stream (after a restore).
-        self._floors: dict[RowKey, tuple[int, int]] = {}
+        #: What the charts stream already holds (after a restore).
+        self._held: StreamRevisions[RowKey] = StreamRevisions()
         if state is not None:
             self._closed_until = state.closed_until
             for start, country, track, plays in state.counts:
@@ -80,8 +79,9 @@ class ChartWindows:
                 self._emitted.setdefault(start, {})[(country, track)] = plays
                 if revision:
                     self._revisions[(start, country, track)] = revision
-            for start, country, track, revision, plays in state.floors:
-                self._floors[(start, country, track)] = (revision, plays)
+            self._held = StreamRevisions(
+                [((k[0], k[1], k[2]), expires, seen) for k, expires, seen in state.held]
+            )
 
     @property
     def closed_until(self) -> int | None:
@@ -131,10 +131,9 @@ class ChartWindows:
             windows = self._windows
             for start in sorted(s for s in windows if s < until):
                 counts = windows.pop(start)
-                floors = self._floors
+                held = self._held
                 for (country, track), plays in counts.items():
-                    key = (start, country, track)
-                    revision = self._revision(key, 0, plays) if floors else 0
+                    revision = held.next((start, country, track), 0, plays) if held else 0
                     rows.append(ChartRow(start, country, track, plays, revision))
                 self._emitted[start] = counts
         bound = watermark - self._lateness
@@ -148,9 +147,8 @@ class ChartWindows:
         if self._revisions:
             for key in [k for k in self._revisions if k[0] < final]:
                 del self._revisions[key]
-        if self._floors:
-            for key in [k for k in self._floors if k[0] < final]:
-                del self._floors[key]
+        if self._held:
+            self._held.purge(final)
         return advanced, final
 
     def _emit_dirty(self, rows: list[ChartRow]) -> None:
@@ -162,28 +160,18 @@ class ChartWindows:
             # A key its window did not have when it closed has no row yet: revision 0.
             revision = 0 if key in new else revisions.get(key, 0) + 1
             plays = emitted[start][(country, track)]
-            revision = self._revision(key, revision, plays)
+            if self._held:
+                revision = self._held.next(key, revision, plays)
             revisions[key] = revision
             rows.append(ChartRow(start, country, track, plays, revision))
         self._dirty.clear()
         new.clear()
 
-    def _revision(self, key: RowKey, revision: int, plays: int) -> int:
-        """``revision``, raised above what the charts stream already holds for ``key``
-        (the same revision again for the same ``plays``: a replay re-emitting it)."""
-        floor = self._floors.pop(key, None) if self._floors else None
-        if floor is not None and floor[0] >= revision:
-            return floor[0] if floor[1] == plays else floor[0] + 1
-        return revision
-
-    def raise_revisions(self, floors: dict[RowKey, tuple[int, int]]) -> None:
-        """Rows the charts stream already holds (emitted after the snapshot this state
-        came from, before a crash): key -> (its highest revision there, its plays).
-        The next revision of each is above it (equal, for the same plays), so a row in
-        the stream is never followed by a lower revision."""
-        for key, floor in floors.items():
-            if floor[0] > self._floors.get(key, (-1, 0))[0]:
-                self._floors[key] = floor
+    def raise_revisions(self, held: StreamRevisions[RowKey]) -> None:
+        """What the charts stream holds beyond this state (emitted after the snapshot
+        it came from, before a crash): revisions are numbered from it from now on.
+        A row's expiry there is its window's start: final windows are forgotten."""
+        self._held.merge(held)
 
     def snapshot(self) -> ChartsState:
         """Open and kept windows and ``closed_until``; ``ChartWindows(..., state=it)``
@@ -201,7 +189,7 @@ class ChartWindows:
                 for start, counts in sorted(self._emitted.items())
                 for (country, track), plays in counts.items()
             ],
-            floors=[(*key, *floor) for key, floor in self._floors.items()],
+            held=self._held.snapshot(),
         )
 
 

@@ -19,7 +19,8 @@ from evd.core.errors import EvdError
 from evd.core.schema import ChartRow, Event, EventsBatch, RawBatch, Session, epoch_ms
 from evd.state.charts import ChartsState, ChartWindows, RowKey
 from evd.state.dedup import DedupState, DedupWindow
-from evd.state.sessions import Floor, SessionTable, SessionTableState
+from evd.state.revisions import StreamRevisions
+from evd.state.sessions import SessionTable, SessionTableState
 from evd.state.watermark import BufferedEvent, EventBuffer, Watermarks, WatermarkState
 
 __all__ = ["Outputs", "PartitionProcessor", "PartitionState", "StateVersionError"]
@@ -206,13 +207,11 @@ class PartitionProcessor:
         return len(self._buffer)
 
     def raise_revisions(
-        self, sessions: dict[str, Floor], chart_rows: dict[RowKey, tuple[int, int]]
+        self, sessions: StreamRevisions[str], chart_rows: StreamRevisions[RowKey]
     ) -> None:
         """What the output streams already hold beyond this state (emitted after the
-        snapshot it was restored from, before a crash): per session_id its highest
-        revision there (SessionTable.raise_revisions), per chart row key its highest
-        revision and plays. Each next revision is above these (or equal, re-emitting
-        the same content), so revisions in a stream only ever increase."""
+        snapshot it was restored from, before a crash), by session_id and by chart
+        row key (evd.state.revisions): revisions in a stream only ever increase."""
         self._sessions.raise_revisions(sessions)
         self._charts.raise_revisions(chart_rows)
 

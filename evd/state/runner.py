@@ -45,7 +45,7 @@ from evd.core.schema import ChartsBatch, SessionsBatch
 from evd.state import metrics
 from evd.state.charts import RowKey
 from evd.state.processor import Outputs, PartitionProcessor, PartitionState
-from evd.state.sessions import RETRACTED, Floor
+from evd.state.revisions import RETRACTED, StreamRevisions
 from evd.state.snapshots import Snapshot, SnapshotStore
 
 __all__ = ["PartitionRunner", "output_records"]
@@ -134,7 +134,7 @@ class PartitionRunner:
         self.processor = PartitionProcessor(
             self.partition, self.cfg.processing, chart_ms, state=state, now_ms=now
         )
-        if snapshot.outputs and self.outputs is not None:
+        if snapshot.outputs is not None and self.outputs is not None:
             sessions, rows = await self._emitted_since(snapshot.outputs)
             self.processor.raise_revisions(sessions, rows)
         ends = await self.consumer.end_offsets()
@@ -162,7 +162,7 @@ class PartitionRunner:
 
     async def _emitted_since(
         self, starts: dict[str, dict[int, int]]
-    ) -> tuple[dict[str, Floor], dict[RowKey, tuple[int, int]]]:
+    ) -> tuple[StreamRevisions[str], StreamRevisions[RowKey]]:
         """The highest revision of every session and chart row in the partition's
         output streams from ``starts`` (a snapshot's ``outputs``) to their ends now."""
         reader = self.outputs
@@ -175,8 +175,8 @@ class PartitionRunner:
             else:
                 reader.seek(sublog, min(start, ends[sublog]))
         keep = self.cfg.processing.session_gap_ms + self.cfg.processing.allowed_lateness_ms
-        sessions: dict[str, Floor] = {}
-        rows: dict[RowKey, tuple[int, int]] = {}
+        sessions: StreamRevisions[str] = StreamRevisions()
+        rows: StreamRevisions[RowKey] = StreamRevisions()
         while any(reader.positions().get(s, 0) < end for s, end in ends.items()):
             records = await reader.fetch(FETCH_BYTES, TICK_S)
             if not records:
@@ -187,14 +187,12 @@ class PartitionRunner:
                 value = rec.decode(record.payload, record.sublog.stream)
                 if isinstance(value, SessionsBatch):
                     for s in value.sessions:
-                        if s.revision >= sessions.get(s.session_id, (-1, 0, 0))[0]:
-                            count = RETRACTED if s.retracted else s.event_count
-                            sessions[s.session_id] = (s.revision, count, s.ended_at + keep)
+                        size = RETRACTED if s.retracted else s.event_count
+                        sessions.add(s.session_id, s.revision, size, s.ended_at + keep)
                 elif isinstance(value, ChartsBatch):
                     for r in value.rows:
                         key = (r.window_start, r.country, r.track_id)
-                        if r.revision >= rows.get(key, (-1, 0))[0]:
-                            rows[key] = (r.revision, r.plays)
+                        rows.add(key, r.revision, r.plays, r.window_start)
         return sessions, rows
 
     async def close(self) -> None:
@@ -275,8 +273,9 @@ class PartitionRunner:
             await self._in_flight
             self._in_flight = None
         positions = self.consumer.positions()
-        outputs: dict[str, dict[int, int]] = {}
+        outputs: dict[str, dict[int, int]] | None = None
         if self.outputs is not None:
+            outputs = {}
             for sublog, end in (await self.outputs.end_offsets()).items():
                 outputs.setdefault(sublog.stream, {})[sublog.source] = end
         snapshot = Snapshot(

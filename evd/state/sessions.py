@@ -22,10 +22,10 @@ from typing import Any
 import msgspec
 
 from evd.core.schema import EndedBy, Event, Play, Session
+from evd.state.revisions import RETRACTED, Held, StreamRevisions
 
 __all__ = [
-    "RETRACTED", "EmittedSession", "Floor", "OpenSession", "SessionTable", "SessionTableState",
-    "session_id",
+    "EmittedSession", "OpenSession", "SessionTable", "SessionTableState", "session_id",
 ]
 
 #: A play counts as a stream from this much listening on (ARCHITECTURE.md).
@@ -79,13 +79,6 @@ def unpack(log: bytes | bytearray, count: int) -> list[Entry]:
     else:
         header = b"\xdd" + count.to_bytes(4, "big")
     return _unpack(header + log)
-
-
-#: A revision the sessions stream holds: (revision, event_count or RETRACTED, the
-#: watermark after which no late event can change the session).
-Floor = tuple[int, int, int]
-#: Floor's event_count of a retraction.
-RETRACTED = -1
 
 
 class OpenSession(msgspec.Struct, array_like=True, gc=False):
@@ -149,9 +142,8 @@ class SessionTableState(msgspec.Struct, kw_only=True):
 
     sessions: list[OpenSession] = msgspec.field(default_factory=list)
     emitted: list[EmittedSession] = msgspec.field(default_factory=list)
-    #: session_id -> Floor: what the sessions stream already holds (see
-    #: ``SessionTable.raise_revisions``).
-    floors: dict[str, Floor] = msgspec.field(default_factory=dict)
+    #: What the sessions stream holds beyond this state (evd.state.revisions).
+    held: list[Held[str]] = msgspec.field(default_factory=list)
 
 
 class SessionTable:
@@ -180,8 +172,16 @@ class SessionTable:
     """
 
     __slots__ = (
-        "_emitted", "_expiry", "_floors", "_gap_ms", "_keep_ms", "_kept_count", "_legacy", "_open",
-        "_pending", "_purge_at",
+        "_emitted",
+        "_expiry",
+        "_gap_ms",
+        "_held",
+        "_keep_ms",
+        "_kept_count",
+        "_legacy",
+        "_open",
+        "_pending",
+        "_purge_at",
     )
 
     def __init__(
@@ -204,7 +204,7 @@ class SessionTable:
         #: Sessions late events changed that the watermark has passed, by user: emitted
         #: at the end of the release (empty between releases).
         self._pending: dict[str, list[OpenSession]] = {}
-        self._floors: dict[str, Floor] = {}
+        self._held: StreamRevisions[str] = StreamRevisions()
         self._purge_at = 0
         #: Users whose open session came from a version 1 snapshot, without its events.
         self._legacy: set[str] = set()
@@ -215,7 +215,7 @@ class SessionTable:
                     self._legacy.add(s.user_id)
             for e in state.emitted:
                 self._keep(e)
-            self._floors = dict(state.floors)
+            self._held = StreamRevisions(state.held)
 
     def __len__(self) -> int:
         """Open sessions."""
@@ -401,24 +401,18 @@ class SessionTable:
     def _retract(self, s: OpenSession, revision: int, closed: list[Session]) -> None:
         """Emit ``s`` (last emitted as ``revision``) as no longer existing."""
         sid = session_id(s.user_id, s.first_id)
-        revision = self._next_revision(sid, revision + 1, RETRACTED)
+        if self._held:
+            revision = self._held.next(sid, revision + 1, RETRACTED)
+        else:
+            revision += 1
         closed.append(self._session(s, sid, revision, True))
-
-    def _next_revision(self, sid: str, revision: int, events: int) -> int:
-        """``revision``, raised above what the sessions stream already holds for ``sid``
-        (the same revision again where that is this very session: ``events`` events,
-        or RETRACTED, as a replay re-emits it)."""
-        floors = self._floors
-        if floors:
-            floor = floors.pop(sid, None)
-            if floor is not None and floor[0] >= revision:
-                return floor[0] if floor[1] == events else floor[0] + 1
-        return revision
 
     def _emit(self, s: OpenSession, closed: list[Session]) -> None:
         """Emit ``s`` (already out of the open table) and keep it for late events."""
         sid = session_id(s.user_id, s.first_id)
-        revision = self._next_revision(sid, s.revision + 1, s.events)
+        revision = s.revision + 1
+        if self._held:
+            revision = self._held.next(sid, revision, s.events)
         closed.append(self._session(s, sid, revision, False))
         if self._legacy and s.user_id in self._legacy:
             self._legacy.discard(s.user_id)
@@ -477,18 +471,14 @@ class SessionTable:
                 del self._emitted[uid]
             else:
                 self._store(uid, [k for k in self._kept(uid) if k is not e])
-        if self._floors and watermark >= self._purge_at:
-            self._floors = {sid: f for sid, f in self._floors.items() if f[2] >= watermark}
+        if self._held and watermark >= self._purge_at:
+            self._held.purge(watermark)
             self._purge_at = watermark + self._gap_ms
 
-    def raise_revisions(self, floors: dict[str, Floor]) -> None:
-        """Sessions the sessions stream already holds, emitted after the snapshot this
-        table came from, before a crash: session_id -> its highest revision there. The
-        next revision of each is above that (equal, for the same content: a replay),
-        so a session in the stream is never followed by a lower revision."""
-        for sid, floor in floors.items():
-            if floor[0] > self._floors.get(sid, (-1, 0, 0))[0]:
-                self._floors[sid] = floor
+    def raise_revisions(self, held: StreamRevisions[str]) -> None:
+        """What the sessions stream holds beyond this table (emitted after the snapshot
+        it came from, before a crash): revisions are numbered from it from now on."""
+        self._held.merge(held)
 
     def _session(self, s: OpenSession, sid: str, revision: int, retracted: bool) -> Session:
         plays = [Play(*p) for p in s.plays]
@@ -526,7 +516,7 @@ class SessionTable:
         return SessionTableState(
             sessions=list(self._open.values()),
             emitted=[e for e in self._expiry if not e.gone],
-            floors=dict(self._floors),
+            held=self._held.snapshot(),
         )
 
 

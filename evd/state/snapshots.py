@@ -43,8 +43,9 @@ class Snapshot(msgspec.Struct):
     #: The processor's state, msgpack (decoded by the processor's own decoder).
     state: msgspec.Raw
     #: Stream (sessions, charts) -> writer id -> end of the partition's sub-log of it
-    #: when the snapshot was taken: what was emitted after the state, from there on.
-    outputs: dict[str, dict[int, int]] = msgspec.field(default_factory=dict)
+    #: when the snapshot was taken: what was emitted after the state, from there on
+    #: (a sub-log not named: from its start). None: not recorded (an older evd).
+    outputs: dict[str, dict[int, int]] | None = None
 
 
 _decoder = msgspec.msgpack.Decoder(Snapshot)

@@ -36,6 +36,7 @@ from evd.state.processor import (
     PartitionState,
     StateVersionError,
 )
+from evd.state.revisions import StreamRevisions
 from evd.state.sessions import session_id
 from evd.state.watermark import BufferedEvent, EventBuffer
 
@@ -1031,18 +1032,27 @@ def test_emitted_sessions_are_forgotten_after_the_lateness() -> None:
 
 
 def test_raised_revisions_continue_above_what_the_stream_holds() -> None:
-    # A restore learns that the sessions stream got revision 3 of u1's session (4
-    # events) and revision 1 of a chart row after its snapshot: the same content is
-    # re-emitted with the same revision, other content above it.
+    # A restore learns what the streams got after its snapshot: u1's session at
+    # revisions 0 (2 events) and 1 (4 events), u2's at revision 1 (5 events), a chart
+    # row at revision 1 (7 plays). The same content is emitted with the same revision
+    # (an exact replay), other content above everything the stream holds.
+    sessions: StreamRevisions[str] = StreamRevisions()
+    for key, revision, size in [("e1", 0, 2), ("e1", 1, 4), ("f1", 1, 5)]:
+        user = "u1" if key == "e1" else "u2"
+        sessions.add(sid(user, key), revision, size, BASE + 10**9)
+    rows: StreamRevisions[tuple[int, str | None, str]] = StreamRevisions()
+    rows.add((BASE, "US", A), 1, 7, BASE)
     p = proc()
-    p.raise_revisions(
-        {sid("u1", "e1"): (3, 4, BASE + 10**9), sid("u2", "f1"): (1, 5, BASE + 10**9)},
-        {(BASE, "US", A): (1, 7)},
-    )
+    p.raise_revisions(sessions, rows)
+    blob = msgspec.msgpack.encode(p.snapshot())
+    p = PartitionProcessor(0, ProcessingConfig(), MIN, _decoder.decode(blob), now_ms=NOW)
     feed(p, rb(ev("e1", 0), ev("e2", 1_000), ev("e3", 2_000), ev("e4", 3_000, "end")))
     feed(p, rb(ev("f1", 0, user="u2"), ev("f2", 1_000, "end", user="u2")))
     out = clock(p, 3_000 + GAP + 10_000)
     revisions = {s.user_id: s.revision for s in out.sessions}
-    assert revisions == {"u1": 3, "u2": 2}
+    assert revisions == {"u1": 1, "u2": 2}
     row = [r for r in out.chart_rows if (r.country, r.track_id) == ("US", A)]
     assert [(r.plays, r.revision) for r in row] == [(4, 2)]
+    # Nothing held any more: a late event into u1's session is its revision 2.
+    out = feed(p, rb(ev("e5", 2_500, "pause")))
+    assert [(s.user_id, s.revision, s.event_count) for s in out.sessions] == [("u1", 2, 5)]
