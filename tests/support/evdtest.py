@@ -22,6 +22,7 @@ import sys
 import time
 import zlib
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, NamedTuple, Self
 
@@ -75,6 +76,16 @@ def make_event(event_id: str, user_id: str = "user-1", **fields: Any) -> dict[st
         else:
             event[key] = value
     return event
+
+
+def iso(ms: int) -> str:
+    """Epoch ms as an event timestamp (RFC 3339, UTC, milliseconds)."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds")
+
+
+def timestamp_ms(event: dict[str, Any]) -> int:
+    """The epoch ms of an event's ``timestamp``."""
+    return int(datetime.fromisoformat(event["timestamp"]).timestamp() * 1000)
 
 
 def batch(events: Iterable[Any], **envelope: Any) -> bytes:
