@@ -164,7 +164,7 @@ def mobile_workload(rng: random.Random, t0: int) -> list[Post]:
             chunk = [e for e in events if sent_at - BATCH_MS <= timestamp_ms(e) < sent_at]
             assert chunk, (user, k)
             posts.append((sent_at, Post(user, k, chunk)))
-    # Retried a minute (of phone time) after the other one: a few POSTs later.
+    # A batch whose POST failed, sent again a minute (of phone time) after the other one.
     order = {(3, 1): (3, 2), (4, 0): (4, 1)}
     sent = {(p.user, p.index): at for at, p in posts}
     posts = [(sent[order[(p.user, p.index)]] + 60_000 if (p.user, p.index) in order else at, p)
