@@ -256,6 +256,8 @@ class Scenario:
     #: After which feed steps a tick(NOW, backlog) runs as well (the worker's timer).
     ticks_after: set[int]
     resent: int
+    #: Feed steps that are a late client's batch (``late_scenarios``).
+    batches: frozenset[int] = frozenset()
 
 
 def _deltas(gap: int) -> st.SearchStrategy[int]:
@@ -280,6 +282,47 @@ _DEVICES = st.sampled_from(
 )
 
 
+#: (t, user, kind, track, position, geo, device) of one generated event.
+Spec = tuple[int, str, str, int, int, str | None, Device | None]
+
+
+def _timeline(
+    draw: st.DrawFn, user: str, deltas: st.SearchStrategy[int], durations: list[int], most: int
+) -> list[Spec]:
+    """1 to ``most`` events of ``user`` in their own time order."""
+    specs: list[Spec] = []
+    t = BASE + draw(st.integers(0, 120_000))
+    last_play: int | None = None
+    for i in range(draw(st.integers(1, most))):
+        if i:
+            t += draw(deltas)
+        kind = draw(_KINDS)
+        same = kind != "play" and last_play is not None and draw(st.integers(0, 3)) > 0
+        track = last_play if same else draw(st.integers(0, 3))
+        assert track is not None
+        if kind == "play":
+            last_play = track
+        position = draw(st.one_of(st.just(0), st.integers(0, durations[track])))
+        geo = draw(st.sampled_from([None, None, "SE", "US"]))
+        specs.append((t, user, kind, track, position, geo, draw(_DEVICES)))
+    return specs
+
+
+def _event(spec: Spec, event_id: str, durations: list[int], skew: int) -> Event:
+    """The event of ``spec`` in a record with ``skew`` (pipeline time = spec's t)."""
+    t, user_id, kind, track, position, geo, device = spec
+    return Event(
+        event_id=event_id,
+        timestamp=at(t - skew),
+        user_id=user_id,
+        track_id=TRACKS[track],
+        playback=Playback(position_ms=position, duration_ms=durations[track]),
+        event_type=kind,  # type: ignore[arg-type]
+        device=device,
+        geo=Geo(country=geo) if geo is not None else None,
+    )
+
+
 @st.composite
 def scenarios(draw: st.DrawFn) -> Scenario:
     gap = draw(st.sampled_from([MIN, 30 * MIN]))
@@ -291,23 +334,9 @@ def scenarios(draw: st.DrawFn) -> Scenario:
     )
     deltas = _deltas(gap)
 
-    # (t, user, kind, track, position, geo, device) in each user's own time order.
-    specs: list[tuple[int, str, str, int, int, str | None, Device | None]] = []
+    specs: list[Spec] = []
     for user in range(draw(st.integers(1, 4))):
-        t = BASE + draw(st.integers(0, 120_000))
-        last_play: int | None = None
-        for i in range(draw(st.integers(1, 15))):
-            if i:
-                t += draw(deltas)
-            kind = draw(_KINDS)
-            same = kind != "play" and last_play is not None and draw(st.integers(0, 3)) > 0
-            track = last_play if same else draw(st.integers(0, 3))
-            assert track is not None
-            if kind == "play":
-                last_play = track
-            position = draw(st.one_of(st.just(0), st.integers(0, durations[track])))
-            geo = draw(st.sampled_from([None, None, "SE", "US"]))
-            specs.append((t, f"user-{user}", kind, track, position, geo, draw(_DEVICES)))
+        specs.extend(_timeline(draw, f"user-{user}", deltas, durations, 15))
     # Ids in an order unrelated to time, so ties at equal times test the event_id order.
     ids = [f"e{n:03d}" for n in draw(st.permutations(range(len(specs))))]
 
@@ -349,21 +378,7 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         while pos < len(order):
             size = draw(st.integers(1, 4))
             skew = draw(st.sampled_from([0, 0, -2_000, 90_000]))
-            events = []
-            for i in order[pos : pos + size]:
-                t, user_id, kind, track, position, geo, device = specs[i]
-                events.append(
-                    Event(
-                        event_id=ids[i],
-                        timestamp=at(t - skew),
-                        user_id=user_id,
-                        track_id=TRACKS[track],
-                        playback=Playback(position_ms=position, duration_ms=durations[track]),
-                        event_type=kind,  # type: ignore[arg-type]
-                        device=device,
-                        geo=Geo(country=geo) if geo is not None else None,
-                    )
-                )
+            events = [_event(specs[i], ids[i], durations, skew) for i in order[pos : pos + size]]
             records.append(RawBatch(received_at=0, events=events, skew_ms=skew))
             pos += size
         per_source.append(records)
@@ -378,6 +393,113 @@ def scenarios(draw: st.DrawFn) -> Scenario:
         feed.append((src, record))
     ticks_after = set(draw(st.lists(st.integers(0, max(len(feed) - 1, 0)), max_size=4)))
     return Scenario(processing, window, sources, feed, ticks_after, resent)
+
+
+def _delays(lateness: int, ooo: int) -> st.SearchStrategy[int]:
+    """How long after its last event a late client's batch arrives: mostly within the
+    allowed lateness (around its edge too), sometimes beyond it."""
+    return st.sampled_from(
+        [
+            st.integers(0, lateness),
+            st.integers(0, lateness),
+            st.integers(lateness // 2, lateness + ooo),
+            st.sampled_from([lateness - 1, lateness, lateness + ooo, lateness + ooo + 1]),
+            st.integers(lateness + 1, 3 * lateness),
+        ]
+    ).flatmap(lambda branch: branch)
+
+
+@st.composite
+def late_scenarios(draw: st.DrawFn) -> Scenario:
+    """Live users as in ``scenarios`` (in time order within the out-of-orderness bound:
+    they drive the watermark) and late clients: a user's events cut into batches, one
+    record each, each arriving some delay after its last event, in any order between
+    batches, sometimes resent. Records are read in the order of their arrival time
+    (per sub-log, plus a lag of the sub-log), so a delivery lands among the live
+    records of its time."""
+    gap = draw(st.sampled_from([MIN, 2 * MIN, 30 * MIN]))
+    ooo = draw(st.sampled_from([0, 1_000, 5_000]))
+    window = draw(st.sampled_from([10_000, MIN]))
+    lateness = draw(st.sampled_from([2 * MIN, 5 * MIN]))
+    processing = ProcessingConfig(
+        session_gap_ms=gap, max_out_of_orderness_ms=ooo, allowed_lateness_ms=lateness
+    )
+    durations = draw(
+        st.lists(st.sampled_from([8_000, 31_000, 45_000, 200_000]), min_size=4, max_size=4)
+    )
+    deltas = _deltas(gap)
+    live_users = draw(st.integers(1, 3))
+    live: list[Spec] = []
+    for user in range(live_users):
+        live.extend(_timeline(draw, f"user-{user}", deltas, durations, 20))
+    clients: list[list[Spec]] = []
+    for n in range(draw(st.integers(1, 3))):
+        # Sometimes a live user's other device: its late events interleave with theirs.
+        shared = draw(st.integers(-1, live_users - 1))
+        user = f"user-{shared}" if shared >= 0 else f"late-{n}"
+        clients.append(_timeline(draw, user, deltas, durations, 10))
+    specs = live + [spec for client in clients for spec in client]
+    ids = [f"e{n:03d}" for n in draw(st.permutations(range(len(specs))))]
+
+    sources = draw(st.integers(1, 3))
+    # Per sub-log: (arrival, tiebreak, indexes into specs, is a late batch).
+    lanes: list[list[tuple[int, int, list[int], bool]]] = [[] for _ in range(sources)]
+    for i in range(len(live)):
+        jitter = draw(st.one_of(st.sampled_from([0, ooo]), st.integers(0, ooo)))
+        lanes[draw(st.integers(0, sources - 1))].append((specs[i][0] + jitter, i, [i], False))
+    # Every live event t arrives at t + jitter <= t + ooo, and a batch whose newest
+    # event is t' arrives at t' + delay >= t', so live events stay in the bound
+    # whatever batches come before them: only batch events can be late.
+    resent = 0
+    delays = _delays(lateness, ooo)
+    first = len(live)
+    for client in clients:
+        pos = 0
+        while pos < len(client):
+            size = draw(st.integers(1, 5))
+            batch = list(range(first + pos, first + min(pos + size, len(client))))
+            pos += size
+            arrival = specs[batch[-1]][0] + draw(delays)
+            lanes[draw(st.integers(0, sources - 1))].append((arrival, batch[0], batch, True))
+            if draw(st.integers(0, 5)) == 0:  # the client retries: a copy, later
+                arrival += draw(st.integers(0, lateness))
+                lanes[draw(st.integers(0, sources - 1))].append((arrival, batch[0], batch, True))
+                resent += len(batch)
+        first += len(client)
+
+    # Records per sub-log: a late batch alone; runs of 1 to 4 live events.
+    timed: list[tuple[int, int, int, list[int]]] = []
+    for src, lane in enumerate(lanes):
+        lane.sort()
+        lag = draw(st.sampled_from([0, 0, 0, 10_000, 3 * MIN]))
+        run: list[int] = []
+        size = draw(st.integers(1, 4))
+        start = 0
+        for arrival, _, members, is_batch in lane:
+            if run and (is_batch or len(run) == size):
+                timed.append((start + lag, src, len(timed), run))
+                run = []
+                size = draw(st.integers(1, 4))
+            if is_batch:
+                timed.append((arrival + lag, src, len(timed), members))
+            else:
+                if not run:
+                    start = arrival
+                run.extend(members)
+        if run:
+            timed.append((start + lag, src, len(timed), run))
+    timed.sort()
+
+    feed: list[tuple[int, RawBatch]] = []
+    batches: set[int] = set()
+    for n, (_, src, _, members) in enumerate(timed):
+        skew = draw(st.sampled_from([0, 0, -2_000, 90_000]))
+        events = [_event(specs[i], ids[i], durations, skew) for i in members]
+        feed.append((src, RawBatch(received_at=NOW + n, events=events, skew_ms=skew)))
+        if members[0] >= len(live):
+            batches.add(n)
+    ticks_after = set(draw(st.lists(st.integers(0, max(len(feed) - 1, 0)), max_size=4)))
+    return Scenario(processing, window, sources, feed, ticks_after, resent, frozenset(batches))
 
 
 @seed(HYPOTHESIS_SEED)
@@ -470,11 +592,13 @@ def _run(sc: Scenario, restore_before: int | None = None) -> list[CallOutput]:
 def _describe(sc: Scenario) -> str:
     header = (
         f"gap={sc.processing.session_gap_ms} ooo={sc.processing.max_out_of_orderness_ms} "
-        f"window={sc.window_ms} sources={sc.sources} ticks_after={sorted(sc.ticks_after)}"
+        f"lateness={sc.processing.allowed_lateness_ms} window={sc.window_ms} "
+        f"sources={sc.sources} ticks_after={sorted(sc.ticks_after)}"
     )
     lines = [header]
-    for src, record in sc.feed:
-        lines.append(f"  source {src} skew {record.skew_ms}:")
+    for n, (src, record) in enumerate(sc.feed):
+        batch = " (late client's batch)" if n in sc.batches else ""
+        lines.append(f"  source {src} skew {record.skew_ms}{batch}:")
         for e in record.events:
             t = int((e.timestamp - _EPOCH) / timedelta(milliseconds=1)) + record.skew_ms - BASE
             lines.append(
@@ -497,6 +621,9 @@ def check_against_reference(sc: Scenario) -> None:
         assert msgspec.to_builtins(got) == msgspec.to_builtins(want)
 
     assert sum_chart_rows(r for c in calls for r in c.chart_rows) == ref.charts
+    # With no late events, the output is exactly today's: first revisions only.
+    assert all(s.revision == 0 and not s.retracted for s in sessions)
+    assert all(r.revision == 0 for c in calls for r in c.chart_rows)
 
     assert all(not c.late for c in calls)
     batches = [b for c in calls for b in c.events]
@@ -514,6 +641,123 @@ def check_against_reference(sc: Scenario) -> None:
             assert r.window_start + sc.window_ms <= c.closed_until
     if ref.charts:
         assert closed and closed[-1] >= max(k[0] for k in ref.charts) + sc.window_ms
+
+
+def late_oracle(sc: Scenario) -> set[str]:
+    """The event ids that are late in ``sc``, from the contract alone.
+
+    A sub-log's watermark is the newest event time read from it minus the
+    out-of-orderness bound; the partition's is the minimum over the sub-logs, never
+    decreasing, and there is none while one of them has delivered no event yet (the
+    first tick reports every sub-log of the feed as having data, and with the wall
+    clock constant none goes idle). An event is late when its time is below the
+    watermark as it stood after the events read before it, minus the allowed
+    lateness. Copies of an id already read are dropped before any of this.
+    """
+    ooo = sc.processing.max_out_of_orderness_ms
+    lateness = sc.processing.allowed_lateness_ms
+    newest: dict[int, int | None] = dict.fromkeys({src for src, _ in sc.feed})
+    watermark: int | None = None
+    seen: set[str] = set()
+    late: set[str] = set()
+    for src, record in sc.feed:
+        for e in record.events:
+            if e.event_id in seen:
+                continue
+            seen.add(e.event_id)
+            t = epoch_ms(e.timestamp) + record.skew_ms
+            if watermark is not None and t < watermark - lateness:
+                late.add(e.event_id)
+            top = newest[src]
+            newest[src] = t if top is None else max(top, t)
+            tops = list(newest.values())
+            if all(top is not None for top in tops):
+                lowest = min(top - ooo for top in tops if top is not None)
+                watermark = lowest if watermark is None else max(watermark, lowest)
+    return late
+
+
+@dataclass
+class LateCheck:
+    """What ``check_late`` saw: for hand-written scenarios to assert their premise."""
+
+    late: set[str]
+    revised_sessions: int
+    retracted: set[str]
+    revised_rows: int
+
+
+def check_late(sc: Scenario) -> LateCheck:
+    """The processor's outputs for ``sc`` (late events allowed) against the reference of
+    everything but the late events, the late events against ``late_oracle``, and the
+    revision discipline of sessions and chart rows."""
+    say = note if currently_in_test_context() else print
+    say(_describe(sc))
+    late = late_oracle(sc)
+    say(f"late (oracle): {sorted(late)}")
+    on_time = [
+        RawBatch(
+            received_at=r.received_at,
+            events=[e for e in r.events if e.event_id not in late],
+            skew_ms=r.skew_ms,
+        )
+        for _, r in sc.feed
+    ]
+    ref = compute(on_time, sc.processing, sc.window_ms)
+    everything = compute([r for _, r in sc.feed], sc.processing, sc.window_ms)
+    calls = _run(sc)
+
+    # Revisions per id count up from 0 in emission order; a retraction is the last
+    # revision of its id.
+    latest: dict[str, Session] = {}
+    for c in calls:
+        for s in c.sessions:  # stably sorted by id: one id's revisions in emission order
+            before = latest.get(s.session_id)
+            assert before is None or not before.retracted, f"{s.session_id} after its retraction"
+            assert s.revision == (0 if before is None else before.revision + 1), s
+            latest[s.session_id] = s
+    retracted = {i for i, s in latest.items() if s.retracted}
+    assert not retracted & {s.session_id for s in ref.sessions}
+    current = sorted((s for s in latest.values() if not s.retracted), key=lambda s: s.session_id)
+    assert [s.session_id for s in current] == [s.session_id for s in ref.sessions]
+    for got, want in zip(current, ref.sessions, strict=True):
+        assert msgspec.to_builtins(msgspec.structs.replace(got, revision=0)) == (
+            msgspec.to_builtins(want)
+        )
+
+    rows: dict[tuple[int, str | None, str], ChartRow] = {}
+    for c in calls:
+        for r in c.chart_rows:
+            key = (r.window_start, r.country, r.track_id)
+            before_row = rows.get(key)
+            assert r.revision == (0 if before_row is None else before_row.revision + 1), r
+            assert before_row is None or r.plays >= before_row.plays, r
+            rows[key] = r
+    assert {k: r.plays for k, r in rows.items() if r.plays} == ref.charts
+
+    # Late events: flagged in ``events``, alone in ``late``, exactly the oracle's.
+    batches = [b for c in calls for b in c.events]
+    flagged = [b.events[i].event_id for b in batches for i in b.late]
+    assert sorted(flagged) == sorted(late)
+    routed = [e.event_id for c in calls for b in c.late for e in b.events]
+    assert sorted(routed) == sorted(late)
+    assert all(b.late == list(range(len(b.events))) for c in calls for b in c.late)
+    got_ids = Counter(e.event_id for b in batches for e in b.events)
+    assert got_ids == Counter(e.event_id for _, e in everything.events)
+    assert sum(c.duplicates for c in calls) == everything.duplicates
+
+    closed = [c.closed_until for c in calls if c.closed_until is not None]
+    assert closed == sorted(closed)
+    for c in calls:
+        for r in c.chart_rows:
+            assert c.closed_until is not None
+            assert r.window_start + sc.window_ms <= c.closed_until
+    return LateCheck(
+        late=late,
+        revised_sessions=sum(1 for s in latest.values() if s.revision and not s.retracted),
+        retracted=retracted,
+        revised_rows=sum(1 for r in rows.values() if r.revision),
+    )
 
 
 def scenario(
@@ -585,3 +829,149 @@ def test_snapshot_restore_continues_identically(sc: Scenario, data: st.DataObjec
     note(_describe(sc))
     cut = data.draw(st.integers(0, n_ops - 1), label="restore before operation")
     assert _run(sc, restore_before=cut) == _run(sc)
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=50, deadline=None, database=None)
+@given(late_scenarios())
+def test_late_clients_generated_premise(sc: Scenario) -> None:
+    """Live events stay within the bound in their sub-log; only batch events repeat."""
+    ooo = sc.processing.max_out_of_orderness_ms
+    newest: dict[int, int] = {}
+    ids: Counter[str] = Counter()
+    for n, (src, record) in enumerate(sc.feed):
+        for e in record.events:
+            t = epoch_ms(e.timestamp) + record.skew_ms
+            if n not in sc.batches:
+                assert t >= newest.get(src, t) - ooo
+            newest[src] = max(newest.get(src, t), t)
+            ids[e.event_id] += 1
+    assert sum(ids.values()) - len(ids) == sc.resent
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=150, deadline=None, database=None)
+@given(late_scenarios())
+def test_late_clients_latest_revisions_equal_batch_reference(sc: Scenario) -> None:
+    note(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
+    check_late(sc)
+
+
+@seed(HYPOTHESIS_SEED)
+@settings(max_examples=60, deadline=None, database=None)
+@given(late_scenarios(), st.data())
+def test_late_clients_snapshot_restore_continues_identically(
+    sc: Scenario, data: st.DataObject
+) -> None:
+    note(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
+    n_ops = len(_operations(sc))
+    note(_describe(sc))
+    cut = data.draw(st.integers(0, n_ops - 1), label="restore before operation")
+    assert _run(sc, restore_before=cut) == _run(sc)
+
+
+# -- late data: hand-written scenarios ----------------------------------------------------
+
+
+def test_late_oracle_on_a_hand_example() -> None:
+    # ooo 1 s, lateness 2 min; sub-log 1 holds the watermark until it delivers.
+    sc = scenario(
+        [
+            (0, rb(ev("a1", 10 * MIN, user="u2"))),
+            (0, rb(ev("x1", 0))),  # sub-log 1 has no event yet: no watermark, not late
+            (1, rb(ev("b1", 10 * MIN, user="u3"))),  # watermark 10 min - 1 s
+            (
+                1,
+                rb(
+                    ev("x2", 8 * MIN - 1_000),  # exactly watermark - lateness: not late
+                    ev("x3", 8 * MIN - 1_001),  # 1 ms older: late
+                ),
+            ),
+            (0, rb(ev("a2", 20 * MIN, user="u2"))),  # sub-log 1 still holds at 10 min - 1 s
+            (0, rb(ev("x4", 8 * MIN - 1_001))),  # late
+            (1, rb(ev("b2", 30 * MIN, user="u3"), ev("x5", 18 * MIN - 1_000))),  # 20 min - 1 s
+            (0, rb(ev("x6", 18 * MIN - 1_001), ev("x3", 0))),  # late; x3 again: a duplicate
+        ],
+        max_out_of_orderness_ms=1_000,
+        allowed_lateness_ms=2 * MIN,
+    )
+    assert late_oracle(sc) == {"x3", "x4", "x6"}
+
+
+def test_late_play_revises_the_session_and_the_chart_row() -> None:
+    seen = check_late(
+        scenario(
+            [
+                (0, rb(ev("a1", 0))),
+                (0, rb(ev("b1", 3 * MIN, "play", B, user="u2"))),  # closes a1's session, window 0
+                (0, rb(ev("a2", 30_000, "pause"), ev("a3", 40_000, "play"))),  # late client
+                (0, rb(ev("b2", 4 * MIN, "end", B, user="u2"))),
+            ],
+            max_out_of_orderness_ms=0,
+            session_gap_ms=MIN,
+            allowed_lateness_ms=5 * MIN,
+        )
+    )
+    assert seen.late == set() and not seen.retracted
+    assert seen.revised_sessions == 1 and seen.revised_rows == 1
+
+
+def test_late_event_before_the_first_one_retracts_the_session() -> None:
+    seen = check_late(
+        scenario(
+            [
+                (0, rb(ev("a1", MIN, "play"))),
+                (1, rb(ev("b1", 4 * MIN, "play", B, user="u2"))),
+                (0, rb(ev("b2", 4 * MIN, "end", B, user="u2"))),  # a1's session closes
+                (1, rb(ev("a0", 30_000, "pause"))),  # now first of the session: a new id
+            ],
+            max_out_of_orderness_ms=0,
+            session_gap_ms=MIN,
+            allowed_lateness_ms=5 * MIN,
+        )
+    )
+    assert seen.late == set()
+    assert seen.retracted == {session_id("u1", "a1")}
+
+
+def test_late_events_filling_the_gap_merge_two_sessions() -> None:
+    seen = check_late(
+        scenario(
+            [
+                (0, rb(ev("a1", 0, "play"), ev("a2", 3 * MIN, "seek", pos=9_000))),
+                (0, rb(ev("b1", 5 * MIN, "play", B, user="u2"))),  # both sessions closed
+                (0, rb(ev("m2", 150_000, "pause"), ev("m1", 90_000, "resume", pos=1_000))),
+                (0, rb(ev("b2", 6 * MIN, "end", B, user="u2"))),
+            ],
+            max_out_of_orderness_ms=0,
+            session_gap_ms=MIN,
+            allowed_lateness_ms=5 * MIN,
+        )
+    )
+    assert seen.late == set()
+    assert seen.retracted == {session_id("u1", "a2")}
+    assert seen.revised_sessions == 1
+
+
+def test_events_beyond_the_lateness_are_late_and_change_nothing() -> None:
+    seen = check_late(
+        scenario(
+            [
+                (0, rb(ev("a1", 0, "play"), ev("b1", 10 * MIN, "play", B, user="u2"))),
+                (
+                    0,
+                    rb(
+                        ev("a2", 8 * MIN, "pause"),  # exactly watermark - lateness: applied
+                        ev("a3", 8 * MIN - 1, "play", B),  # 1 ms older: late
+                        ev("a0", -MIN, "play"),  # late, though it would retract a1's session
+                    ),
+                ),
+                (0, rb(ev("b2", 11 * MIN, "end", B, user="u2"))),
+            ],
+            max_out_of_orderness_ms=0,
+            session_gap_ms=MIN,
+            allowed_lateness_ms=2 * MIN,
+        )
+    )
+    assert seen.late == {"a3", "a0"}
+    assert not seen.retracted
