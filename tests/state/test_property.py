@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -23,7 +23,7 @@ import msgspec
 import pytest
 from batchref import BatchResult, compute, session_id, sum_chart_rows
 from evdtest import track_id
-from hypothesis import currently_in_test_context, given, note, seed, settings
+from hypothesis import currently_in_test_context, event, given, note, seed, settings
 from hypothesis import strategies as st
 
 from evd.core.config import ProcessingConfig
@@ -546,6 +546,11 @@ class CallOutput:
     chart_rows: list[ChartRow]
     closed_until: int | None
     duplicates: int
+    #: Promises of the call (not compared: a restored processor may repeat or delay
+    #: them): sessions starting before ``sessions_until`` are final, and so are chart
+    #: windows ending at or before ``final_until``.
+    sessions_until: int | None = field(default=None, compare=False)
+    final_until: int | None = field(default=None, compare=False)
 
 
 def _run(sc: Scenario, restore_before: int | None = None) -> list[CallOutput]:
@@ -584,6 +589,8 @@ def _run(sc: Scenario, restore_before: int | None = None) -> list[CallOutput]:
                 ),
                 closed_until=out.closed_until,
                 duplicates=out.duplicates,
+                sessions_until=out.sessions_until,
+                final_until=getattr(out, "final_until", None),
             )
         )
     return calls
@@ -752,6 +759,18 @@ def check_late(sc: Scenario) -> LateCheck:
         for r in c.chart_rows:
             assert c.closed_until is not None
             assert r.window_start + sc.window_ms <= c.closed_until
+    # What a call promised final stays so: no later revision (nor retraction).
+    sessions_final: int | None = None
+    rows_final: int | None = None
+    for c in calls:
+        for s in c.sessions:
+            assert sessions_final is None or s.started_at >= sessions_final, s
+        for r in c.chart_rows:
+            assert rows_final is None or r.window_start + sc.window_ms > rows_final, r
+        if c.sessions_until is not None:
+            sessions_final = c.sessions_until
+        if c.final_until is not None:
+            rows_final = c.final_until
     return LateCheck(
         late=late,
         revised_sessions=sum(1 for s in latest.values() if s.revision and not s.retracted),
@@ -847,6 +866,7 @@ def test_late_clients_generated_premise(sc: Scenario) -> None:
             newest[src] = max(newest.get(src, t), t)
             ids[e.event_id] += 1
     assert sum(ids.values()) - len(ids) == sc.resent
+    assert sc.batches
 
 
 @seed(HYPOTHESIS_SEED)
@@ -854,7 +874,11 @@ def test_late_clients_generated_premise(sc: Scenario) -> None:
 @given(late_scenarios())
 def test_late_clients_latest_revisions_equal_batch_reference(sc: Scenario) -> None:
     note(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
-    check_late(sc)
+    seen = check_late(sc)
+    event(f"late events: {bool(seen.late)}")
+    event(f"revised sessions: {bool(seen.revised_sessions)}")
+    event(f"retractions: {bool(seen.retracted)}")
+    event(f"revised chart rows: {bool(seen.revised_rows)}")
 
 
 @seed(HYPOTHESIS_SEED)
@@ -940,7 +964,14 @@ def test_late_events_filling_the_gap_merge_two_sessions() -> None:
             [
                 (0, rb(ev("a1", 0, "play"), ev("a2", 3 * MIN, "seek", pos=9_000))),
                 (0, rb(ev("b1", 5 * MIN, "play", B, user="u2"))),  # both sessions closed
-                (0, rb(ev("m2", 150_000, "pause"), ev("m1", 90_000, "resume", pos=1_000))),
+                (
+                    0,
+                    rb(
+                        ev("m3", 150_000, "pause"),
+                        ev("m1", 50_000, "pause"),
+                        ev("m2", 100_000, "resume", pos=1_000),
+                    ),
+                ),
                 (0, rb(ev("b2", 6 * MIN, "end", B, user="u2"))),
             ],
             max_out_of_orderness_ms=0,
