@@ -287,14 +287,22 @@ Spec = tuple[int, str, str, int, int, str | None, Device | None]
 
 
 def _timeline(
-    draw: st.DrawFn, user: str, deltas: st.SearchStrategy[int], durations: list[int], most: int
+    draw: st.DrawFn,
+    user: str,
+    deltas: st.SearchStrategy[int],
+    durations: list[int],
+    most: int,
+    until: int | None = None,
 ) -> list[Spec]:
-    """1 to ``most`` events of ``user`` in their own time order."""
+    """1 to ``most`` events of ``user`` in their own time order (with ``until``: as
+    many as it takes to pass that time)."""
     specs: list[Spec] = []
     t = BASE + draw(st.integers(0, 120_000))
     last_play: int | None = None
-    for i in range(draw(st.integers(1, most))):
+    for i in range(draw(st.integers(1, most)) if until is None else 1 << 30):
         if i:
+            if until is not None and t > until:
+                break
             t += draw(deltas)
         kind = draw(_KINDS)
         same = kind != "play" and last_play is not None and draw(st.integers(0, 3)) > 0
@@ -419,7 +427,7 @@ def late_scenarios(draw: st.DrawFn) -> Scenario:
     records of its time."""
     gap = draw(st.sampled_from([MIN, 2 * MIN, 30 * MIN]))
     ooo = draw(st.sampled_from([0, 1_000, 5_000]))
-    window = draw(st.sampled_from([10_000, MIN]))
+    window = draw(st.sampled_from([10_000, MIN, 3 * MIN]))
     lateness = draw(st.sampled_from([2 * MIN, 5 * MIN]))
     processing = ProcessingConfig(
         session_gap_ms=gap, max_out_of_orderness_ms=ooo, allowed_lateness_ms=lateness
@@ -438,6 +446,12 @@ def late_scenarios(draw: st.DrawFn) -> Scenario:
         shared = draw(st.integers(-1, live_users - 1))
         user = f"user-{shared}" if shared >= 0 else f"late-{n}"
         clients.append(_timeline(draw, user, deltas, durations, 10))
+    if draw(st.integers(0, 3)):
+        # A steady listener until well after the late clients' last events: the
+        # watermark passes them while the feed goes on (not only at the closing ticks).
+        until = max(spec[0] for client in clients for spec in client) + 2 * lateness + gap
+        steady = st.integers(5_000, 90_000)
+        live.extend(_timeline(draw, "steady", steady, durations, 0, until))
     specs = live + [spec for client in clients for spec in client]
     ids = [f"e{n:03d}" for n in draw(st.permutations(range(len(specs))))]
 
@@ -692,6 +706,8 @@ class LateCheck:
     revised_sessions: int
     retracted: set[str]
     revised_rows: int
+    #: Rows emitted after their window had closed (revisions, or a key's first row).
+    rows_after_close: int
 
 
 def check_late(sc: Scenario) -> LateCheck:
@@ -753,12 +769,20 @@ def check_late(sc: Scenario) -> LateCheck:
     assert got_ids == Counter(e.event_id for _, e in everything.events)
     assert sum(c.duplicates for c in calls) == everything.duplicates
 
+    # Rows only for closed windows (a revision: in a call that need not move it).
     closed = [c.closed_until for c in calls if c.closed_until is not None]
     assert closed == sorted(closed)
+    closed_until: int | None = None
+    rows_after_close = 0
     for c in calls:
+        before_call = closed_until
+        if c.closed_until is not None:
+            closed_until = c.closed_until
         for r in c.chart_rows:
-            assert c.closed_until is not None
-            assert r.window_start + sc.window_ms <= c.closed_until
+            assert closed_until is not None
+            assert r.window_start + sc.window_ms <= closed_until
+            if before_call is not None and r.window_start + sc.window_ms <= before_call:
+                rows_after_close += 1
     # What a call promised final stays so: no later revision (nor retraction).
     sessions_final: int | None = None
     rows_final: int | None = None
@@ -776,6 +800,7 @@ def check_late(sc: Scenario) -> LateCheck:
         revised_sessions=sum(1 for s in latest.values() if s.revision and not s.retracted),
         retracted=retracted,
         revised_rows=sum(1 for r in rows.values() if r.revision),
+        rows_after_close=rows_after_close,
     )
 
 
@@ -870,7 +895,7 @@ def test_late_clients_generated_premise(sc: Scenario) -> None:
 
 
 @seed(HYPOTHESIS_SEED)
-@settings(max_examples=150, deadline=None, database=None)
+@settings(max_examples=300, deadline=None, database=None)
 @given(late_scenarios())
 def test_late_clients_latest_revisions_equal_batch_reference(sc: Scenario) -> None:
     note(f"hypothesis seed: {HYPOTHESIS_SEED} (rerun with EVD_TEST_SEED={HYPOTHESIS_SEED})")
@@ -879,10 +904,11 @@ def test_late_clients_latest_revisions_equal_batch_reference(sc: Scenario) -> No
     event(f"revised sessions: {bool(seen.revised_sessions)}")
     event(f"retractions: {bool(seen.retracted)}")
     event(f"revised chart rows: {bool(seen.revised_rows)}")
+    event(f"chart rows after their window closed: {bool(seen.rows_after_close)}")
 
 
 @seed(HYPOTHESIS_SEED)
-@settings(max_examples=60, deadline=None, database=None)
+@settings(max_examples=100, deadline=None, database=None)
 @given(late_scenarios(), st.data())
 def test_late_clients_snapshot_restore_continues_identically(
     sc: Scenario, data: st.DataObject
