@@ -607,12 +607,12 @@ def _run(
                 closed_until=out.closed_until,
                 duplicates=out.duplicates,
                 sessions_until=out.sessions_until,
-                final_until=getattr(out, "final_until", None),
+                final_until=out.final_until,
             )
         )
     if counters is not None:
         counters["late"] = proc.late
-        counters["late_forced"] = getattr(proc, "late_forced", 0)
+        counters["late_forced"] = proc.late_forced
         counters["duplicates"] = proc.duplicates
     return calls
 
