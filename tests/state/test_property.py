@@ -17,6 +17,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from itertools import count
 from typing import Any
 
 import msgspec
@@ -453,6 +454,10 @@ def late_scenarios(draw: st.DrawFn) -> Scenario:
         steady = st.integers(5_000, 90_000)
         live.extend(_timeline(draw, "steady", steady, durations, 0, until))
     specs = live + [spec for client in clients for spec in client]
+    if draw(st.booleans()):
+        # Times on a 5 s grid: events exactly at the watermark minus the lateness.
+        specs = [(t - (t - BASE) % 5_000, *rest) for t, *rest in specs]
+        live = specs[: len(live)]
     ids = [f"e{n:03d}" for n in draw(st.permutations(range(len(specs))))]
 
     sources = draw(st.integers(1, 3))
@@ -565,6 +570,8 @@ class CallOutput:
     #: windows ending at or before ``final_until``.
     sessions_until: int | None = field(default=None, compare=False)
     final_until: int | None = field(default=None, compare=False)
+    #: The processor's watermark after the call.
+    watermark: int | None = field(default=None, compare=False)
 
 
 def _run(
@@ -608,6 +615,7 @@ def _run(
                 duplicates=out.duplicates,
                 sessions_until=out.sessions_until,
                 final_until=out.final_until,
+                watermark=proc.watermark,
             )
         )
     if counters is not None:
@@ -671,8 +679,9 @@ def check_against_reference(sc: Scenario) -> None:
         assert closed and closed[-1] >= max(k[0] for k in ref.charts) + sc.window_ms
 
 
-def late_oracle(sc: Scenario) -> set[str]:
-    """The event ids that are late in ``sc``, from the contract alone.
+def late_oracle(sc: Scenario) -> tuple[set[str], list[int | None]]:
+    """The event ids that are late in ``sc``, and the watermark after each record of
+    the feed, from the contract alone.
 
     A sub-log's watermark is the newest event time read from it minus the
     out-of-orderness bound; the partition's is the minimum over the sub-logs, never
@@ -688,6 +697,7 @@ def late_oracle(sc: Scenario) -> set[str]:
     watermark: int | None = None
     seen: set[str] = set()
     late: set[str] = set()
+    after: list[int | None] = []
     for src, record in sc.feed:
         for e in record.events:
             if e.event_id in seen:
@@ -702,7 +712,8 @@ def late_oracle(sc: Scenario) -> set[str]:
             if all(top is not None for top in tops):
                 lowest = min(top - ooo for top in tops if top is not None)
                 watermark = lowest if watermark is None else max(watermark, lowest)
-    return late
+        after.append(watermark)
+    return late, after
 
 
 @dataclass
@@ -723,7 +734,7 @@ def check_late(sc: Scenario) -> LateCheck:
     revision discipline of sessions and chart rows."""
     say = note if currently_in_test_context() else print
     say(_describe(sc))
-    late = late_oracle(sc)
+    late, watermarks = late_oracle(sc)
     say(f"late (oracle): {sorted(late)}")
     on_time = [
         RawBatch(
@@ -739,6 +750,15 @@ def check_late(sc: Scenario) -> LateCheck:
     calls = _run(sc, counters=counters)
     # Counted late: all beyond the lateness (the buffer's bound is never reached here).
     assert counters == {"late": len(late), "late_forced": 0, "duplicates": everything.duplicates}
+    # The watermark after each call (a tick at the constant wall clock moves nothing)
+    # until the closing ticks.
+    expected: int | None = None
+    for (op, _, _, _), c, n in zip(_operations(sc), calls, count(-1), strict=True):
+        if n == len(sc.feed) + len(sc.ticks_after):
+            break
+        if op == "process":
+            expected = watermarks.pop(0)
+        assert c.watermark == expected, f"watermark after operation {n + 1}"
 
     # Revisions per id count up from 0 in emission order; a retraction is the last
     # revision of its id.
@@ -955,7 +975,7 @@ def test_late_oracle_on_a_hand_example() -> None:
         max_out_of_orderness_ms=1_000,
         allowed_lateness_ms=2 * MIN,
     )
-    assert late_oracle(sc) == {"x3", "x4", "x6"}
+    assert late_oracle(sc)[0] == {"x3", "x4", "x6"}
 
 
 def test_late_play_revises_the_session_and_the_chart_row() -> None:
