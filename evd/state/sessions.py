@@ -278,7 +278,14 @@ class SessionTable:
             else:
                 self._late(uid, entry_of(t, eid, ev), watermark, closed)
                 continue
-            e = entry_of(t, eid, ev)
+            # entry_of, spelled out: once per event.
+            pb = ev.playback
+            geo = ev.geo
+            device = ev.device
+            e = (
+                t, eid, ev.event_type, ev.track_id, pb.position_ms, pb.duration_ms,
+                None if geo is None else geo.country, None if device is None else device.os,
+            )
             pack(e, s.log, -1)
             feed(s, e)
         if pending:
@@ -287,7 +294,7 @@ class SessionTable:
                     self._emit(q, closed)
             pending.clear()
 
-    def _feed(self, s: OpenSession, e: Entry) -> None:
+    def _feed(self, s: OpenSession, e: Entry | tuple[Any, ...]) -> None:
         """Apply one event, the newest of ``s`` in (time, event_id) order."""
         t = e[0]
         if s.playing:
