@@ -349,10 +349,15 @@ def render(report: Report) -> str:
                 for stage, _, pts in lags)))
         if s.note:
             srows.append(("note", s.note))
-    d = s.delivery_delay
-    srows.append(("end-to-end delay (received → delivered)",
-                  f"p50 {_opt(d.p50_ms)} · p90 {_opt(d.p90_ms)} · p99 {_opt(d.p99_ms)} · "
-                  f"p99.9 {_opt(d.p999_ms)} ms ({d.count:,} events)" if d.available else d.note))
+    delays = ([(f"end-to-end delay to {sink} (received → delivered)", ds)
+               for sink, ds in s.delivery_delay_by_sink.items()]
+              or [("end-to-end delay (received → delivered, summed over sinks)",
+                   s.delivery_delay)])
+    for title, d in delays:
+        srows.append((title,
+                      f"p50 {_opt(d.p50_ms)} · p90 {_opt(d.p90_ms)} · p99 {_opt(d.p99_ms)} · "
+                      f"p99.9 {_opt(d.p999_ms)} ms ({d.count:,} events)"
+                      if d.available else d.note))
     sections.append("<h2>Server</h2>" + _table(srows))
     if r.reject_reasons:
         sections.append("<h2>Rejected events by reason</h2>" + _grid(

@@ -66,6 +66,13 @@ def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
     return out
 
 
+def label_values(samples: Samples, name: str, label: str) -> list[str]:
+    """The values ``label`` takes in the samples of ``name`` (a histogram: its
+    buckets), sorted."""
+    rows = samples.get(name, []) or samples.get(name + "_bucket", [])
+    return sorted({lab[label] for lab, _ in rows if label in lab})
+
+
 def stage_lags(samples: Samples) -> dict[str, float]:
     """Lag in seconds of each stage the server reports: ``processor`` and one entry
     per sink, by its name (sink names never take ``processor``); {} when it has none."""
@@ -78,12 +85,13 @@ def stage_lags(samples: Samples) -> dict[str, float]:
     return out
 
 
-def buckets(samples: Samples, name: str) -> list[tuple[float, float]]:
-    """Cumulative ``(le, count)`` of histogram ``name``, summed over other labels."""
+def buckets(samples: Samples, name: str, **labels: str) -> list[tuple[float, float]]:
+    """Cumulative ``(le, count)`` of histogram ``name`` over the label sets matching
+    ``labels``, summed over their other labels."""
     acc: dict[float, float] = {}
     for lab, v in samples.get(name + "_bucket", []):
         le = lab.get("le")
-        if le is None:
+        if le is None or any(lab.get(k) != want for k, want in labels.items()):
             continue
         bound = math.inf if le in ("+Inf", "Inf", "inf") else float(le)
         acc[bound] = acc.get(bound, 0.0) + v

@@ -26,6 +26,7 @@ from evd.bench.metrics import (
     counter_delta,
     delta_buckets,
     label_delta,
+    label_values,
     quantile,
     stage_lags,
     total,
@@ -157,8 +158,11 @@ class ServerReport(msgspec.Struct, forbid_unknown_fields=True):
     duplicates: float | None
     rejected_by_reason: dict[str, float]
     request_duration: ServerLatency | None
+    #: Over every sink: an event counts once per sink that delivered it.
     delivery_delay: DelayReport
     series: list[ServerPoint]
+    #: The same, per sink (by its name).
+    delivery_delay_by_sink: dict[str, DelayReport] = msgspec.field(default_factory=dict)
 
 
 class Totals(msgspec.Struct, forbid_unknown_fields=True):
@@ -325,21 +329,12 @@ def _server_report(scrapes: ServerScrapes) -> ServerReport:
             count=int(req_b[-1][1]), **{
                 f"p{name}_ms": (None if (v := quantile(q, req_b)) is None else round(v * 1000, 3))
                 for name, q in (("50", 0.5), ("90", 0.9), ("99", 0.99))})
-    delay_after = buckets(after, DELIVERY_DELAY)
-    if delay_after:
-        d = delta_buckets(delay_after, buckets(before, DELIVERY_DELAY) if before else [])
-        count = int(d[-1][1]) if d else 0
-        if count == 0:
-            delay = DelayReport(available=False,
-                                note="not available: no event was delivered during the run")
-        else:
-            vals = {name: quantile(q, d) for name, q in
-                    (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("p999_ms", 0.999))}
-            delay = DelayReport(available=True, note="from the server's " + DELIVERY_DELAY,
-                                count=count, **{k: None if v is None else round(v * 1000, 3)
-                                                for k, v in vals.items()})
-    else:
-        delay = missing_delay
+    delay = _delay(after, before, "over every sink (an event counts once per sink)") \
+        if buckets(after, DELIVERY_DELAY) else missing_delay
+    by_sink = {
+        sink: _delay(after, before, f"sink {sink}", sink=sink)
+        for sink in label_values(after, DELIVERY_DELAY, "sink")
+    }
     series = []
     prev_t, prev = 0.0, before
     for t, samples in scrapes.during:
@@ -364,7 +359,23 @@ def _server_report(scrapes: ServerScrapes) -> ServerReport:
         request_duration=request_duration,
         delivery_delay=delay,
         series=series,
+        delivery_delay_by_sink=by_sink,
     )
+
+
+def _delay(after: Samples, before: Samples | None, what: str, **labels: str) -> DelayReport:
+    """The delivery delay of the sinks matching ``labels`` over the run."""
+    d = delta_buckets(buckets(after, DELIVERY_DELAY, **labels),
+                      buckets(before, DELIVERY_DELAY, **labels) if before else [])
+    count = int(d[-1][1]) if d else 0
+    if count == 0:
+        return DelayReport(available=False,
+                           note="not available: no event was delivered during the run")
+    vals = {name: quantile(q, d) for name, q in
+            (("p50_ms", 0.5), ("p90_ms", 0.9), ("p99_ms", 0.99), ("p999_ms", 0.999))}
+    return DelayReport(available=True, note=f"from the server's {DELIVERY_DELAY}, {what}",
+                       count=count, **{k: None if v is None else round(v * 1000, 3)
+                                       for k, v in vals.items()})
 
 
 def _recovery(plan: RunPlan, spike: Spike, series: Sequence[SeriesPoint],
@@ -648,8 +659,15 @@ def summary_text(r: Report) -> str:
                      + (", ".join(f"{k}={v:,.0f}" for k, v in s.rejected_by_reason.items())
                         or "0"))
     d = s.delivery_delay
-    if d.available:
-        lines.append(f"  delivery  p50 {d.p50_ms} ms  p99 {d.p99_ms} ms  ({d.count:,} events)")
+    if s.delivery_delay_by_sink:
+        for sink, ds in s.delivery_delay_by_sink.items():
+            lines.append(
+                f"  delivery  {sink}: p50 {ds.p50_ms} ms  p99 {ds.p99_ms} ms  ({ds.count:,} events)"
+                if ds.available else f"  delivery  {sink}: {ds.note}"
+            )
+    elif d.available:
+        lines.append(f"  delivery  p50 {d.p50_ms} ms  p99 {d.p99_ms} ms  ({d.count:,} events,"
+                     " summed over sinks)")
     else:
         lines.append(f"  delivery  {d.note}")
     sp = r.spike

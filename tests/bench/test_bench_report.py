@@ -287,3 +287,38 @@ def test_html_report_renders_its_charts_in_chromium(browser: str, tmp_path: Path
     # orange of the 429 bar and the spike shading are all on the page.
     for color in (html.COLORS[0], html.COLORS[1], html.COLORS[3], "#fde2c8"):
         assert near(counts, hex_rgb(color)) > 20, color
+
+
+SINK_DELAY = """\
+# TYPE evd_sink_delivery_delay_seconds histogram
+evd_sink_delivery_delay_seconds_bucket{{sink="lake",le="0.1"}} {a}
+evd_sink_delivery_delay_seconds_bucket{{sink="lake",le="1.0"}} {b}
+evd_sink_delivery_delay_seconds_bucket{{sink="lake",le="+Inf"}} {b}
+evd_sink_delivery_delay_seconds_bucket{{sink="warehouse",le="0.1"}} {c}
+evd_sink_delivery_delay_seconds_bucket{{sink="warehouse",le="1.0"}} {c}
+evd_sink_delivery_delay_seconds_bucket{{sink="warehouse",le="+Inf"}} {c}
+"""
+
+
+def test_delivery_delay_is_reported_per_sink() -> None:
+    # 1,000 events delivered to each of two sinks: 2,000 deliveries over both, which
+    # the per-sink lines tell apart (the lake's mostly above 100 ms, the warehouse's under).
+    plan = _plan(spike=False)
+    scrapes = ServerScrapes(
+        before=metrics.parse(METRICS_BEFORE + SINK_DELAY.format(a=0, b=0, c=0)),
+        after=metrics.parse(METRICS_AFTER + SINK_DELAY.format(a=100, b=1000, c=1000)),
+        during=[],
+    )
+    r = build_report(plan, [_synthetic_result(plan)], scrapes,
+                     "2024-06-01T12:00:00.000Z", 2, "3.11", "synthetic")
+    assert r.server.delivery_delay.count == 2000
+    assert "every sink" in r.server.delivery_delay.note
+    by_sink = r.server.delivery_delay_by_sink
+    assert sorted(by_sink) == ["lake", "warehouse"]
+    assert by_sink["lake"].count == by_sink["warehouse"].count == 1000
+    lake_p50, wh_p99 = by_sink["lake"].p50_ms, by_sink["warehouse"].p99_ms
+    assert lake_p50 is not None and lake_p50 > 100
+    assert wh_p99 is not None and wh_p99 <= 100
+    text = summary_text(r)
+    assert "delivery  lake: p50" in text and "delivery  warehouse: p50" in text
+    assert "(1,000 events)" in text
