@@ -7,7 +7,9 @@ seeks, with realistic gaps. Active users sit in a heap keyed by the time of thei
 next event; a batch for wall time ``t`` takes every user due by ``t`` and starts
 new sessions only when nobody is due, so the number of concurrent listeners grows
 to whatever the requested event rate needs. Past the population's capacity the
-model plays faster (``stats["pace"]`` < 1) and, as a last resort, compresses gaps
+model plays faster (``stats["pace"]`` < 1), each session that ends replaced by a
+new one of another user so that the listeners, the sessions and the event mix
+hold at that pace, and, as a last resort, compresses gaps
 (``stats["compressed"]``); if the sender is slower than the model expected,
 overdue events are re-timed to at most 2 s behind (``stats["stretched"]``).
 
@@ -625,7 +627,25 @@ class TrafficModel:
             self._push(u)
         else:
             del self._active[idx]
+            if self._pace < 1.0:
+                self._replace(due)
         return ev
+
+    def _replace(self, t: int) -> None:
+        """Start a session of another user in place of one that ended at ``t``.
+
+        At a faster pace someone is always due, so the rule that starts sessions
+        only when nobody is due would never fire: the listeners would drain and
+        the mix collapse into the ends of the sessions playing at the start.
+        """
+        for _ in range(16):  # with at most 60 % of the users active, all 16 miss rarely
+            idx = self._random_user_index()
+            if idx not in self._active:
+                u = self._make_user(idx)
+                self._start_session(u, t + int(self.rng.randrange(1000, 30_000) * self._pace))
+                self._active[idx] = u
+                self._push(u)
+                return
 
     def batch(self, n: int, t_ms: int) -> list[Event]:
         """Return the next ``n`` events, as a client sending at epoch ms ``t_ms`` would."""

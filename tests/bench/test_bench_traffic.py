@@ -186,3 +186,37 @@ def test_population_bound_is_respected_by_pacing(rate: float) -> None:
         # Too few users for the rate at real pace: played faster, not from the future.
         assert model.stats["pace"] < 1.0
     assert model.stats["compressed"] < 0.05 * model.stats["events"]
+
+
+def _mix(events: list[dict[str, Any]]) -> dict[str, float]:
+    counts = Counter(e.get("event_type", "play") for e in events)
+    return {t: counts[t] / len(events) for t in EVENT_TYPES}
+
+
+def test_at_a_faster_pace_sessions_keep_starting_and_the_mix_holds() -> None:
+    # One of two generator processes at 16,500 events/s against a model sized for
+    # 20,000 (evd bench's closed loop): its 100,000 users cannot make that at real
+    # pace, so it plays about 24x faster and someone is always due. Sessions that end
+    # must be replaced, or the listeners drain and no session starts (as it did:
+    # 60,000 listeners down to 52,000 in 10 s, 29 new sessions).
+    cfg = TrafficConfig(seed=1)
+    fast = TrafficModel(cfg, START_MS, rate_hint=20_000, user_offset=0, user_stride=2)
+    assert fast.stats["pace"] < 0.1
+    listeners = fast.active_listeners()
+    _run_from(fast, 0, 825, 16_500)  # the first 5 s
+    events = _run_from(fast, 825, 1_650, 16_500)  # the next 5 s
+    assert fast.active_listeners() >= 0.95 * listeners
+    assert fast.stats["sessions"] > 2_000
+    real = TrafficModel(SMALL, START_MS, rate_hint=100)
+    assert real.stats["pace"] == 1.0
+    reference = _mix(_run(real, 400, 100))
+    got = _mix(events)
+    for kind in EVENT_TYPES:
+        assert abs(got[kind] - reference[kind]) < 0.06, (kind, got, reference)
+
+
+def _run_from(model: TrafficModel, first: int, last: int, rate: float) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+    for j in range(first, last):
+        out.extend(model.batch(100, START_MS + int(j * 100 * 1000 / rate)))
+    return out
