@@ -296,8 +296,8 @@ ENCODE_CHUNK = 2000
 
 
 async def encode_state(state: PartitionState) -> msgspec.Raw:
-    """``state`` encoded, its two long lists (open sessions, dedup groups) a chunk at
-    a time with the event loop served in between.
+    """``state`` encoded, its long lists (open sessions, kept sessions, dedup groups) a
+    chunk at a time with the event loop served in between.
 
     Encoding a busy partition's whole state at once held the loop for tens to
     hundreds of milliseconds (docs/performance.md, "Snapshots and latency"). The
@@ -306,6 +306,7 @@ async def encode_state(state: PartitionState) -> msgspec.Raw:
     """
     # Raw values in place of the lists: the encoder writes them as they are.
     state.sessions.sessions = await _encode_list(state.sessions.sessions)  # type: ignore[assignment]
+    state.sessions.emitted = await _encode_list(state.sessions.emitted)  # type: ignore[assignment]
     state.dedup.groups = await _encode_list(state.dedup.groups)  # type: ignore[assignment]
     return msgspec.Raw(_state_encoder.encode(state))
 

@@ -21,7 +21,7 @@ from evd.state import runner
 from evd.state.charts import ChartsState
 from evd.state.dedup import DedupState
 from evd.state.processor import PartitionState
-from evd.state.sessions import OpenSession, SessionTableState
+from evd.state.sessions import EmittedSession, OpenSession, SessionTableState
 from evd.state.snapshots import DirectoryStore
 from evd.state.watermark import WatermarkState
 
@@ -36,10 +36,16 @@ def state(sessions: int, groups: int) -> PartitionState:
         ),
         watermarks=WatermarkState(watermark=7, sources={0: 9}),
         buffer=[],
-        sessions=SessionTableState(sessions=[
-            OpenSession(f"u{i}", f"e{i}", i, i + 1, plays=[("spotify:track:x", i, 3, "skip")])
-            for i in range(sessions)
-        ]),
+        sessions=SessionTableState(
+            sessions=[
+                OpenSession(f"u{i}", f"e{i}", i, i + 1, plays=[("spotify:track:x", i, 3, "skip")])
+                for i in range(sessions)
+            ],
+            emitted=[
+                EmittedSession(f"k{i}", f"f{i}", i, i + 2, 1, 0, b"\x98" + bytes(8))
+                for i in range(sessions // 3)
+            ],
+        ),
         charts=ChartsState(),
     )
 
@@ -51,6 +57,7 @@ async def test_chunked_encoding_equals_encoding_at_once(n: int) -> None:
     assert bytes(got) == expected
     decoded = msgspec.msgpack.decode(bytes(got), type=PartitionState)
     assert len(decoded.sessions.sessions) == n and len(decoded.dedup.groups) == n // 2
+    assert len(decoded.sessions.emitted) == n // 3
 
 
 async def test_the_loop_is_served_between_chunks() -> None:
