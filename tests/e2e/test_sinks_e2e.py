@@ -92,7 +92,9 @@ def post_load(
         dict(events[1], event_id="bad-country", geo={"country": "XX"}),
         dict(events[2], event_id="bad-position", playback={"position_ms": 5, "duration_ms": 1}),
     ]
-    late = [dict(events[3], event_id=f"late-{i}", timestamp=iso(start_ms - 3_600_000))
+    # Two hours old: beyond the default allowed lateness (1 h) whatever the watermark
+    # (at an hour, they were late only once the watermark passed start_ms).
+    late = [dict(events[3], event_id=f"late-{i}", timestamp=iso(start_ms - 2 * 3_600_000))
             for i in range(3)]
     retries = 0
     shift = 0
