@@ -280,6 +280,21 @@ def wait_delivered(server: EvdServer, want: Result) -> None:
         time.sleep(0.3)
 
 
+def wait_top_tracks(server: EvdServer, want: Result) -> None:
+    """Wait until ``GET /v1/charts/top-tracks`` (the last hour, every track) answers the
+    reference's plays per track: the latest counts, late plays included (bounded)."""
+    totals: Counter[str] = Counter()
+    for (_, _, track), plays in want.charts.items():
+        totals[track] += plays
+
+    def answered() -> dict[str, int]:
+        body = request(server.port, "GET", "/v1/charts/top-tracks?window=1h&limit=1000").json()
+        return {t["track_id"]: t["plays"] for t in body["tracks"]}
+
+    wait_for("the top-tracks API to answer the latest counts",
+             lambda: answered() == dict(totals), timeout=SETTLE_TIMEOUT_S)
+
+
 # -- the server ------------------------------------------------------------------------------
 
 
@@ -377,6 +392,7 @@ def test_batches_sent_minutes_late_give_the_reference(
     wait_watermarks_past(server, newest(posts))  # every batch comes behind the watermark
     post_late(server, posts)
     wait_delivered(server, want)
+    wait_top_tracks(server, want)
     assert sum(late_counts(server).values()) == 0, late_counts(server)
     # The late path was taken: sessions were emitted again, and merges retracted some.
     sessions = list(lake_revisions(server.data_dir, "sessions"))
