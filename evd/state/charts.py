@@ -111,7 +111,7 @@ class ChartWindows:
             counts[key] = n + 1
             if late:
                 row = (start, *key)
-                if not n and row not in self._revisions:
+                if not n:  # not in the window when it closed, nor added since
                     self._new.add(row)
                 self._dirty.add(row)
 
@@ -129,9 +129,9 @@ class ChartWindows:
         if self._closed_until is None or until > self._closed_until:
             self._closed_until = advanced = until
             windows = self._windows
+            held = self._held
             for start in sorted(s for s in windows if s < until):
                 counts = windows.pop(start)
-                held = self._held
                 for (country, track), plays in counts.items():
                     revision = held.next((start, country, track), 0, plays) if held else 0
                     rows.append(ChartRow(start, country, track, plays, revision))

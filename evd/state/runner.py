@@ -163,7 +163,7 @@ class PartitionRunner:
     async def _emitted_since(
         self, starts: dict[str, dict[int, int]]
     ) -> tuple[StreamRevisions[str], StreamRevisions[RowKey]]:
-        """The highest revision of every session and chart row in the partition's
+        """Every revision (and size) of each session and chart row in the partition's
         output streams from ``starts`` (a snapshot's ``outputs``) to their ends now."""
         reader = self.outputs
         assert reader is not None

@@ -369,21 +369,22 @@ class SessionTable:
         if s is not None and s.started - gap <= t <= s.last + gap:
             del self._open[uid]
             joined.append(s)
+        touched_entries = [unpack(k.log, k.events) for k in touched]
         entries = [entry]
-        for k in touched:
-            entries += unpack(k.log, k.events)
+        for k_entries in touched_entries:
+            entries += k_entries
         for q in joined:
             entries += unpack(q.log, q.events)
         entries.sort()
         merged = self._computed(uid, entries)
-        for k in touched:
+        for k, k_entries in zip(touched, touched_entries, strict=True):
             kept.remove(k)
             k.gone = True
             self._kept_count -= 1
             if merged.first_id == k.first_id:
                 merged.revision = k.revision
             elif k.revision >= 0:
-                self._retract(self._computed(uid, unpack(k.log, k.events)), k.revision, closed)
+                self._retract(self._computed(uid, k_entries), k.revision, closed)
         waiting = [w for w in waiting if all(w is not q for q in joined)]
         for q in joined:
             if merged.first_id == q.first_id:
@@ -391,13 +392,14 @@ class SessionTable:
             elif q.revision >= 0:
                 self._retract(q, q.revision, closed)
         self._store(uid, kept)
-        if merged.last < watermark - gap:
+        passed = merged.last < watermark - gap
+        if passed:
             waiting.append(merged)
         if waiting:
             self._pending[uid] = waiting
         else:
             self._pending.pop(uid, None)
-        if merged.last < watermark - gap:
+        if passed:
             return
         # Open again (no later session of the user can be open: see the class).
         table = self._open
