@@ -893,3 +893,41 @@ async def test_a_full_disk_refuses_every_append_except_internal_ones(backend: Ba
     await producer.append(Stream.RAW, 0, payload("after"))
     assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["after"]
 
+
+
+async def test_the_embedded_consumer_lists_sublog_directories_only_when_a_writer_announced_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Discovery is a stat of ``_sublogs`` while no writer opened a sub-log, so a
+    busy consumer does not list directories every DISCOVER_INTERVAL_S."""
+    listings: list[tuple[str, int]] = []
+    real = consumer_mod.writers_of
+
+    def counted(data_dir: str | Path, stream: str, partition: int) -> list[int]:
+        listings.append((stream, partition))
+        return real(data_dir, stream, partition)
+
+    monkeypatch.setattr(consumer_mod, "writers_of", counted)
+    monkeypatch.setattr(consumer_mod, "DISCOVER_INTERVAL_S", 0.0)
+    first = EmbeddedLog(tmp_path, 4, writer=0)
+    first.open()
+    second = EmbeddedLog(tmp_path, 4, writer=1)
+    second.open()
+    consumer = EmbeddedConsumer(tmp_path, None)
+    try:
+        await first.append(Stream.RAW, 2, payload("w0-0"))
+        consumer.assign([TopicPartition(Stream.RAW, 2)])
+        assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == ["w0-0"]
+        listed = len(listings)
+        for i in range(1, 20):
+            await first.append(Stream.RAW, 2, payload(f"w0-{i}"))
+            assert [tag_of(r.payload) for r in await fetch_n(consumer, 1)] == [f"w0-{i}"]
+        assert len(listings) == listed, "listed directories though no writer opened a sub-log"
+        await second.append(Stream.RAW, 2, payload("w1-0"))  # writer 1's first: announced
+        got = await fetch_n(consumer, 1)
+        assert [(r.sublog, tag_of(r.payload)) for r in got] == [(SubLog(Stream.RAW, 2, 1), "w1-0")]
+        assert len(listings) == listed + 1
+    finally:
+        await consumer.close()
+        await first.close()
+        await second.close()

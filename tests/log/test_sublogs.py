@@ -76,6 +76,7 @@ async def test_a_writer_writes_only_its_own_files(tmp_path: Path) -> None:
     assert journals and all(f.startswith("_journal/w003/") for f in journals)
     assert files - journals == {
         "_wake",
+        "_sublogs",  # shared like _wake: appended to, never rewritten
         "raw/0001/w003/00000000000000000000.seg",
         "raw/0001/w003/durable",
         "dead_letter/0000/w003/00000000000000000000.seg",

@@ -27,7 +27,13 @@ import orjson
 
 from evd.core.files import write_atomic
 from evd.core.log import Consumer, ConsumerRecord, InvalidOffset, Lag, SubLog, TopicPartition
-from evd.core.log.embedded.sublog import SubLogReader, parse_writer, writer_name, writers_of
+from evd.core.log.embedded.sublog import (
+    SubLogReader,
+    parse_writer,
+    sublogs_generation,
+    writer_name,
+    writers_of,
+)
 from evd.core.log.embedded.wake import DurableWatch
 
 __all__ = ["EmbeddedConsumer", "committed_offsets", "consumer_names"]
@@ -35,10 +41,11 @@ __all__ = ["EmbeddedConsumer", "committed_offsets", "consumer_names"]
 log = logging.getLogger(__name__)
 
 CONSUMERS_DIR = "consumers"
-#: Most often the sub-log directories of the assigned partitions are listed
-#: while data keeps coming: a new writer's sub-log is found within this, which
-#: bounds how far (in wall-clock time) the other sub-logs can be read ahead of
-#: it; a listing costs a few microseconds per partition.
+#: Most often a consumer looks for new sub-logs while data keeps coming: a new
+#: writer's sub-log is found within this, which bounds how far (in wall-clock
+#: time) the other sub-logs can be read ahead of it. A look is one stat of
+#: ``<log>/_sublogs`` (sublog.announce_sublogs); the directories of the assigned
+#: partitions are listed only when it grew (or does not exist yet).
 DISCOVER_INTERVAL_S = 0.02
 #: A pending seek to the oldest retained record (of a sub-log not found yet).
 _BEGINNING = -1
@@ -108,6 +115,9 @@ class EmbeddedConsumer(Consumer):
         self._seeks: dict[SubLog, int | None] = {}
         self._watch: DurableWatch | None = None
         self._next_discover = 0.0
+        self._log_root = str(self.data_dir / "log")
+        #: sublogs_generation when the assigned partitions were last listed (None: never).
+        self._listed_at: int | None = None
         #: A wake-up came while discovery was rate-limited (a new sub-log may wait).
         self._undiscovered_wake = False
         self._start = 0  # round-robin start among the sub-logs with data
@@ -135,6 +145,10 @@ class EmbeddedConsumer(Consumer):
             return
         self._next_discover = now + DISCOVER_INTERVAL_S
         self._undiscovered_wake = False
+        generation = sublogs_generation(self._log_root)
+        if not force and generation is not None and generation == self._listed_at:
+            return  # no writer opened a sub-log since the last listing
+        self._listed_at = generation
         for stream, partition in self._assigned:
             for writer in writers_of(self.data_dir, stream, partition):
                 sublog = SubLog(stream, partition, writer)

@@ -66,6 +66,7 @@ from evd.core.log.embedded.sublog import (
     OffsetOutOfRange,
     PublishedEnd,
     Segments,
+    announce_sublogs,
     sublog_dir,
     writer_name,
 )
@@ -430,6 +431,9 @@ class EmbeddedLog(Producer):
                 # The sub-log directory's entry, and those of the directories made for it.
                 for parent in dict.fromkeys([directory.parent, *changed]):
                     fsync_dir(parent)
+                # Every time, not only when it made the directory: a writer that
+                # died between mkdir and here announces it when it starts again.
+                announce_sublogs(self.root)
             except BaseException:
                 part.close()
                 raise

@@ -57,7 +57,9 @@ __all__ = [
     "OffsetOutOfRange",
     "PublishedEnd",
     "SubLogReader",
+    "announce_sublogs",
     "sublog_dir",
+    "sublogs_generation",
     "writer_name",
     "writers_of",
 ]
@@ -97,6 +99,31 @@ def parse_writer(name: str) -> int | None:
 def sublog_dir(log_root: Path, stream: str, partition: int, writer: int) -> Path:
     """The directory of writer ``writer``'s sub-log of ``stream``/``partition``."""
     return log_root / stream / f"{partition:04d}" / writer_name(writer)
+
+
+#: Grows by a byte each time a writer opens its sub-logs of a stream/partition
+#: (after their directories exist), so readers list directories only when it grew.
+SUBLOGS_FILE = "_sublogs"
+
+
+def announce_sublogs(log_root: Path) -> None:
+    """Tell readers in any process that a sub-log directory may be new: one byte
+    appended to ``<log>/_sublogs`` (O_APPEND: concurrent writers never overwrite)."""
+    fd = os.open(log_root / SUBLOGS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        os.write(fd, b"\0")
+    finally:
+        os.close(fd)
+
+
+def sublogs_generation(log_root: str) -> int | None:
+    """The size of ``<log>/_sublogs`` (None: no writer announced yet). A reader
+    that read it before listing the sub-log directories has seen every sub-log
+    announced before; a larger value later means one more may exist."""
+    try:
+        return os.stat(log_root + "/" + SUBLOGS_FILE).st_size
+    except FileNotFoundError:
+        return None
 
 
 def writers_of(data_dir: str | Path, stream: str, partition: int) -> list[int]:
