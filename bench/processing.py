@@ -291,7 +291,7 @@ def run_evd(recorded: Recorded, profile: Path | None = None) -> dict[str, Any]:
                 raw, raw_events = decode(payload)
                 t1 = clock()
                 before = len(out.events)
-                proc.process(SOURCE, raw, now, out)
+                proc.process(SOURCE, raw, now, out, release=False)  # as the runner does
                 if len(out.events) > before and len(out.events[-1].events) == len(raw.events):
                     forward[before] = raw_events
                 t_decode += t1 - t0

@@ -216,10 +216,13 @@ class PartitionProcessor:
         self._charts.raise_revisions(chart_rows)
 
     def process(
-        self, source: int, batch: RawBatch, now_ms: int, out: Outputs, offset: int = -1
+        self, source: int, batch: RawBatch, now_ms: int, out: Outputs, offset: int = -1,
+        *, release: bool = True,
     ) -> None:
         """One raw-log record read from sub-log ``source`` (a writer id; with Kafka always
-        0) at ``offset``; both are stamped on its outputs."""
+        0) at ``offset``; both are stamped on its outputs. ``release`` False: its events
+        wait in the ordering buffer for the next ``tick`` (a runner processes a whole
+        fetch, then ticks once: one release per pass instead of one per record)."""
         kept = self._dedup.filter(batch.received_at, batch.events)
         dropped = len(batch.events) - len(kept)
         by_type: dict[str, int] = {}
@@ -256,7 +259,8 @@ class PartitionProcessor:
             self._buffer.push([times[i] for i in on_time], [kept[i] for i in on_time])
         else:
             self._buffer.push(times, kept)
-        self._release(out)
+        if release:
+            self._release(out)
 
     def tick(self, now_ms: int, backlog: Collection[int], out: Outputs) -> None:
         """Wall-clock progress. ``backlog``: sources that still have unread data (they

@@ -230,7 +230,7 @@ class PartitionRunner:
             batch, raw_events = decode(record.payload)
             events += len(batch.events)
             before = len(out.events)
-            proc.process(record.sublog.source, batch, now, out, record.offset)
+            proc.process(record.sublog.source, batch, now, out, record.offset, release=False)
             if len(out.events) > before and len(out.events[-1].events) == len(batch.events):
                 forward[before] = raw_events  # every event kept: forward the bytes
         proc.tick(now, {s.source for s in self.consumer.backlog()}, out)

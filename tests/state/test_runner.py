@@ -206,6 +206,8 @@ async def test_a_replay_after_a_crash_never_emits_a_lower_revision(
         outputs=EmbeddedConsumer(tmp_path, None),
     )
     await second.restore()
+    while len(await _sessions_in(tmp_path, 1)) < before + 1:  # the replay
+        await second.step(0.2)
     await append(_play("e3", t0 + 50, "pause"))  # late, within the lateness
     while len(await _sessions_in(tmp_path, 1)) < before + 2:
         await second.step(0.2)
