@@ -46,13 +46,15 @@ START_S = 30.0
 POLL_S = 0.2
 
 
-def _pinned(cmd: list[str], cpu: int | None, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _pinned(
+    cmd: list[str], cpu: int | None, log: Path, env: dict[str, str], cwd: Path | None = None
+) -> subprocess.Popen[bytes]:
     own = os.sched_getaffinity(0)
     if cpu is not None:
         os.sched_setaffinity(0, {cpu})  # inherited by the server and its children
     try:
         with open(log, "ab") as out:
-            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     finally:
         os.sched_setaffinity(0, own)
 
@@ -102,16 +104,21 @@ async def _load(args: argparse.Namespace, port: int) -> tuple[int, dict[str, int
 
 
 def run_server(args: argparse.Namespace, kind: str, workdir: Path) -> dict[str, Any]:
-    """Start ``kind`` (evd or collector), load it, count its CPU until done; stop it."""
+    """Start ``kind`` (evd, baseline: evd of the --baseline checkout, or collector), load
+    it, count its CPU until done; stop it."""
     port = free_port()
     env = dict(os.environ)
-    if kind == "evd":
+    cwd = None
+    if kind == "baseline":
+        cwd = args.baseline  # ``-m evd`` imports evd from the working directory first
+        env["PYTHONPATH"] = str(args.baseline)
+    if kind in ("evd", "baseline"):
         cmd = [sys.executable, "-m", "evd", "serve", "--workers", "1", "--port", str(port),
                "--data-dir", str(workdir / "data")]
     else:
         cmd = [sys.executable, "-m", "bench.collector", "--port", str(port),
                "--out", str(workdir / "events.ndjson")]
-    proc = _pinned(cmd, args.server_cpu, workdir / f"{kind}.log", env)
+    proc = _pinned(cmd, args.server_cpu, workdir / f"{kind}.log", env, cwd)
     try:
         _ready(port, proc)
         if args.load_cpu is not None:
@@ -121,7 +128,7 @@ def run_server(args: argparse.Namespace, kind: str, workdir: Path) -> dict[str, 
         accepted, statuses = uvloop.run(_load(args, port))
         load_s = time.perf_counter() - t0
         drained = True
-        if kind == "evd":
+        if kind != "collector":
             deadline = time.monotonic() + args.drain_timeout
             while not _caught_up(port):
                 if time.monotonic() > deadline:
@@ -162,11 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="longest wait for evd's stages to catch up after the load")
     p.add_argument("--out", type=Path, default=Path("bench-out/versus"))
+    p.add_argument("--baseline", type=Path, default=None,
+                   help="a checkout of another evd version (say, a git worktree of the code"
+                        " before a change): its evd serve runs too in every round, after"
+                        " this one, and each round also prints evd / baseline")
     args = p.parse_args(argv)
     rounds: list[dict[str, Any]] = []
     for n in range(args.runs):
         round_: dict[str, Any] = {}
-        for kind in ("evd", "collector"):
+        kinds = ("evd", "collector", "baseline") if args.baseline else ("evd", "collector")
+        for kind in kinds:
             with tempfile.TemporaryDirectory(prefix=f"versus-{kind}-") as tmp:
                 round_[kind] = run_server(args, kind, Path(tmp))
         ratio = (round_["evd"]["events_per_cpu_s"] / round_["collector"]["events_per_cpu_s"]
@@ -179,9 +191,21 @@ def main(argv: list[str] | None = None) -> int:
               f" {'yes' if evd['drained'] else 'NO'} after {evd['done_s']:.1f} s);"
               f" collector {col['events_per_cpu_s']:,} ({col['accepted']:,} events,"
               f" {col['cpu_s']:.2f} CPU-s); ratio {ratio:.2f}x", flush=True)
+        if args.baseline:
+            base = round_["baseline"]
+            round_["vs_baseline"] = round(
+                evd["events_per_cpu_s"] / base["events_per_cpu_s"] if base["events_per_cpu_s"]
+                else 0.0, 3)
+            print(f"       baseline {base['events_per_cpu_s']:,} events per CPU-second"
+                  f" ({base['accepted']:,} events, {base['cpu_s']:.2f} CPU-s, drained"
+                  f" {'yes' if base['drained'] else 'NO'}); evd / baseline"
+                  f" {round_['vs_baseline']:.2f}x", flush=True)
     median = statistics.median(r["ratio"] for r in rounds)
     print(f"batch {args.batch}: evd / collector per CPU-second, median of {len(rounds)}:"
           f" {median:.2f}x")
+    if args.baseline:
+        print(f"batch {args.batch}: evd / baseline per CPU-second, median of {len(rounds)}:"
+              f" {statistics.median(r['vs_baseline'] for r in rounds):.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "versus.json").write_text(json.dumps(
         {"batch": args.batch, "duration_s": args.duration, "connections": args.connections,
