@@ -13,9 +13,13 @@ up (the processors' and every sink's lag 0 bytes: every accepted event is in
 the lake, the warehouse and the audit), bounded by ``--drain-timeout``; for the
 collector, the end of the load (its append is its whole job). The figure is
 accepted events per CPU second, and the ratio evd / collector of each round.
-Prints a table and writes ``versus.json`` to ``--out``.
+Each round also reports the sustained rate, accepted events per second from
+the start of the load until done (``events_per_s_drained``): with
+``--workers 2`` against ``--workers 1`` it shows whether a stage serializes the
+host. Prints a table and writes ``versus.json`` to ``--out``.
 
     python -m bench.versus --batch 100 --duration 10 --runs 3 --server-cpu 0 --load-cpu 1
+    python -m bench.versus --workers 2 --server-cpu 0,1 --load-cpu 1 ...
 """
 
 from __future__ import annotations
@@ -47,11 +51,11 @@ POLL_S = 0.2
 
 
 def _pinned(
-    cmd: list[str], cpu: int | None, log: Path, env: dict[str, str], cwd: Path | None = None
+    cmd: list[str], cpus: set[int] | None, log: Path, env: dict[str, str], cwd: Path | None = None
 ) -> subprocess.Popen[bytes]:
     own = os.sched_getaffinity(0)
-    if cpu is not None:
-        os.sched_setaffinity(0, {cpu})  # inherited by the server and its children
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)  # inherited by the server and its children
     try:
         with open(log, "ab") as out:
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
@@ -113,7 +117,7 @@ def run_server(args: argparse.Namespace, kind: str, workdir: Path) -> dict[str, 
         cwd = args.baseline  # ``-m evd`` imports evd from the working directory first
         env["PYTHONPATH"] = str(args.baseline)
     if kind in ("evd", "baseline"):
-        cmd = [sys.executable, "-m", "evd", "serve", "--workers", "1", "--port", str(port),
+        cmd = [sys.executable, "-m", "evd", "serve", "--workers", str(args.workers), "--port", str(port),
                "--data-dir", str(workdir / "data")]
     else:
         cmd = [sys.executable, "-m", "bench.collector", "--port", str(port),
@@ -153,6 +157,8 @@ def run_server(args: argparse.Namespace, kind: str, workdir: Path) -> dict[str, 
         "drained": drained,
         "cpu_s": round(cpu_s, 3),
         "events_per_s": round(accepted / load_s) if load_s else 0,
+        # Sustained: what the whole pipeline took in and delivered, per second until done.
+        "events_per_s_drained": round(accepted / done_s) if done_s else 0,
         "events_per_cpu_s": round(accepted / cpu_s) if cpu_s else 0,
     }
 
@@ -164,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=3, help="rounds (evd then the collector)")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--server-cpu", type=int, default=None, help="pin the servers to this CPU")
+    p.add_argument("--server-cpu", type=lambda v: {int(c) for c in v.split(",")}, default=None,
+                   help="pin the servers to these CPUs (comma-separated)")
+    p.add_argument("--workers", type=int, default=1, help="evd serve --workers")
     p.add_argument("--load-cpu", type=int, default=None, help="pin the load to this CPU")
     p.add_argument("--drain-timeout", type=float, default=120.0,
                    help="longest wait for evd's stages to catch up after the load")

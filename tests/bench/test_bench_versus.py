@@ -76,13 +76,14 @@ def test_the_collector_validates_and_appends(collector: tuple[int, Path]) -> Non
 def test_one_run_measures_both_servers_and_their_ratio(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.versus", "--duration", "1", "--runs", "1", "--batch", "10",
-         "--connections", "4", "--drain-timeout", "60", "--out", str(tmp_path)],
+         "--connections", "4", "--drain-timeout", "60", "--out", str(tmp_path),
+         "--baseline", str(ROOT)],  # this checkout as its own baseline: the option's plumbing
         cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=150, check=False,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads((tmp_path / "versus.json").read_text())
     [round_] = report["rounds"]
-    for kind in ("evd", "collector"):
+    for kind in ("evd", "collector", "baseline"):
         r = round_[kind]
         assert r["accepted"] > 0 and set(r["statuses"]) == {"200"}, r
         assert r["cpu_s"] > 0 and r["events_per_cpu_s"] > 0, r
@@ -90,4 +91,10 @@ def test_one_run_measures_both_servers_and_their_ratio(tmp_path: Path) -> None:
     assert round_["ratio"] == pytest.approx(
         round_["evd"]["events_per_cpu_s"] / round_["collector"]["events_per_cpu_s"], rel=0.01
     )
+    assert round_["baseline"]["drained"]
+    assert 0 < round_["evd"]["events_per_s_drained"] <= round_["evd"]["events_per_s"]
+    assert round_["vs_baseline"] == pytest.approx(
+        round_["evd"]["events_per_cpu_s"] / round_["baseline"]["events_per_cpu_s"], rel=0.01
+    )
     assert "evd / collector per CPU-second" in proc.stdout
+    assert "evd / baseline per CPU-second" in proc.stdout
