@@ -1,6 +1,7 @@
 """Runs the processor of one raw partition: consume, process, produce, snapshot.
 
-The loop, per fetch: decode the raw records of every sub-log of the partition,
+The loop, per fetch (at most one per PASS_INTERVAL_S while data keeps coming):
+decode the raw records of every sub-log of the partition,
 hand them to the PartitionProcessor (evd.state.processor), tick it with the
 wall clock and the sub-logs that still have data, and append what it produced
 to the output streams (``events``, ``late``, ``sessions``, ``charts``, same
@@ -57,6 +58,12 @@ FETCH_BYTES = 128 << 10
 #: Longest wait for raw data before the processor ticks the wall clock anyway
 #: (idle sub-logs and partitions are noticed within this).
 TICK_S = 0.5
+#: While data keeps coming, a pass starts at most this long after the previous
+#: one started: the records that arrived meanwhile are one fetch, one tick and one
+#: group of outputs, instead of a pass (and an output group commit, which wakes
+#: every reader) per request's record. The first record after an idle spell is
+#: taken at once; this is what a busy partition's outputs may wait more.
+PASS_INTERVAL_S = 0.02
 
 _state_decoder = msgspec.msgpack.Decoder(PartitionState)
 _state_encoder = msgspec.msgpack.Encoder()
@@ -211,7 +218,10 @@ class PartitionRunner:
         interval = self.cfg.snapshot.interval_s
         self._last_snapshot = loop.time() - interval * self.phase
         while not self._stopping:
-            await self.step(TICK_S)
+            started = loop.time()
+            if await self.step(TICK_S):
+                # Busy: let the next records gather (the stop flag is seen after it).
+                await asyncio.sleep(started + PASS_INTERVAL_S - loop.time())
             if loop.time() - self._last_snapshot >= interval:
                 await self.snapshot()
         await self.snapshot()
