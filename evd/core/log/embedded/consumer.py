@@ -4,11 +4,15 @@ A partition of the embedded log is the set of its writers' sub-logs
 (evd.core.log.embedded.sublog); a consumer keeps one position per sub-log, reads each up
 to its writer's published durable end, and waits for new data on a
 DurableWatch (inotify) instead of polling. Sub-logs appear when a writer first
-appends to a partition; the consumer finds them when it looks for data.
+appends to a partition; the consumer finds them when it looks for data (a
+``stat`` of each partition directory, listed again when its mtime moved; see
+SETTLED_NS).
 
 Committed offsets live in ``<data_dir>/log/<stream>/consumers/<name>/<partition:04d>.json``
 (``{"w000": offset, ...}``), one file per partition: a partition is consumed by one
-process at a time, so no two processes write the same file. A consumer that
+process at a time, so no two processes write the same file. A commit writes the
+files of the partitions whose offsets moved, each replaced atomically, with one
+fsync per directory. A consumer that
 committed is *registered*: retention (evd.core.log.embedded.retention) keeps every segment
 it has not passed.
 """
@@ -21,11 +25,11 @@ import os
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import orjson
 
-from evd.core.files import write_atomic
+from evd.core.files import write_atomic_all
 from evd.core.log import Consumer, ConsumerRecord, InvalidOffset, Lag, SubLog, TopicPartition
 from evd.core.log.embedded.sublog import SubLogReader, parse_writer, writer_name, writers_of
 from evd.core.log.embedded.wake import DurableWatch
@@ -44,6 +48,22 @@ DISCOVER_INTERVAL_S = 0.02
 _BEGINNING = -1
 #: Smallest share of a fetch's max_bytes one sub-log gets when several have data.
 MIN_SHARE_BYTES = 64 * 1024
+
+#: A directory whose mtime is this much older than the wall clock is listed again
+#: only when its mtime changes: any entry created later gets a later mtime, whatever
+#: the filesystem's timestamp granularity (up to this).
+SETTLED_NS = 2_000_000_000
+
+_new_record = tuple.__new__
+
+
+class _Listing(NamedTuple):
+    """A partition directory's entries when last listed, and its mtime then."""
+
+    names: list[str]
+    mtime_ns: int
+    #: The mtime was older than SETTLED_NS before the listing: a later change moves it.
+    settled: bool
 
 
 def _check_name(name: str) -> str:
@@ -110,8 +130,15 @@ class EmbeddedConsumer(Consumer):
         self._next_discover = 0.0
         #: A wake-up came while discovery was rate-limited (a new sub-log may wait).
         self._undiscovered_wake = False
+        #: Per assigned partition: its directory, and what it held when last listed
+        #: (the writers are looked up again only when it changed).
+        self._dirs: dict[tuple[str, int], str] = {}
+        self._listed: dict[tuple[str, int], _Listing] = {}
         self._start = 0  # round-robin start among the sub-logs with data
         self._commit_lock = asyncio.Lock()
+        #: What this consumer last wrote per partition (a partition's file has one
+        #: writer at a time: the process that consumes it).
+        self._written: dict[tuple[str, int], dict[int, int]] = {}
         self._closed = False
 
     # -- assignment and positions -------------------------------------------------
@@ -122,6 +149,7 @@ class EmbeddedConsumer(Consumer):
         for sublog in [s for s in self._readers if (s.stream, s.partition) not in self._assigned]:
             self._readers.pop(sublog).close()
             self._positions.pop(sublog, None)
+        self._listed = {k: v for k, v in self._listed.items() if k in self._assigned}
         if self._watch is None:
             self._watch = DurableWatch(self.data_dir)  # before the first look: no wake-up missed
         self._discover(force=True)
@@ -135,7 +163,26 @@ class EmbeddedConsumer(Consumer):
             return
         self._next_discover = now + DISCOVER_INTERVAL_S
         self._undiscovered_wake = False
-        for stream, partition in self._assigned:
+        now_ns = time.time_ns()
+        for key in self._assigned:
+            stream, partition = key
+            directory = self._dirs.get(key)
+            if directory is None:
+                directory = self._dirs[key] = os.path.join(
+                    self.data_dir, "log", stream, f"{partition:04d}"
+                )
+            listed = self._listed.get(key)
+            try:
+                mtime = os.stat(directory).st_mtime_ns
+                if listed is not None and listed.settled and mtime == listed.mtime_ns:
+                    continue  # unchanged since it was listed
+                names = os.listdir(directory)
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            settled = mtime < now_ns - SETTLED_NS
+            if listed is not None and names == listed.names:
+                self._listed[key] = _Listing(names, mtime, settled)
+                continue  # the same writers as last time
             for writer in writers_of(self.data_dir, stream, partition):
                 sublog = SubLog(stream, partition, writer)
                 if sublog in self._readers:
@@ -148,6 +195,7 @@ class EmbeddedConsumer(Consumer):
                 if seek is None or seek == _BEGINNING:
                     seek = reader.first_offset()
                 self._positions[sublog] = seek
+            self._listed[key] = _Listing(names, mtime, settled)
 
     def seek(self, sublog: SubLog, offset: int) -> None:
         sublog = SubLog(*sublog)
@@ -228,8 +276,9 @@ class EmbeddedConsumer(Consumer):
                     records = reader.read(position, min(share, budget))
                 except InvalidOffset:
                     continue  # deleted again meanwhile: the next pass resets again
-            for record in records:
-                out.append(ConsumerRecord(sublog, record.offset, record.next_offset, record.payload))
+            # (offset, next_offset, payload) after the sub-log: a ConsumerRecord built
+            # without the namedtuple's Python-level __new__.
+            out.extend([_new_record(ConsumerRecord, (sublog, *record)) for record in records])
             if records:
                 self._positions[sublog] = records[-1].next_offset
                 budget -= records[-1].next_offset - position
@@ -269,11 +318,22 @@ class EmbeddedConsumer(Consumer):
         loop = asyncio.get_running_loop()
         # One commit at a time: each merges into what the one before it wrote.
         async with self._commit_lock:
-            for (stream, partition), new in sorted(by_partition.items()):
-                path = offsets_path(self.data_dir, name, stream, partition)
-                merged = committed_offsets(self.data_dir, name, stream, partition) | new
+            writes: list[tuple[Path, bytes]] = []
+            written: dict[tuple[str, int], dict[int, int]] = {}
+            for key, new in sorted(by_partition.items()):
+                stream, partition = key
+                before = self._written.get(key)
+                if before is None:
+                    before = committed_offsets(self.data_dir, name, stream, partition)
+                merged = before | new
+                if merged == before and key in self._written:
+                    continue  # nothing moved since this consumer wrote it
+                written[key] = merged
                 data = orjson.dumps({writer_name(w): o for w, o in sorted(merged.items())})
-                await loop.run_in_executor(None, _write_offsets, path, data)
+                writes.append((offsets_path(self.data_dir, name, stream, partition), data))
+            if writes:
+                await loop.run_in_executor(None, _write_offsets, writes)
+                self._written.update(written)
 
     async def register(self) -> None:
         """An empty offsets file for each assigned partition without one: a registered
@@ -283,10 +343,11 @@ class EmbeddedConsumer(Consumer):
             raise RuntimeError("an anonymous consumer cannot register")
         loop = asyncio.get_running_loop()
         async with self._commit_lock:
-            for stream, partition in sorted(self._assigned):
-                path = offsets_path(self.data_dir, self.name, stream, partition)
-                if not path.exists():
-                    await loop.run_in_executor(None, _write_offsets, path, b"{}")
+            paths = [offsets_path(self.data_dir, self.name, stream, partition)
+                     for stream, partition in sorted(self._assigned)]
+            writes = [(path, b"{}") for path in paths if not path.exists()]
+            if writes:
+                await loop.run_in_executor(None, _write_offsets, writes)
 
     async def committed(self) -> dict[SubLog, int]:
         if self.name is None:
@@ -313,6 +374,8 @@ class EmbeddedConsumer(Consumer):
             self._watch = None
 
 
-def _write_offsets(path: Path, data: bytes) -> None:
-    os.makedirs(path.parent, exist_ok=True)
-    write_atomic(path, data)
+def _write_offsets(writes: list[tuple[Path, bytes]]) -> None:
+    """Each offsets file replaced atomically and durably; one fsync per directory."""
+    for directory in {path.parent for path, _ in writes}:
+        os.makedirs(directory, exist_ok=True)
+    write_atomic_all(writes)
