@@ -76,7 +76,9 @@ class Batch:
     ``SessionsBatch``, ``ChartsBatch``, ``DeadLetter``; already filtered by
     the sink's ``event_types``. ``count`` is the number of items in them
     (events, sessions, chart rows, dead letters). evd.sinks.rows turns them
-    into rows, JSON lines and hourly groups.
+    into rows, JSON lines and hourly groups. The values may be the very objects
+    other sinks of the worker are handed (one decode per record:
+    evd.sinks.decoded): a sink reads them and never changes them.
     """
 
     __slots__ = ("count", "nbytes", "partitions", "stream", "values")
@@ -130,7 +132,11 @@ class Sink(ABC):
         """Release resources; called once, after the last write."""
 
     def decode(self, stream: str, payload: bytes) -> Any:
-        """A record's value (the delivery loop calls it; a sink may read less)."""
+        """A record's value (the delivery loop calls it; a sink may read less).
+
+        The sinks that keep this default share one decode of each record
+        (evd.sinks.decoded); one that overrides it decodes on its own.
+        """
         return records.decode(payload, stream)
 
     def counts(self, batch: Batch) -> Counter[tuple[int, str, str, str]] | None:

@@ -40,10 +40,12 @@ __all__ = [
     "encode",
     "encode_events",
     "header_of",
+    "timestamp_of",
 ]
 
 HEADER = struct.Struct("<2sBBq")
 MAGIC = b"\xc1E"
+_TIMESTAMP = struct.Struct("<q")
 
 
 class Kind:
@@ -114,6 +116,15 @@ def header_of(payload: bytes, stream: str) -> Header:
     if kind is None:
         raise RecordFormatError(f"untagged record in stream {stream!r}, which never had them")
     return Header(kind, 0, None, 0)
+
+
+def timestamp_of(payload: bytes) -> int | None:
+    """The header's timestamp of a record (None: untagged, version 0): header_of's
+    ``timestamp`` without building the header."""
+    if payload[:2] == MAGIC and len(payload) >= HEADER.size:
+        stamp: int = _TIMESTAMP.unpack_from(payload, 4)[0]
+        return stamp
+    return None
 
 
 def decode(payload: bytes, stream: str) -> Any:
