@@ -245,7 +245,8 @@ class Stages:
             sink_metrics=SinkMetrics(len(cfg.sinks)),
         ))
         # The sinks that decode records as the log holds them share their decodes.
-        sharing = [loop for loop in loops if type(loop.sink).decode is Sink.decode]
+        sharing = [loop for loop in loops if type(loop.sink).decode is Sink.decode
+                   and type(loop.sink).decode_all is Sink.decode_all]
         decoded = DecodedRecords.of(loop.streams for loop in sharing)
         if decoded.readers:
             for loop in sharing:

@@ -21,17 +21,19 @@ Values are shared: a sink reads them and never changes them (evd.sinks.base).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Final
 
 from evd.core.log import SubLog
 
-__all__ = ["MAX_BYTES", "DecodedRecords"]
+__all__ = ["MAX_BYTES", "MISSING", "DecodedRecords"]
 
-#: Log bytes of the records held at most (four fetches of a delivery loop).
+#: Log bytes of the records held at most (about 45 MB decoded at 360 bytes and 1 KB
+#: per event; the lake's pending batch alone may pin 64 MiB of records).
 MAX_BYTES = 16 << 20
 
-Decode = Callable[[str, bytes], Any]
+#: What ``take`` answers for a record nobody left.
+MISSING: Final = object()
 
 
 class _Entry:
@@ -72,34 +74,37 @@ class DecodedRecords:
         """Whether values of ``stream`` are shared (more than one loop reads it)."""
         return stream in self.readers
 
-    def get(self, sublog: SubLog, offset: int, payload: bytes, decode: Decode) -> Any:
-        """The value of the record at ``offset`` of ``sublog``: the one another loop
-        decoded, else ``decode(stream, payload)`` (left for the others when this
-        reader is the first in its sub-log)."""
+    def take(self, sublog: SubLog, offset: int, nbytes: int) -> Any:
+        """The value another loop left for the record of ``nbytes`` at ``offset`` of
+        ``sublog`` (removed once every other reader took it), else MISSING: the
+        caller decodes it and ``put``s it."""
         key = (sublog, offset)
-        entries = self._entries
-        entry = entries.get(key)
+        entry = self._entries.get(key)
         # (A record of another length at that offset: the log was cut and written
         # again since; decoded anew.)
-        if entry is not None and entry.nbytes == len(payload):
-            self.hits += 1
-            entry.left -= 1
-            if entry.left <= 0:
-                del entries[key]
-                self.nbytes -= entry.nbytes
-            return entry.value
-        self.misses += 1
-        stream = sublog.stream
-        value = decode(stream, payload)
-        left = self.readers.get(stream, 1) - 1
-        if left > 0 and offset > self._newest.get(sublog, -1):
-            self._newest[sublog] = offset
-            entries[key] = _Entry(value, left, len(payload))
-            self.nbytes += len(payload)
-            while self.nbytes > self.max_bytes:
-                _, old = entries.popitem(last=False)
-                self.nbytes -= old.nbytes
-        return value
+        if entry is None or entry.nbytes != nbytes:
+            self.misses += 1
+            return MISSING
+        self.hits += 1
+        entry.left -= 1
+        if entry.left <= 0:
+            del self._entries[key]
+            self.nbytes -= nbytes
+        return entry.value
+
+    def put(self, sublog: SubLog, offset: int, nbytes: int, value: Any) -> None:
+        """Leave the value of a record this reader decoded for the other readers of its
+        stream, when this reader is the first to read it (the newest in its sub-log)."""
+        left = self.readers.get(sublog.stream, 1) - 1
+        if left <= 0 or offset <= self._newest.get(sublog, -1):
+            return
+        self._newest[sublog] = offset
+        entries = self._entries
+        entries[sublog, offset] = _Entry(value, left, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.max_bytes:
+            _, old = entries.popitem(last=False)
+            self.nbytes -= old.nbytes
 
     def __len__(self) -> int:
         return len(self._entries)

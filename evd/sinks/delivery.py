@@ -51,7 +51,7 @@ from evd.core.schema import DeadLetter
 from evd.sinks import metrics, rows
 from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey
 from evd.sinks.base import Batch, Sink
-from evd.sinks.decoded import DecodedRecords
+from evd.sinks.decoded import MISSING, DecodedRecords
 
 __all__ = ["CONSUMER_COMMIT_S", "FETCH_BYTES", "FETCH_INTERVAL_S", "DeliveryLoop"]
 
@@ -138,7 +138,7 @@ class DeliveryLoop:
         self.raw_ends = raw_ends
         #: The worker's shared decodes (None: this loop decodes every record itself).
         self.decoded = decoded
-        self._decode = sink.decode
+        self._decode_all = sink.decode_all
         self._pending: dict[str, _Pending] = {}
         #: The batch being written (and retried): still lag until it is confirmed.
         self._writing: _Pending | None = None
@@ -243,9 +243,9 @@ class DeliveryLoop:
         b = self.batch
         add = self._add
         nbytes = 0
-        for record in fetched:
+        for record, value in zip(fetched, self._values(fetched), strict=True):
             nbytes += len(record.payload)
-            pend = add(record, now)
+            pend = add(record, value, now)
             if pend.count >= b.max_events or pend.nbytes >= b.max_bytes:
                 await self._deliver(record.sublog.stream)
         self._caught_up = nbytes < FETCH_BYTES // 2
@@ -263,8 +263,39 @@ class DeliveryLoop:
             # edge) run before the next one.
             await asyncio.sleep(0)
 
-    def _add(self, record: ConsumerRecord, now: float) -> _Pending:
-        """Take one record into its stream's pending batch (which it returns)."""
+    def _values(self, fetched: list[ConsumerRecord]) -> list[Any]:
+        """The decoded value of each fetched record: what another loop of the worker
+        left (evd.sinks.decoded), else decoded here, the records of each stream in
+        one ``decode_all`` (and left for the others)."""
+        shared = self.decoded
+        values: list[Any] = [MISSING] * len(fetched)
+        todo: dict[str, tuple[list[int], list[bytes]]] = {}
+        for i, record in enumerate(fetched):
+            sublog = record.sublog
+            stream = sublog.stream
+            if shared is not None and stream in shared.readers:
+                value = shared.take(sublog, record.offset, len(record.payload))
+                if value is not MISSING:
+                    values[i] = value
+                    continue
+            wanted = todo.get(stream)
+            if wanted is None:
+                wanted = todo[stream] = ([], [])
+            wanted[0].append(i)
+            wanted[1].append(record.payload)
+        for stream, (indexes, payloads) in todo.items():
+            decoded = self._decode_all(stream, payloads)
+            for i, value in zip(indexes, decoded, strict=True):
+                values[i] = value
+            if shared is not None and stream in shared.readers:
+                for i, value in zip(indexes, decoded, strict=True):
+                    record = fetched[i]
+                    shared.put(record.sublog, record.offset, len(record.payload), value)
+        return values
+
+    def _add(self, record: ConsumerRecord, value: Any, now: float) -> _Pending:
+        """Take one record (and its decoded value) into its stream's pending batch
+        (which it returns)."""
         sublog = record.sublog
         stream = sublog.stream
         payload = record.payload
@@ -273,11 +304,6 @@ class DeliveryLoop:
             pend = self._pending[stream] = _Pending(now)
         pend.offsets[sublog] = record.next_offset
         pend.nbytes += len(payload)
-        decoded = self.decoded
-        if decoded is not None and stream in decoded.readers:
-            value = decoded.get(sublog, record.offset, payload, self._decode)
-        else:
-            value = self._decode(stream, payload)
         if stream in _EVENT_STREAMS:
             raw_offset = value.raw_offset
             if raw_offset >= 0:

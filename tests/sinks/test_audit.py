@@ -199,3 +199,29 @@ def test_the_length_of_an_events_array_is_read_from_its_header() -> None:
     assert _array_len(raw(msgspec.msgpack.encode([0] * 70_000))) == 70_000  # array 32
     with pytest.raises(RecordFormatError):
         _array_len(raw(msgspec.msgpack.encode({"a": 1})))
+
+
+def test_the_audit_decodes_records_fetched_together_as_one_by_one() -> None:
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from evd.core.schema import Event, Playback
+
+    def e(i: int) -> Event:
+        return Event(f"e{i}", datetime(2025, 12, 1, 10, tzinfo=UTC), "u",
+                     "spotify:track:" + "a" * 22, Playback(0, 1),
+                     ["play", "skip"][i % 2])  # type: ignore[arg-type]
+
+    stage = AuditStage()
+    raws = [records.encode(Kind.RAW, H10 + i, RawBatch(H10 + i, [e(j) for j in range(i + 1)]))
+            for i in range(4)]
+    events = [records.encode_events(Kind.EVENTS, H11, EventsBatch(
+        H11, [e(j) for j in range(i + 1)], 0, [i], {"play": i}, 0, i,
+    )) for i in range(4)]
+    old = msgspec.msgpack.encode(RawBatch(H10, [e(0)]))  # untagged: one by one
+    for stream, payloads in (("raw", raws), ("events", events), ("raw", [*raws, old])):
+        together = stage.decode_all(stream, payloads)
+        alone = [stage.decode(stream, p) for p in payloads]
+        assert stage.counts(Batch(stream, together, 0, 0)) == stage.counts(Batch(stream, alone, 0, 0))
+        assert [len(v.events) for v in together] == [len(v.events) for v in alone]

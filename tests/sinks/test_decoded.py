@@ -20,7 +20,7 @@ from evd.core.log.records import Kind
 from evd.core.log.streams import Stream
 from evd.core.schema import ChartsBatch
 from evd.sinks.base import SinkContext
-from evd.sinks.decoded import DecodedRecords
+from evd.sinks.decoded import MISSING, DecodedRecords
 from evd.stages import Stages
 
 pytestmark = pytest.mark.workers_independent
@@ -32,67 +32,64 @@ def payload(i: int) -> bytes:
     return records.encode(Kind.CHARTS, 1000 + i, ChartsBatch(0, 1000 + i, []))
 
 
-class Decoder:
-    """records.decode, counting its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, stream: str, data: bytes) -> Any:
-        self.calls += 1
-        return records.decode(data, stream)
+def read(cache: DecodedRecords, sublog: SubLog, offset: int, data: bytes) -> tuple[Any, bool]:
+    """What a delivery loop does with a record: take it, else decode and put it;
+    (the value, whether it was decoded here)."""
+    value = cache.take(sublog, offset, len(data))
+    if value is not MISSING:
+        return value, False
+    value = records.decode(data, sublog.stream)
+    cache.put(sublog, offset, len(data), value)
+    return value, True
 
 
 def test_the_first_reader_decodes_and_the_last_one_removes_it() -> None:
     cache = DecodedRecords({Stream.CHARTS: 3})
-    decode = Decoder()
-    first = cache.get(SUB, 0, payload(0), decode)
-    assert decode.calls == 1 and len(cache) == 1
-    assert cache.get(SUB, 0, payload(0), decode) is first
+    first, decoded = read(cache, SUB, 0, payload(0))
+    assert decoded and len(cache) == 1
+    assert read(cache, SUB, 0, payload(0)) == (first, False)
     assert len(cache) == 1  # one reader left
-    assert cache.get(SUB, 0, payload(0), decode) is first
-    assert decode.calls == 1 and len(cache) == 0 and cache.nbytes == 0
+    value, decoded = read(cache, SUB, 0, payload(0))
+    assert value is first and not decoded
+    assert len(cache) == 0 and cache.nbytes == 0
     assert (cache.hits, cache.misses) == (2, 1)
 
 
 def test_a_stream_read_by_one_loop_is_not_kept() -> None:
     cache = DecodedRecords({Stream.CHARTS: 1, Stream.SESSIONS: 2})
     assert not cache.shares(Stream.CHARTS) and cache.shares(Stream.SESSIONS)
-    cache.get(SUB, 0, payload(0), Decoder())
+    read(cache, SUB, 0, payload(0))
     assert len(cache) == 0
 
 
 def test_at_the_bound_the_oldest_go_and_are_decoded_again() -> None:
     size = len(payload(0))
     cache = DecodedRecords({Stream.CHARTS: 2}, max_bytes=3 * size)
-    decode = Decoder()
     for i in range(5):  # the leader reads 5 records; 3 fit
-        cache.get(SUB, i * size, payload(i), decode)
+        assert read(cache, SUB, i * size, payload(i))[1]
     assert len(cache) == 3 and cache.nbytes == 3 * size
-    follower = Decoder()
-    values = [cache.get(SUB, i * size, payload(i), follower) for i in range(5)]
-    assert follower.calls == 2  # records 0 and 1 were dropped at the bound
-    assert [v.closed_until for v in values] == [1000 + i for i in range(5)]
+    follower = [read(cache, SUB, i * size, payload(i)) for i in range(5)]
+    assert [decoded for _, decoded in follower] == [True, True, False, False, False]
+    assert [v.closed_until for v, _ in follower] == [1000 + i for i in range(5)]
     assert len(cache) == 0  # the evicted ones were not put back by the follower
 
 
 def test_a_reader_behind_the_newest_entry_leaves_nothing() -> None:
     cache = DecodedRecords({Stream.CHARTS: 2})
-    cache.get(SUB, 100, payload(1), Decoder())
-    cache.get(SUB, 0, payload(0), Decoder())  # behind: the leader already passed 0
+    read(cache, SUB, 100, payload(1))
+    read(cache, SUB, 0, payload(0))  # behind: the leader already passed 0
     assert len(cache) == 1
     other = SubLog(Stream.CHARTS, 1, 0)  # each sub-log has its own newest offset
-    cache.get(other, 0, payload(0), Decoder())
+    read(cache, other, 0, payload(0))
     assert len(cache) == 2
 
 
 def test_another_record_at_the_same_offset_is_decoded_anew() -> None:
     cache = DecodedRecords({Stream.CHARTS: 2})
-    cache.get(SUB, 0, payload(0), Decoder())
+    read(cache, SUB, 0, payload(0))
     longer = records.encode(Kind.CHARTS, 7, ChartsBatch(0, 7, [], 7))
-    decode = Decoder()
-    assert cache.get(SUB, 0, longer, decode).final_until == 7
-    assert decode.calls == 1
+    value, decoded = read(cache, SUB, 0, longer)
+    assert decoded and value.final_until == 7
 
 
 async def test_the_stages_share_the_sinks_decodes_and_not_the_audits(tmp_path: Path) -> None:

@@ -329,14 +329,14 @@ async def test_loops_sharing_decodes_decode_each_record_once_and_each_deliver_al
     for i in range(30):
         await log.append(Stream.EVENTS, i % PARTITIONS, events_record([f"e{i}"], i))
     decodes = 0
-    real = records.decode
+    real = records.decode_all
 
-    def counting(payload: bytes, stream: str) -> Any:
+    def counting(payloads: list[bytes], stream: str) -> Any:
         nonlocal decodes
-        decodes += 1
-        return real(payload, stream)
+        decodes += len(payloads)
+        return real(payloads, stream)
 
-    monkeypatch.setattr(records, "decode", counting)
+    monkeypatch.setattr(records, "decode_all", counting)
     ledger = Ledger(tmp_path)
     shared = DecodedRecords.of([[Stream.EVENTS], [Stream.EVENTS]])
     sinks = [RecordingSink(), RecordingSink()]

@@ -12,6 +12,7 @@ duplicates and late events); it writes nothing. Sinks count ``delivered``,
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -69,6 +70,8 @@ class AuditEvents(msgspec.Struct, gc=False):
 
 _raw_decoder = msgspec.msgpack.Decoder(_RawTypes)
 _head_decoder = msgspec.msgpack.Decoder(_EventsHead)
+_raw_list_decoder = msgspec.msgpack.Decoder(list[_RawTypes])
+_head_list_decoder = msgspec.msgpack.Decoder(list[_EventsHead])
 _types_decoder = msgspec.msgpack.Decoder(list[_Typed])
 _dead_decoder = msgspec.msgpack.Decoder(DeadLetter)
 _typed_json = msgspec.json.Decoder(_Typed)
@@ -88,6 +91,17 @@ def _array_len(array: msgspec.Raw) -> int:
     if first == 0xDD:
         return int.from_bytes(head[1:5], "big")
     raise records.RecordFormatError(f"events of an events record are not an array ({first:#x})")
+
+
+def _events_value(head: _EventsHead) -> AuditEvents:
+    late: tuple[str, ...] = ()
+    if head.late:
+        types = _types_decoder.decode(head.events)
+        late = tuple(types[i].event_type for i in head.late)
+    return AuditEvents(
+        head.received_at, range(_array_len(head.events)), late, head.duplicates,
+        head.raw_source, head.raw_offset,
+    )
 
 
 def _type_of_rejected(event: bytes) -> str:
@@ -112,16 +126,22 @@ class AuditStage(Sink):
         if stream == Stream.RAW:
             return _raw_decoder.decode(body)
         if stream == Stream.EVENTS:
-            head = _head_decoder.decode(body)
-            late: tuple[str, ...] = ()
-            if head.late:
-                types = _types_decoder.decode(head.events)
-                late = tuple(types[i].event_type for i in head.late)
-            return AuditEvents(
-                head.received_at, range(_array_len(head.events)), late, head.duplicates,
-                head.raw_source, head.raw_offset,
-            )
+            return _events_value(_head_decoder.decode(body))
         return _dead_decoder.decode(body)
+
+    def decode_all(self, stream: str, payloads: Sequence[bytes]) -> list[Any]:
+        """``decode`` of each, the raw and events records fetched together in one call."""
+        if len(payloads) > 1 and stream in (Stream.RAW, Stream.EVENTS):
+            body = records.join_bodies(payloads)
+            if body is not None:
+                try:
+                    if stream == Stream.RAW:
+                        raws: list[Any] = _raw_list_decoder.decode(body)
+                        return raws
+                    return [_events_value(head) for head in _head_list_decoder.decode(body)]
+                except msgspec.DecodeError:
+                    pass  # one of them is unreadable: decode() names it
+        return [self.decode(stream, p) for p in payloads]
 
     async def write(self, batch: Batch) -> None:
         return None
