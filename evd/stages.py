@@ -13,7 +13,8 @@ A processor (evd.state.runner.PartitionRunner) restores its partition's latest
 snapshot from ``snapshot.dir`` (default ``{data_dir}/state``) and replays the raw
 stream from the offsets it covers; stopping it writes a snapshot first. A
 delivery loop (evd.sinks.delivery) runs per configured sink, plus the audit
-stage, each through its own named consumer (own committed offsets).
+stage, each through its own named consumer (own committed offsets); the loops
+started together share their decodes (evd.sinks.decoded).
 
 Every task is owned by this object; one that dies calls ``on_failure`` (the
 worker then exits non-zero and is restarted from the snapshots: crash-only).
@@ -34,7 +35,8 @@ from evd.core.log import PROCESSOR, Consumer, Producer, Stream, SubLog, TopicPar
 from evd.edge.charts import ChartsView, make_view
 from evd.sinks.audit.ledger import Ledger
 from evd.sinks.audit.stage import AUDIT_STAGE, AUDIT_STREAMS, AuditStage
-from evd.sinks.base import SinkContext
+from evd.sinks.base import Sink, SinkContext
+from evd.sinks.decoded import DecodedRecords
 from evd.sinks.delivery import DeliveryLoop
 from evd.sinks.metrics import SinkMetrics, set_sinks
 from evd.sinks.registry import build_sink
@@ -242,6 +244,13 @@ class Stages:
             batch=AUDIT_BATCH, retry=RetryConfig(), kind="audit", raw_ends=raw_ends,
             sink_metrics=SinkMetrics(len(cfg.sinks)),
         ))
+        # The sinks that decode records as the log holds them share their decodes.
+        sharing = [loop for loop in loops if type(loop.sink).decode is Sink.decode
+                   and type(loop.sink).decode_all is Sink.decode_all]
+        decoded = DecodedRecords.of(loop.streams for loop in sharing)
+        if decoded.readers:
+            for loop in sharing:
+                loop.decoded = decoded
         return loops
 
     async def _raw_ends(self, partitions: list[int]) -> dict[SubLog, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -76,7 +76,9 @@ class Batch:
     ``SessionsBatch``, ``ChartsBatch``, ``DeadLetter``; already filtered by
     the sink's ``event_types``. ``count`` is the number of items in them
     (events, sessions, chart rows, dead letters). evd.sinks.rows turns them
-    into rows, JSON lines and hourly groups.
+    into rows, JSON lines and hourly groups. The values may be the very objects
+    other sinks of the worker are handed (one decode per record:
+    evd.sinks.decoded): a sink reads them and never changes them.
     """
 
     __slots__ = ("count", "nbytes", "partitions", "stream", "values")
@@ -130,8 +132,20 @@ class Sink(ABC):
         """Release resources; called once, after the last write."""
 
     def decode(self, stream: str, payload: bytes) -> Any:
-        """A record's value (the delivery loop calls it; a sink may read less)."""
+        """A record's value (the delivery loop calls it; a sink may read less).
+
+        The sinks that keep this default (and ``decode_all``'s) share one decode
+        of each record (evd.sinks.decoded); one that overrides it decodes on its own.
+        """
         return records.decode(payload, stream)
+
+    def decode_all(self, stream: str, payloads: Sequence[bytes]) -> list[Any]:
+        """``decode`` of each of ``payloads`` (records of ``stream`` fetched together):
+        the default decodes them in one call where it can (evd.core.log.records.decode_all);
+        a sink that overrides ``decode`` alone gets its ``decode`` of each."""
+        if type(self).decode is Sink.decode:
+            return records.decode_all(payloads, stream)
+        return [self.decode(stream, p) for p in payloads]
 
     def counts(self, batch: Batch) -> Counter[tuple[int, str, str, str]] | None:
         """What the audit ledger counts for a written batch, as (hour, stream,

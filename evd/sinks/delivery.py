@@ -9,12 +9,24 @@ full jitter (or after the target's ``Retry-After``) up to
 ``retry.max_attempts`` writes; then, or at once for a PermanentSinkError, its
 items go to the ``dead_letter`` stream with the error, and the loop moves on.
 
-After a write is confirmed (or dead-lettered), the loop commits, in this
-order: the audit ledger (counts + offsets, one transaction; evd.sinks.audit.ledger),
-then the consumer offsets (which register the sink for log retention). A crash
+After a write is confirmed (or dead-lettered), the loop commits the audit
+ledger (counts + offsets, one transaction; evd.sinks.audit.ledger). A crash
 between the write and the ledger makes the batch be written again after a
 restart (sinks are idempotent or say what duplicates they allow) but never
-counted twice. On restart the loop resumes from the ledger's offsets.
+counted twice. On restart the loop resumes from the ledger's offsets. The
+consumer offsets, which only register the sink for log retention (and tell the
+lake's completeness check what it delivered), follow the ledger's: at most
+every CONSUMER_COMMIT_S, and when the loop stops; so retention frees a
+segment at most that much later than the ledger allows.
+
+The loops of one worker share their decodes (evd.sinks.decoded): a record of a
+stream that several sinks take is decoded once, whichever loop reads it first.
+After each fetch a loop yields to the event loop, so no loop (nor the edge)
+waits for another's whole backlog.
+
+Fetches: a loop that has read its streams to the end and gathers a batch
+fetches again at most every FETCH_INTERVAL_S, so records that arrive one by one
+(single-event requests) are taken a fetch's worth at a time, not one per wake-up.
 
 Bounds: at most one pending batch per stream, each at most ``max_events`` /
 ``max_bytes`` plus one record; nothing is fetched while a batch is being written, so
@@ -33,14 +45,15 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from evd.core.config import BatchConfig, RetryConfig
-from evd.core.log import Consumer, Producer, SubLog, TopicPartition, records
+from evd.core.log import Consumer, ConsumerRecord, Producer, SubLog, TopicPartition, records
 from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter
 from evd.sinks import metrics, rows
 from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey
 from evd.sinks.base import Batch, Sink
+from evd.sinks.decoded import MISSING, DecodedRecords
 
-__all__ = ["FETCH_BYTES", "DeliveryLoop"]
+__all__ = ["CONSUMER_COMMIT_S", "FETCH_BYTES", "FETCH_INTERVAL_S", "DeliveryLoop"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +65,16 @@ IDLE_WAIT_S = 0.5
 LAG_INTERVAL_S = 1.0
 #: A Retry-After longer than this is cut to it (a target cannot park a sink for hours).
 MAX_RETRY_AFTER_S = 300.0
+#: Longest time the consumer offsets lag the ledger's (how much later retention may free).
+CONSUMER_COMMIT_S = 5.0
+#: While a batch gathers and the loop has read its streams to the end, it fetches at
+#: most this often: what arrived meanwhile comes in one fetch (records wait in the
+#: log up to this much more before their batch's age starts).
+FETCH_INTERVAL_S = 0.1
+
+_EVENT_STREAMS = rows.EVENT_STREAMS
+#: (stream, partition, raw source): SeenKey's fields as a plain tuple (equal, same hash).
+_Seen = tuple[str, int, int]
 
 
 class _Pending:
@@ -70,7 +93,7 @@ class _Pending:
         #: Next offset per sub-log once this batch is written.
         self.offsets: dict[SubLog, int] = {}
         #: Newest raw offsets taken (events/late), committed with the offsets.
-        self.seen: dict[SeenKey, int] = {}
+        self.seen: dict[_Seen, int] = {}
         #: Events dropped by the sink's event_types, per (hour, event type).
         self.filtered: Counter[tuple[int, str]] = Counter()
         #: (record timestamp ms, items) for the delay histogram.
@@ -97,6 +120,7 @@ class DeliveryLoop:
         sink_metrics: metrics.SinkMetrics | None = None,
         kind: str = "sink",
         raw_ends: Callable[[], Awaitable[dict[SubLog, int]]] | None = None,
+        decoded: DecodedRecords | None = None,
     ) -> None:
         self.name = name
         self.sink = sink
@@ -112,10 +136,19 @@ class DeliveryLoop:
         self.kind = kind
         #: The raw log's end offsets (of this loop's partitions), read at start.
         self.raw_ends = raw_ends
+        #: The worker's shared decodes (None: this loop decodes every record itself).
+        self.decoded = decoded
+        self._decode_all = sink.decode_all
         self._pending: dict[str, _Pending] = {}
         #: The batch being written (and retried): still lag until it is confirmed.
         self._writing: _Pending | None = None
-        self._seen: dict[SeenKey, int] = {}
+        self._seen: dict[_Seen, int] = {}
+        #: When the last fetch returned, and whether it left the log read to its end.
+        self._fetched_at = 0.0
+        self._caught_up = False
+        #: Offsets the ledger holds and the consumer has not committed yet.
+        self._uncommitted: dict[SubLog, int] = {}
+        self._committed_at = time.monotonic()
         self._stopping = asyncio.Event()
         self._started = False
         self._lag_at = 0.0
@@ -152,11 +185,15 @@ class DeliveryLoop:
                 )
                 offset = end
             self.consumer.seek(sublog, offset)
-        self._seen = {k: v for k, v in seen.items() if (k.stream, k.partition) in mine}
+        self._seen = {
+            (k.stream, k.partition, k.raw_source): v for k, v in seen.items()
+            if (k.stream, k.partition) in mine
+        }
         if self._seen and self.raw_ends is not None:
             raw_ends = await self.raw_ends()
             for key, raw_offset in self._seen.items():
-                end = raw_ends.get(SubLog(Stream.RAW, key.partition, key.raw_source))
+                _, partition, raw_source = key
+                end = raw_ends.get(SubLog(Stream.RAW, partition, raw_source))
                 if end is not None and raw_offset >= end:
                     # The raw log lost records the processor had processed; the raw
                     # offsets from its end on belong to new records, never replays.
@@ -180,6 +217,7 @@ class DeliveryLoop:
                 await self.step()
             for stream in list(self._pending):
                 await self._deliver(stream)
+            await self._commit_consumer()
             await self.sink.flush()
         finally:
             await self.sink.close()
@@ -193,50 +231,103 @@ class DeliveryLoop:
         wait = IDLE_WAIT_S
         for pend in self._pending.values():
             wait = min(wait, max(0.0, pend.since + self.batch.max_age_s - now))
-        fetched = await self.consumer.fetch(FETCH_BYTES, wait)
-        now = time.monotonic()
+        if self._pending and self._caught_up:
+            # A batch is gathering and the log had no more: take what arrives
+            # meanwhile in one fetch, at most FETCH_INTERVAL_S later.
+            pause = min(wait, self._fetched_at + FETCH_INTERVAL_S - now)
+            if pause > 0:
+                await asyncio.sleep(pause)
+                wait -= pause
+        fetched = await self.consumer.fetch(FETCH_BYTES, max(0.0, wait))
+        now = self._fetched_at = time.monotonic()
         b = self.batch
-        for record in fetched:
-            pend = self._add(record.sublog, record.next_offset, record.payload, now)
+        add = self._add
+        nbytes = 0
+        for record, value in zip(fetched, self._values(fetched), strict=True):
+            nbytes += len(record.payload)
+            pend = add(record, value, now)
             if pend.count >= b.max_events or pend.nbytes >= b.max_bytes:
                 await self._deliver(record.sublog.stream)
+        self._caught_up = nbytes < FETCH_BYTES // 2
         now = time.monotonic()
         for stream, pend in list(self._pending.items()):
             if now - pend.since >= b.max_age_s:
                 await self._deliver(stream)
+        if self._uncommitted and now - self._committed_at >= CONSUMER_COMMIT_S:
+            await self._commit_consumer()
         if now - self._lag_at >= LAG_INTERVAL_S:
             self._lag_at = now
             self._publish_lag()
+        if fetched:
+            # The fetch returned without waiting: let the other loops (and the
+            # edge) run before the next one.
+            await asyncio.sleep(0)
 
-    def _add(self, sublog: SubLog, next_offset: int, payload: bytes, now: float) -> _Pending:
-        """Take one record into its stream's pending batch (which it returns)."""
+    def _values(self, fetched: list[ConsumerRecord]) -> list[Any]:
+        """The decoded value of each fetched record: what another loop of the worker
+        left (evd.sinks.decoded), else decoded here, the records of each stream in
+        one ``decode_all`` (and left for the others)."""
+        shared = self.decoded
+        values: list[Any] = [MISSING] * len(fetched)
+        todo: dict[str, tuple[list[int], list[bytes]]] = {}
+        for i, record in enumerate(fetched):
+            sublog = record.sublog
+            stream = sublog.stream
+            if shared is not None and stream in shared.readers:
+                value = shared.take(sublog, record.offset, len(record.payload))
+                if value is not MISSING:
+                    values[i] = value
+                    continue
+            wanted = todo.get(stream)
+            if wanted is None:
+                wanted = todo[stream] = ([], [])
+            wanted[0].append(i)
+            wanted[1].append(record.payload)
+        for stream, (indexes, payloads) in todo.items():
+            decoded = self._decode_all(stream, payloads)
+            for i, value in zip(indexes, decoded, strict=True):
+                values[i] = value
+            if shared is not None and stream in shared.readers:
+                for i, value in zip(indexes, decoded, strict=True):
+                    record = fetched[i]
+                    shared.put(record.sublog, record.offset, len(record.payload), value)
+        return values
+
+    def _add(self, record: ConsumerRecord, value: Any, now: float) -> _Pending:
+        """Take one record (and its decoded value) into its stream's pending batch
+        (which it returns)."""
+        sublog = record.sublog
         stream = sublog.stream
+        payload = record.payload
         pend = self._pending.get(stream)
         if pend is None:
             pend = self._pending[stream] = _Pending(now)
-        pend.offsets[sublog] = next_offset
+        pend.offsets[sublog] = record.next_offset
         pend.nbytes += len(payload)
-        value = self.sink.decode(stream, payload)
-        if stream in rows.EVENT_STREAMS:
-            key = SeenKey(stream, sublog.partition, value.raw_source)
-            if value.raw_offset >= 0:
-                if value.raw_offset <= self._seen.get(key, -1):
+        if stream in _EVENT_STREAMS:
+            raw_offset = value.raw_offset
+            if raw_offset >= 0:
+                key = (stream, sublog.partition, value.raw_source)
+                if raw_offset <= self._seen.get(key, -1):
                     return pend  # emitted again by a processor replaying after a crash
-                self._seen[key] = pend.seen[key] = value.raw_offset
-            whole = value
-            value, dropped = rows.filter_event_types(stream, value, self.event_types)
-            if dropped:
-                hour = rows.hour_of(whole.received_at)
-                for ev in whole.events:
-                    pend.filtered[hour, ev.event_type] += 1
-                for ev in value.events:
-                    pend.filtered[hour, ev.event_type] -= 1
-        items = rows.count_items(stream, value)
+                self._seen[key] = pend.seen[key] = raw_offset
+            if self.event_types is not None:
+                whole = value
+                value, dropped = rows.filter_event_types(stream, value, self.event_types)
+                if dropped:
+                    hour = rows.hour_of(whole.received_at)
+                    for ev in whole.events:
+                        pend.filtered[hour, ev.event_type] += 1
+                    for ev in value.events:
+                        pend.filtered[hour, ev.event_type] -= 1
+            items = len(value.events)
+        else:
+            items = rows.count_items(stream, value)
         pend.values.append(value)
         pend.partitions.append(sublog.partition)
         pend.count += items
         if items:
-            stamp = records.header_of(payload, stream).timestamp
+            stamp = records.timestamp_of(payload)
             pend.stamps.append((int(time.time() * 1000) if stamp is None else stamp, items))
         return pend
 
@@ -261,12 +352,21 @@ class DeliveryLoop:
                     counts[CountKey(hour, stream, event_type, "dead_lettered")] += n
         for (hour, event_type), n in pend.filtered.items():
             counts[CountKey(hour, stream, event_type, "filtered")] += n
-        await self.ledger.commit(self.name, counts, pend.offsets, pend.seen)
-        await self.consumer.commit(pend.offsets)
+        seen = {SeenKey(*key): offset for key, offset in pend.seen.items()}
+        await self.ledger.commit(self.name, counts, pend.offsets, seen)
+        self._uncommitted.update(pend.offsets)
         if self.metrics is not None and pend.stamps:
             now_ms = time.time() * 1000
             for stamp, items in pend.stamps:
                 self.metrics.delay(max(0.0, (now_ms - stamp) / 1000), items)
+
+    async def _commit_consumer(self) -> None:
+        """Commit to the consumer the offsets the ledger holds (they register the
+        sink for retention; a restart resumes from the ledger's)."""
+        offsets, self._uncommitted = self._uncommitted, {}
+        self._committed_at = time.monotonic()
+        if offsets:
+            await self.consumer.commit(offsets)
 
     def _counts(self, batch: Batch) -> Counter[CountKey]:
         custom = self.sink.counts(batch)

@@ -231,9 +231,9 @@ class EmbeddedBackend(Backend):
         """Every commit's write takes ``delay`` s more (a slow disk), so two commits overlap."""
         real = consumer_mod._write_offsets
 
-        def slow(path: Path, data: bytes) -> None:
+        def slow(writes: list[tuple[Path, bytes]]) -> None:
             time.sleep(delay)
-            real(path, data)
+            real(writes)
 
         monkeypatch.setattr(consumer_mod, "_write_offsets", slow)
 

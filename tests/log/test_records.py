@@ -59,3 +59,20 @@ def test_forwarded_events_encode_to_the_same_bytes(skew: int, late: list[int]) -
     forwarded = records.encode_events(Kind.EVENTS, 99, out, raw)
     assert forwarded == records.encode(Kind.EVENTS, 99, out)
     assert records.decode(forwarded, "events") == out
+
+
+def test_decode_all_decodes_records_together_and_names_an_unreadable_one() -> None:
+    from evd.core.schema import ChartsBatch
+
+    charts = [records.encode(Kind.CHARTS, i, ChartsBatch(i, 1000 + i, [])) for i in range(5)]
+    assert records.join_bodies(charts) is not None
+    assert [v.closed_until for v in records.decode_all(charts, "charts")] == [1000 + i for i in range(5)]
+    # Mixed kinds or versions are decoded one by one, each as its header says.
+    untagged = msgspec.msgpack.encode(ChartsBatch(9, 1009, []))
+    mixed = [*charts[:2], untagged]
+    assert records.join_bodies(mixed) is None
+    assert [v.closed_until for v in records.decode_all(mixed, "charts")] == [1000, 1001, 1009]
+    # A record that does not decode fails the joined call, then decode() names it.
+    broken = [*charts[:2], charts[2][:-3] + b"\xc1\xc1\xc1"]
+    with pytest.raises(records.RecordFormatError, match="charts record does not decode"):
+        records.decode_all(broken, "charts")

@@ -544,3 +544,36 @@ async def test_a_reader_racing_a_writer_killed_at_a_random_moment(
         again = [(r.offset, r.next_offset, r.payload) for r in reader.read(0, 1 << 30)]
     assert again[: len(seen)] == seen
 
+
+
+@pytest.mark.parametrize("settled", [False, True], ids=["changed-just-now", "settled"])
+async def test_a_consumer_finds_a_new_writers_sublog_whatever_the_directorys_mtime(
+    tmp_path: Path, settled: bool
+) -> None:
+    """A consumer lists a partition's directory again only when its mtime moved, and
+    trusts an unchanged mtime only once it is SETTLED_NS old: an entry created within
+    the same timestamp tick as the listing (simulated by putting the mtime back) is
+    still found."""
+    from evd.core.log import TopicPartition
+    from evd.core.log.embedded.consumer import EmbeddedConsumer
+
+    w0, w1 = open_log(tmp_path, writer=0), open_log(tmp_path, writer=1)
+    consumer = EmbeddedConsumer(tmp_path, None)
+    try:
+        await w0.append(Stream.RAW, 2, raw_record("from-w0"))
+        directory = tmp_path / "log" / Stream.RAW / "0002"
+        if settled:
+            old = time.time_ns() - 10_000_000_000
+            os.utime(directory, ns=(old, old))
+        mtime = directory.stat().st_mtime_ns
+        consumer.assign([TopicPartition(Stream.RAW, 2)])
+        assert [r.sublog.source for r in await consumer.fetch(1 << 20, 1.0)] == [0]
+        await w1.append(Stream.RAW, 2, raw_record("from-w1"))  # a new sub-log: w001
+        if not settled:
+            os.utime(directory, ns=(mtime, mtime))  # as if created in the same tick
+        got = await consumer.fetch(1 << 20, 2.0)
+        assert [r.sublog.source for r in got] == [1]
+    finally:
+        await consumer.close()
+        await w0.close()
+        await w1.close()

@@ -146,3 +146,82 @@ def test_the_audit_stage_counts_from_the_records_themselves() -> None:
         (H10, "events", "play", "duplicate"): 3, (H10, "events", "skip", "late"): 1,
         (H11, "events", "seek", "rejected"): 1, (H11, "events", "invalid", "rejected"): 1,
     }
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 300])  # msgpack fixarray, then array 16
+@pytest.mark.parametrize("tagged", [True, False], ids=["tagged", "version-0"])
+def test_the_audit_counts_records_of_any_size_and_version(n: int, tagged: bool) -> None:
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from evd.core.schema import Event, Playback
+
+    kinds = ["play", "skip", "pause"]
+    evs = [
+        Event(f"e{i}", datetime(2025, 12, 1, 10, tzinfo=UTC), "u", "spotify:track:" + "a" * 22,
+              Playback(0, 1), kinds[i % 3])  # type: ignore[arg-type]
+        for i in range(n)
+    ]
+    late = [i for i in range(n) if i % 4 == 1]
+    raw_value = RawBatch(H10 + 5, evs)
+    events_value = EventsBatch(H10 + 5, evs, 0, late, {"skip": 2}, 0, 9)
+    if tagged:
+        raw = records.encode(Kind.RAW, H10 + 5, raw_value)
+        events = records.encode_events(Kind.EVENTS, H10 + 5, events_value)
+    else:  # written before records were tagged: a bare msgpack map
+        raw = msgspec.msgpack.encode(raw_value)
+        events = msgspec.msgpack.encode(events_value)
+    stage = AuditStage()
+    rv, ev = stage.decode("raw", raw), stage.decode("events", events)
+    assert len(ev.events) == n and (ev.raw_source, ev.raw_offset) == (0, 9)  # what the loop reads
+    got: Counter[tuple[int, str, str, str]] = Counter()
+    got.update(stage.counts(Batch("raw", [rv], 1, 0)))
+    got.update(stage.counts(Batch("events", [ev], n, 0)))
+    want: Counter[tuple[int, str, str, str]] = Counter()
+    for i, event in enumerate(evs):
+        want[H10, "events", event.event_type, "accepted"] += 1
+        if i in late:
+            want[H10, "events", event.event_type, "late"] += 1
+    want[H10, "events", "skip", "duplicate"] += 2
+    assert got == want
+
+
+def test_the_length_of_an_events_array_is_read_from_its_header() -> None:
+    import msgspec
+
+    from evd.core.log.records import RecordFormatError
+    from evd.sinks.audit.stage import _array_len
+
+    raw = msgspec.msgpack.Decoder(msgspec.Raw).decode
+    assert _array_len(raw(msgspec.msgpack.encode([]))) == 0
+    assert _array_len(raw(msgspec.msgpack.encode(list(range(16))))) == 16
+    assert _array_len(raw(msgspec.msgpack.encode([0] * 70_000))) == 70_000  # array 32
+    with pytest.raises(RecordFormatError):
+        _array_len(raw(msgspec.msgpack.encode({"a": 1})))
+
+
+def test_the_audit_decodes_records_fetched_together_as_one_by_one() -> None:
+    from datetime import UTC, datetime
+
+    import msgspec
+
+    from evd.core.schema import Event, Playback
+
+    def e(i: int) -> Event:
+        return Event(f"e{i}", datetime(2025, 12, 1, 10, tzinfo=UTC), "u",
+                     "spotify:track:" + "a" * 22, Playback(0, 1),
+                     ["play", "skip"][i % 2])  # type: ignore[arg-type]
+
+    stage = AuditStage()
+    raws = [records.encode(Kind.RAW, H10 + i, RawBatch(H10 + i, [e(j) for j in range(i + 1)]))
+            for i in range(4)]
+    events = [records.encode_events(Kind.EVENTS, H11, EventsBatch(
+        H11, [e(j) for j in range(i + 1)], 0, [i], {"play": i}, 0, i,
+    )) for i in range(4)]
+    old = msgspec.msgpack.encode(RawBatch(H10, [e(0)]))  # untagged: one by one
+    for stream, payloads in (("raw", raws), ("events", events), ("raw", [*raws, old])):
+        together = stage.decode_all(stream, payloads)
+        alone = [stage.decode(stream, p) for p in payloads]
+        assert stage.counts(Batch(stream, together, 0, 0)) == stage.counts(Batch(stream, alone, 0, 0))
+        assert [len(v.events) for v in together] == [len(v.events) for v in alone]

@@ -8,7 +8,10 @@ Retry-After; dead-lettering after the limit and at once for a permanent error
 (items in the dead_letter stream with the error and the stage); dead letters
 never dead-lettered again; event_types filter (counted as filtered, late
 indexes remapped); records a replaying processor emits again are skipped; a
-restart resumes from the ledger; a stop during retries commits nothing.
+restart resumes from the ledger; a stop during retries commits nothing; loops
+sharing their decodes decode each record once; the consumer offsets follow the
+ledger's within CONSUMER_COMMIT_S and at the stop; records arriving one by one
+are fetched together while a batch gathers.
 """
 
 from __future__ import annotations
@@ -30,8 +33,10 @@ from evd.core.log.embedded.producer import EmbeddedLog
 from evd.core.log.records import Kind
 from evd.core.log.streams import Stream
 from evd.core.schema import DeadLetter, Event, EventsBatch, Playback
+from evd.sinks import delivery
 from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey, read_counts
 from evd.sinks.base import Batch, PermanentSinkError, Sink, SinkError
+from evd.sinks.decoded import DecodedRecords
 from evd.sinks.delivery import DeliveryLoop
 
 pytestmark = pytest.mark.workers_independent
@@ -316,3 +321,93 @@ async def test_raw_offsets_past_the_raw_logs_end_are_not_taken_for_replays(
     await ledger.close()
     # Without the raw log's end (the negative control) "new" looks like a replay.
     assert sink.ids() == (["after"] if raw_end is None else ["new", "after"])
+
+
+async def test_loops_sharing_decodes_decode_each_record_once_and_each_deliver_all(
+    tmp_path: Path, log: EmbeddedLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(30):
+        await log.append(Stream.EVENTS, i % PARTITIONS, events_record([f"e{i}"], i))
+    decodes = 0
+    real = records.decode_all
+
+    def counting(payloads: list[bytes], stream: str) -> Any:
+        nonlocal decodes
+        decodes += len(payloads)
+        return real(payloads, stream)
+
+    monkeypatch.setattr(records, "decode_all", counting)
+    ledger = Ledger(tmp_path)
+    shared = DecodedRecords.of([[Stream.EVENTS], [Stream.EVENTS]])
+    sinks = [RecordingSink(), RecordingSink()]
+    loops = [make_loop(tmp_path, log, sink, ledger, name=f"s{i}") for i, sink in enumerate(sinks)]
+    for loop in loops:
+        loop.decoded = shared
+    tasks = [asyncio.create_task(run_until(loop, lambda s=sink: len(s.ids()) == 30))
+             for loop, sink in zip(loops, sinks, strict=True)]
+    await asyncio.gather(*tasks)
+    await ledger.close()
+    expected = sorted(f"e{i}" for i in range(30))
+    assert sorted(sinks[0].ids()) == expected and sorted(sinks[1].ids()) == expected
+    # Every record decoded once for both loops (both read them at about the same time).
+    assert decodes == 30 and (shared.hits, shared.misses) == (30, 30) and len(shared) == 0
+    assert counts(tmp_path) == {("s0", "delivered", "play"): 30, ("s1", "delivered", "play"): 30}
+
+
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+async def test_consumer_offsets_follow_the_ledger_within_the_interval_and_at_stop(
+    tmp_path: Path, log: EmbeddedLog, monkeypatch: pytest.MonkeyPatch, interval: float
+) -> None:
+    monkeypatch.setattr(delivery, "CONSUMER_COMMIT_S", interval)
+    await log.append(Stream.EVENTS, 0, events_record(["a"], 0))
+    sink, ledger = RecordingSink(), Ledger(tmp_path)
+    loop = make_loop(tmp_path, log, sink, ledger)
+    task = asyncio.create_task(loop.run())
+    try:
+        deadline = time.monotonic() + 10
+        while not (await ledger.offsets("s"))[0]:
+            assert time.monotonic() < deadline, "nothing delivered in time"
+            await asyncio.sleep(0.01)
+        offsets, _ = await ledger.offsets("s")
+        end = offsets[SubLog(Stream.EVENTS, 0, 0)]
+        await asyncio.sleep(0.3)  # a few steps
+        # Registered for retention from the start; the offsets then follow the
+        # ledger's at the next step, or only at the stop when the interval is long.
+        committed = committed_offsets(tmp_path, "s", Stream.EVENTS, 0)
+        assert committed == ({0: end} if interval == 0 else {})
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 10)
+        await loop.consumer.close()
+    assert committed_offsets(tmp_path, "s", Stream.EVENTS, 0) == {0: end}
+    await ledger.close()
+
+
+async def test_records_arriving_one_by_one_are_fetched_together(
+    tmp_path: Path, log: EmbeddedLog
+) -> None:
+    sink, ledger = RecordingSink(), Ledger(tmp_path)
+    loop = make_loop(tmp_path, log, sink, ledger, max_age_s=2.0)
+    fetches = 0
+    fetch = loop.consumer.fetch
+
+    async def counted(max_bytes: int = 1 << 20, timeout: float = 1.0) -> Any:
+        nonlocal fetches
+        got = await fetch(max_bytes, timeout)
+        fetches += bool(got)
+        return got
+
+    loop.consumer.fetch = counted  # type: ignore[method-assign]
+    task = asyncio.create_task(loop.run())
+    try:
+        for i in range(40):  # one record every 10 ms: 0.4 s, within one batch's age
+            await log.append(Stream.EVENTS, 0, events_record([f"o{i}"], i))
+            await asyncio.sleep(0.01)
+    finally:
+        loop.stop()
+        await asyncio.wait_for(task, 10)
+        await loop.consumer.close()
+    await ledger.close()
+    assert sink.ids() == [f"o{i}" for i in range(40)]
+    # A fetch per FETCH_INTERVAL_S at most while the batch gathered, not one per record.
+    assert fetches <= 0.4 / delivery.FETCH_INTERVAL_S + 4, fetches

@@ -15,6 +15,7 @@ is what consumer lag in seconds is measured against.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import msgspec
@@ -36,14 +37,17 @@ __all__ = [
     "Kind",
     "RecordFormatError",
     "decode",
+    "decode_all",
     "decode_raw",
     "encode",
     "encode_events",
     "header_of",
+    "timestamp_of",
 ]
 
 HEADER = struct.Struct("<2sBBq")
 MAGIC = b"\xc1E"
+_TIMESTAMP = struct.Struct("<q")
 
 
 class Kind:
@@ -69,6 +73,11 @@ _TYPES: dict[int, type[Any]] = {
     Kind.CHARTS: ChartsBatch,
 }
 _DECODERS = {kind: msgspec.msgpack.Decoder(t) for kind, t in _TYPES.items()}
+_LIST_DECODERS: dict[int, msgspec.msgpack.Decoder[list[Any]]] = {
+    kind: msgspec.msgpack.Decoder(list[t]) for kind, t in _TYPES.items()  # type: ignore[valid-type]
+}
+#: A msgpack array 32 header: 0xDD, the element count (big endian).
+_ARRAY32 = struct.Struct(">BI")
 _ENCODER = msgspec.msgpack.Encoder()
 _pack = HEADER.pack
 _encode = _ENCODER.encode
@@ -116,6 +125,15 @@ def header_of(payload: bytes, stream: str) -> Header:
     return Header(kind, 0, None, 0)
 
 
+def timestamp_of(payload: bytes) -> int | None:
+    """The header's timestamp of a record (None: untagged, version 0): header_of's
+    ``timestamp`` without building the header."""
+    if payload[:2] == MAGIC and len(payload) >= HEADER.size:
+        stamp: int = _TIMESTAMP.unpack_from(payload, 4)[0]
+        return stamp
+    return None
+
+
 def decode(payload: bytes, stream: str) -> Any:
     """The Struct a record of ``stream`` holds; RecordFormatError if unreadable."""
     head = header_of(payload, stream)
@@ -131,6 +149,37 @@ def decode(payload: bytes, stream: str) -> Any:
         return decoder.decode(memoryview(payload)[head.start :])
     except msgspec.DecodeError as exc:
         raise RecordFormatError(f"{stream} record does not decode: {exc}") from None
+
+
+def join_bodies(payloads: Sequence[bytes]) -> bytes | None:
+    """The payloads' bodies as one msgpack array, when they are all tagged records of
+    one kind and one version this evd reads (else None): what ``decode_all`` and
+    readers of part of a record decode in one call. Each body is one msgpack
+    object (as ``encode`` writes it), so the array's elements are the records."""
+    first = payloads[0][:4]
+    if first[:2] != MAGIC or len(first) < 4 or first[3] > VERSION:
+        return None
+    for p in payloads:
+        if p[:4] != first or len(p) < HEADER.size:
+            return None
+    size = HEADER.size
+    return b"".join([_ARRAY32.pack(0xDD, len(payloads)), *(memoryview(p)[size:] for p in payloads)])
+
+
+def decode_all(payloads: Sequence[bytes], stream: str) -> list[Any]:
+    """``decode`` of each of ``payloads`` (records of ``stream``), in one msgspec call
+    when ``join_bodies`` joins them; otherwise, or when that fails, one by one (so
+    an unreadable record raises as ``decode`` says)."""
+    if len(payloads) > 1 and (body := join_bodies(payloads)) is not None:
+        decoder = _LIST_DECODERS.get(payloads[0][2])
+        if decoder is not None:
+            try:
+                values: list[Any] = decoder.decode(body)
+            except msgspec.DecodeError:
+                pass  # one of them is unreadable: decode() below names it
+            else:
+                return values
+    return [decode(p, stream) for p in payloads]
 
 
 class _LazyRaw(msgspec.Struct):

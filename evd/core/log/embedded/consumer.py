@@ -4,11 +4,15 @@ A partition of the embedded log is the set of its writers' sub-logs
 (evd.core.log.embedded.sublog); a consumer keeps one position per sub-log, reads each up
 to its writer's published durable end, and waits for new data on a
 DurableWatch (inotify) instead of polling. Sub-logs appear when a writer first
-appends to a partition; the consumer finds them when it looks for data.
+appends to a partition; the consumer finds them when it looks for data (a
+``stat`` of ``<log>/_sublogs``, which every writer appends a byte to when it
+opens a sub-log; the partition directories are listed again only when it grew).
 
 Committed offsets live in ``<data_dir>/log/<stream>/consumers/<name>/<partition:04d>.json``
 (``{"w000": offset, ...}``), one file per partition: a partition is consumed by one
-process at a time, so no two processes write the same file. A consumer that
+process at a time, so no two processes write the same file. A commit writes the
+files of the partitions whose offsets moved, each replaced atomically, with one
+fsync per directory. A consumer that
 committed is *registered*: retention (evd.core.log.embedded.retention) keeps every segment
 it has not passed.
 """
@@ -25,7 +29,7 @@ from typing import Literal
 
 import orjson
 
-from evd.core.files import write_atomic
+from evd.core.files import write_atomic_all
 from evd.core.log import Consumer, ConsumerRecord, InvalidOffset, Lag, SubLog, TopicPartition
 from evd.core.log.embedded.sublog import (
     SubLogReader,
@@ -51,6 +55,8 @@ DISCOVER_INTERVAL_S = 0.02
 _BEGINNING = -1
 #: Smallest share of a fetch's max_bytes one sub-log gets when several have data.
 MIN_SHARE_BYTES = 64 * 1024
+
+_new_record = tuple.__new__
 
 
 def _check_name(name: str) -> str:
@@ -122,6 +128,9 @@ class EmbeddedConsumer(Consumer):
         self._undiscovered_wake = False
         self._start = 0  # round-robin start among the sub-logs with data
         self._commit_lock = asyncio.Lock()
+        #: What this consumer last wrote per partition (a partition's file has one
+        #: writer at a time: the process that consumes it).
+        self._written: dict[tuple[str, int], dict[int, int]] = {}
         self._closed = False
 
     # -- assignment and positions -------------------------------------------------
@@ -242,8 +251,9 @@ class EmbeddedConsumer(Consumer):
                     records = reader.read(position, min(share, budget))
                 except InvalidOffset:
                     continue  # deleted again meanwhile: the next pass resets again
-            for record in records:
-                out.append(ConsumerRecord(sublog, record.offset, record.next_offset, record.payload))
+            # (offset, next_offset, payload) after the sub-log: a ConsumerRecord built
+            # without the namedtuple's Python-level __new__.
+            out.extend([_new_record(ConsumerRecord, (sublog, *record)) for record in records])
             if records:
                 self._positions[sublog] = records[-1].next_offset
                 budget -= records[-1].next_offset - position
@@ -283,11 +293,22 @@ class EmbeddedConsumer(Consumer):
         loop = asyncio.get_running_loop()
         # One commit at a time: each merges into what the one before it wrote.
         async with self._commit_lock:
-            for (stream, partition), new in sorted(by_partition.items()):
-                path = offsets_path(self.data_dir, name, stream, partition)
-                merged = committed_offsets(self.data_dir, name, stream, partition) | new
+            writes: list[tuple[Path, bytes]] = []
+            written: dict[tuple[str, int], dict[int, int]] = {}
+            for key, new in sorted(by_partition.items()):
+                stream, partition = key
+                before = self._written.get(key)
+                if before is None:
+                    before = committed_offsets(self.data_dir, name, stream, partition)
+                merged = before | new
+                if merged == before and key in self._written:
+                    continue  # nothing moved since this consumer wrote it
+                written[key] = merged
                 data = orjson.dumps({writer_name(w): o for w, o in sorted(merged.items())})
-                await loop.run_in_executor(None, _write_offsets, path, data)
+                writes.append((offsets_path(self.data_dir, name, stream, partition), data))
+            if writes:
+                await loop.run_in_executor(None, _write_offsets, writes)
+                self._written.update(written)
 
     async def register(self) -> None:
         """An empty offsets file for each assigned partition without one: a registered
@@ -297,10 +318,11 @@ class EmbeddedConsumer(Consumer):
             raise RuntimeError("an anonymous consumer cannot register")
         loop = asyncio.get_running_loop()
         async with self._commit_lock:
-            for stream, partition in sorted(self._assigned):
-                path = offsets_path(self.data_dir, self.name, stream, partition)
-                if not path.exists():
-                    await loop.run_in_executor(None, _write_offsets, path, b"{}")
+            paths = [offsets_path(self.data_dir, self.name, stream, partition)
+                     for stream, partition in sorted(self._assigned)]
+            writes = [(path, b"{}") for path in paths if not path.exists()]
+            if writes:
+                await loop.run_in_executor(None, _write_offsets, writes)
 
     async def committed(self) -> dict[SubLog, int]:
         if self.name is None:
@@ -327,6 +349,8 @@ class EmbeddedConsumer(Consumer):
             self._watch = None
 
 
-def _write_offsets(path: Path, data: bytes) -> None:
-    os.makedirs(path.parent, exist_ok=True)
-    write_atomic(path, data)
+def _write_offsets(writes: list[tuple[Path, bytes]]) -> None:
+    """Each offsets file replaced atomically and durably; one fsync per directory."""
+    for directory in {path.parent for path, _ in writes}:
+        os.makedirs(directory, exist_ok=True)
+    write_atomic_all(writes)
