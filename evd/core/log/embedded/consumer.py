@@ -59,6 +59,22 @@ MIN_SHARE_BYTES = 64 * 1024
 _new_record = tuple.__new__
 
 
+#: Per log root: when ``<log>/_sublogs`` was last read in this process, and its size.
+_generations: dict[str, tuple[float, int | None]] = {}
+
+
+def _generation(log_root: str, now: float) -> int | None:
+    """sublogs_generation, read at most once per DISCOVER_INTERVAL_S per process:
+    every consumer of the process shares the one ``stat`` (a value read before a
+    listing is still read before it)."""
+    cached = _generations.get(log_root)
+    if cached is not None and now - cached[0] < DISCOVER_INTERVAL_S:
+        return cached[1]
+    generation = sublogs_generation(log_root)
+    _generations[log_root] = (now, generation)
+    return generation
+
+
 def _check_name(name: str) -> str:
     if not name or not name.replace("-", "").replace("_", "").isalnum():
         raise ValueError(f"consumer name {name!r}: use letters, digits, '-' and '_'")
@@ -154,7 +170,7 @@ class EmbeddedConsumer(Consumer):
             return
         self._next_discover = now + DISCOVER_INTERVAL_S
         self._undiscovered_wake = False
-        generation = sublogs_generation(self._log_root)
+        generation = _generation(self._log_root, now)
         if not force and generation is not None and generation == self._listed_at:
             return  # no writer opened a sub-log since the last listing
         self._listed_at = generation
