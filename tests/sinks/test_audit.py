@@ -137,6 +137,10 @@ def test_the_audit_stage_counts_from_the_records_themselves() -> None:
         records.encode(Kind.DEAD_LETTER, H11, DeadLetter(H11, 1, "x", b'{"event_type": 3}')),
         records.encode(Kind.DEAD_LETTER, H11, DeadLetter(H11, -1, "x", b"{}", "sink:lake")),
     ]
+    from evd.core.metrics.slots import HOT
+    from evd.sinks import metrics
+
+    counted = HOT.counts[metrics.AUDIT_ROWS.slot]
     got: Counter[tuple[int, str, str, str]] = Counter()
     for stream, payloads in (("raw", [raw]), ("events", [events]), ("dead_letter", dead)):
         values = [stage.decode(stream, p) for p in payloads]
@@ -146,6 +150,7 @@ def test_the_audit_stage_counts_from_the_records_themselves() -> None:
         (H10, "events", "play", "duplicate"): 3, (H10, "events", "skip", "late"): 1,
         (H11, "events", "seek", "rejected"): 1, (H11, "events", "invalid", "rejected"): 1,
     }
+    assert HOT.counts[metrics.AUDIT_ROWS.slot] - counted == 2  # evd_audit_events_total: accepted
 
 
 @pytest.mark.parametrize("n", [1, 15, 16, 300])  # msgpack fixarray, then array 16

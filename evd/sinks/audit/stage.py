@@ -21,7 +21,7 @@ import msgspec
 from evd.core.config import EVENT_TYPES
 from evd.core.log import Stream, records
 from evd.core.schema import DeadLetter
-from evd.sinks import rows
+from evd.sinks import metrics, rows
 from evd.sinks.base import Batch, Sink
 
 __all__ = ["AUDIT_STAGE", "AUDIT_STREAMS", "AuditEvents", "AuditStage"]
@@ -158,9 +158,12 @@ class AuditStage(Sink):
                     by_hour[hour] = list(r.events)
                 else:
                     events.extend(r.events)
+            accepted = 0
             for hour, events in by_hour.items():
+                accepted += len(events)
                 for t, n in Counter(map(_event_type, events)).items():
                     out[hour, Stream.EVENTS, t, "accepted"] += n
+            metrics.AUDIT_ROWS.inc(accepted)
         elif batch.stream == Stream.EVENTS:
             for b in batch.values:
                 if b.duplicates or b.late_types:
