@@ -21,10 +21,10 @@ Values are shared: a sink reads them and never changes them (evd.sinks.base).
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
-from evd.core.log import SubLog
+from evd.core.log import ConsumerRecord, SubLog
 
 __all__ = ["MAX_BYTES", "MISSING", "DecodedRecords"]
 
@@ -34,6 +34,9 @@ MAX_BYTES = 16 << 20
 
 #: What ``take`` answers for a record nobody left.
 MISSING: Final = object()
+
+#: A sink's ``decode_all``: (stream, payloads) -> their values.
+DecodeAll = Callable[[str, Sequence[bytes]], list[Any]]
 
 
 class _Entry:
@@ -99,9 +102,58 @@ class DecodedRecords:
         if left <= 0 or offset <= self._newest.get(sublog, -1):
             return
         self._newest[sublog] = offset
-        entries = self._entries
-        entries[sublog, offset] = _Entry(value, left, nbytes)
+        self._entries[sublog, offset] = _Entry(value, left, nbytes)
         self.nbytes += nbytes
+        self._evict()
+
+    def values(self, run: Sequence[ConsumerRecord], decode_all: DecodeAll) -> list[Any]:
+        """The values of ``run``, consecutive records of one sub-log of a shared stream
+        as one fetch returned them: those other loops left, the others decoded in
+        one ``decode_all(stream, payloads)`` and left for the other loops (when
+        this reader is the first to read them)."""
+        sublog = run[0].sublog
+        stream = sublog.stream
+        entries = self._entries
+        if run[0].offset > self._newest.get(sublog, -1):
+            # The first to read every one of them: decode and leave them all.
+            decoded = decode_all(stream, [r.payload for r in run])
+            self.misses += len(run)
+            left = self.readers.get(stream, 1) - 1
+            if left > 0:
+                added = 0
+                for r, value in zip(run, decoded, strict=True):
+                    nbytes = len(r.payload)
+                    entries[sublog, r.offset] = _Entry(value, left, nbytes)
+                    added += nbytes
+                self._newest[sublog] = run[-1].offset
+                self.nbytes += added
+                self._evict()
+            return decoded
+        out: list[Any] = [MISSING] * len(run)
+        missing: list[int] = []
+        for k, r in enumerate(run):
+            key = (sublog, r.offset)
+            entry = entries.get(key)
+            if entry is None or entry.nbytes != len(r.payload):
+                missing.append(k)
+                continue
+            entry.left -= 1
+            if entry.left <= 0:
+                del entries[key]
+                self.nbytes -= entry.nbytes
+            out[k] = entry.value
+        self.hits += len(run) - len(missing)
+        if missing:
+            self.misses += len(missing)
+            decoded = decode_all(stream, [run[k].payload for k in missing])
+            for k, value in zip(missing, decoded, strict=True):
+                out[k] = value
+                r = run[k]
+                self.put(sublog, r.offset, len(r.payload), value)
+        return out
+
+    def _evict(self) -> None:
+        entries = self._entries
         while self.nbytes > self.max_bytes:
             _, old = entries.popitem(last=False)
             self.nbytes -= old.nbytes

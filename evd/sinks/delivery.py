@@ -51,7 +51,7 @@ from evd.core.schema import DeadLetter
 from evd.sinks import metrics, rows
 from evd.sinks.audit.ledger import CountKey, Ledger, SeenKey
 from evd.sinks.base import Batch, Sink
-from evd.sinks.decoded import MISSING, DecodedRecords
+from evd.sinks.decoded import DecodedRecords
 
 __all__ = ["CONSUMER_COMMIT_S", "FETCH_BYTES", "FETCH_INTERVAL_S", "DeliveryLoop"]
 
@@ -264,33 +264,25 @@ class DeliveryLoop:
             await asyncio.sleep(0)
 
     def _values(self, fetched: list[ConsumerRecord]) -> list[Any]:
-        """The decoded value of each fetched record: what another loop of the worker
-        left (evd.sinks.decoded), else decoded here, the records of each stream in
-        one ``decode_all`` (and left for the others)."""
+        """The decoded value of each fetched record, a sub-log's run of records at a
+        time: what another loop of the worker left (evd.sinks.decoded), the others
+        decoded in one ``decode_all`` (and left for the other loops)."""
         shared = self.decoded
-        values: list[Any] = [MISSING] * len(fetched)
-        todo: dict[str, tuple[list[int], list[bytes]]] = {}
-        for i, record in enumerate(fetched):
-            sublog = record.sublog
+        decode_all = self._decode_all
+        values: list[Any] = []
+        n = len(fetched)
+        i = 0
+        while i < n:
+            sublog = fetched[i].sublog
+            j = i + 1
+            while j < n and fetched[j].sublog == sublog:
+                j += 1
             stream = sublog.stream
             if shared is not None and stream in shared.readers:
-                value = shared.take(sublog, record.offset, len(record.payload))
-                if value is not MISSING:
-                    values[i] = value
-                    continue
-            wanted = todo.get(stream)
-            if wanted is None:
-                wanted = todo[stream] = ([], [])
-            wanted[0].append(i)
-            wanted[1].append(record.payload)
-        for stream, (indexes, payloads) in todo.items():
-            decoded = self._decode_all(stream, payloads)
-            for i, value in zip(indexes, decoded, strict=True):
-                values[i] = value
-            if shared is not None and stream in shared.readers:
-                for i, value in zip(indexes, decoded, strict=True):
-                    record = fetched[i]
-                    shared.put(record.sublog, record.offset, len(record.payload), value)
+                values += shared.values(fetched[i:j], decode_all)
+            else:
+                values += decode_all(stream, [r.payload for r in fetched[i:j]])
+            i = j
         return values
 
     def _add(self, record: ConsumerRecord, value: Any, now: float) -> _Pending:

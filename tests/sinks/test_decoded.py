@@ -6,6 +6,7 @@ audit's."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from evd.config import Config
 from evd.core.config import ServerConfig
-from evd.core.log import SubLog, records
+from evd.core.log import ConsumerRecord, SubLog, records
 from evd.core.log.embedded.consumer import EmbeddedConsumer
 from evd.core.log.embedded.producer import EmbeddedLog
 from evd.core.log.records import Kind
@@ -90,6 +91,30 @@ def test_another_record_at_the_same_offset_is_decoded_anew() -> None:
     longer = records.encode(Kind.CHARTS, 7, ChartsBatch(0, 7, [], 7))
     value, decoded = read(cache, SUB, 0, longer)
     assert decoded and value.final_until == 7
+
+
+def test_runs_of_a_fetch_are_decoded_in_one_call_each() -> None:
+    size = len(payload(0))
+    cache = DecodedRecords({Stream.CHARTS: 2}, max_bytes=4 * size)
+    calls: list[int] = []
+
+    def decode_all(stream: str, payloads: Sequence[bytes]) -> list[Any]:
+        calls.append(len(payloads))
+        return records.decode_all(payloads, stream)
+
+    def run(first: int, last: int) -> list[ConsumerRecord]:
+        return [ConsumerRecord(SUB, i * size, (i + 1) * size, payload(i)) for i in range(first, last)]
+
+    leader = cache.values(run(0, 6), decode_all)  # 6 read, the newest 4 kept
+    assert calls == [6] and len(cache) == 4
+    follower = cache.values(run(0, 8), decode_all)  # 0-1 evicted, 6-7 new: decoded together
+    assert calls == [6, 4]
+    assert [v.closed_until for v in follower] == [1000 + i for i in range(8)]
+    assert follower[2:6] == leader[2:6] and follower[2] is leader[2]
+    assert len(cache) == 2  # 6 and 7, left by the follower for the leader
+    assert [v is w for v, w in zip(cache.values(run(6, 8), decode_all), follower[6:], strict=True)] \
+        == [True, True]
+    assert calls == [6, 4] and len(cache) == 0
 
 
 async def test_the_stages_share_the_sinks_decodes_and_not_the_audits(tmp_path: Path) -> None:
