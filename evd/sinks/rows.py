@@ -80,6 +80,7 @@ __all__ = [
     "CHART_COLUMNS",
     "DEAD_LETTER_COLUMNS",
     "EVENT_ENRICHMENT",
+    "EVENT_JSON_AT",
     "HOUR_MS",
     "Columns",
     "EventRow",
@@ -408,6 +409,16 @@ def event_json(enc: bytes, event_type: str, received_at: int, event_time: int, l
     return b'{%s%s,"received_at":%d,"event_time":%d,"late":%s}' % (
         typed, enc[1:-1], received_at, event_time, b"true" if late else b"false",
     )
+
+
+#: The text of ``event_json``'s row for one record's ``received_at``, by whether
+#: the event's type is ``play``: ``EVENT_JSON_AT[play] % received_at`` is a
+#: format of (the event's msgspec JSON less its braces, event_time, "true" or
+#: "false" for late).
+EVENT_JSON_AT: tuple[str, str] = (
+    '{%%s,"received_at":%d,"event_time":%%d,"late":%%s}',
+    '{"event_type":"play",%%s,"received_at":%d,"event_time":%%d,"late":%%s}',
+)
 
 
 def chart_dict(partition: int, row: ChartRow, window_ms: int) -> dict[str, Any]:
