@@ -30,7 +30,7 @@ from typing import Any
 SEED = Path(__file__).resolve().parents[1] / "tests" / "data" / "seed-event.json"
 
 
-def child(events: int, batch: int, record: int, rng_seed: int) -> dict[str, Any]:
+def child(events: int, batch: int, record: int, rng_seed: int, dry: bool = False) -> dict[str, Any]:
     """One run in this process: the input, then the timed writes."""
     import asyncio
     import gc
@@ -69,6 +69,8 @@ def child(events: int, batch: int, record: int, rng_seed: int) -> dict[str, Any]
               sum(len(p) for p in payloads[i:i + per]))
         for i in range(0, len(values), per)
     ]
+    if dry:  # the input alone: what an instruction count of a run subtracts
+        return {"events": events, "cpu_s": 0.0, "us_per_event": 0.0}
     with tempfile.TemporaryDirectory(prefix="evd-bench-warehouse-") as tmp:
         ctx = SinkContext(Path(tmp), 0, 1, 8, 60_000, lambda name: None)  # type: ignore[arg-type,return-value]
         sink = SqliteSink(SqliteSinkConfig(name="warehouse"), ctx)
@@ -101,13 +103,14 @@ def main() -> None:
     ap.add_argument("--base", type=Path, help="another evd source tree to alternate with")
     ap.add_argument("--cpu", type=int, help="pin the children to this CPU")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         if args.cpu is not None:
             os.sched_setaffinity(0, {args.cpu})
         import evd
 
-        result = child(args.events, args.batch, args.record, 1)
+        result = child(args.events, args.batch, args.record, 1, args.dry)
         print(json.dumps(result | {"evd": str(Path(evd.__file__).parent)}))
         return
     here = Path(__file__).resolve().parents[1]

@@ -80,7 +80,9 @@ __all__ = [
     "CHART_COLUMNS",
     "DEAD_LETTER_COLUMNS",
     "EVENT_ENRICHMENT",
-    "EVENT_JSON_AT",
+    "EVENT_JSON_CLOSE",
+    "EVENT_JSON_MID",
+    "EVENT_JSON_OPEN",
     "HOUR_MS",
     "Columns",
     "EventRow",
@@ -411,14 +413,12 @@ def event_json(enc: bytes, event_type: str, received_at: int, event_time: int, l
     )
 
 
-#: The text of ``event_json``'s row for one record's ``received_at``, by whether
-#: the event's type is ``play``: ``EVENT_JSON_AT[play] % received_at`` is a
-#: format of (the event's msgspec JSON less its braces, event_time, "true" or
-#: "false" for late).
-EVENT_JSON_AT: tuple[str, str] = (
-    '{%%s,"received_at":%d,"event_time":%%d,"late":%%s}',
-    '{"event_type":"play",%%s,"received_at":%d,"event_time":%%d,"late":%%s}',
-)
+#: ``event_json``'s row as text, in pieces: ``EVENT_JSON_OPEN[event_type == "play"]``,
+#: the event's msgspec JSON less its braces, ``EVENT_JSON_MID % received_at``,
+#: ``str(event_time)``, ``EVENT_JSON_CLOSE[late]``.
+EVENT_JSON_OPEN: tuple[str, str] = ("{", '{"event_type":"play",')
+EVENT_JSON_MID = ',"received_at":%d,"event_time":'
+EVENT_JSON_CLOSE: tuple[str, str] = (',"late":false}', ',"late":true}')
 
 
 def chart_dict(partition: int, row: ChartRow, window_ms: int) -> dict[str, Any]:

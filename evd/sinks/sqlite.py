@@ -72,7 +72,7 @@ import asyncio
 import hashlib
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from itertools import groupby
 from operator import itemgetter
@@ -209,16 +209,17 @@ _EVENTS = _Mapping(
     key=("event_id",),
     upsert=False,
     # One pass builds both the typed columns and ``raw``, the event's line of
-    # evd.sinks.rows.json_lines (the same text: rows.EVENT_JSON, tested), with
-    # the encoding done per record, not per event: one msgspec call encodes
-    # every event of a record (a newline only ever ends a line, as JSON escapes
-    # it in a string, so splitting at "}\n{" gives each event's JSON less its
-    # braces) and one every timestamp (RFC 3339 text never holds '","'), each
-    # as the event's JSON has it. Both splits must give one piece per event.
+    # evd.sinks.rows.json_lines (the same text: rows.EVENT_JSON_OPEN/MID/CLOSE
+    # around the event's JSON, tested), each row as executemany takes it (a
+    # generator: no batch of row tuples is held, none waits for the GC).
+    # Encoding is per record, not per event: one msgspec call encodes every
+    # event of a record (a newline only ever ends a line, as JSON escapes it in
+    # a string, so splitting at "}\n{" gives each event's JSON less its braces)
+    # and one every timestamp (RFC 3339 text never holds '","'), each as the
+    # event's JSON has it; zip(strict=True) checks one piece per event. ``late``
+    # is bound as an int: sqlite3 binds a bool through its adapter lookup.
     builder="""
 def build(batch, window_ms):
-    out = []
-    add = out.append
     all_late = batch.stream == LATE
     for rec in batch.values:
         events = rec.events
@@ -226,7 +227,7 @@ def build(batch, window_ms):
             continue
         received = rec.received_at
         skew = rec.skew_ms
-        other, play = (f % received for f in EVENT_JSON_AT)
+        mid = MID % received
         times = [ev.timestamp for ev in events]
         stamps = encode(times).decode()[2:-2].split('","')
         bodies = encode_lines(events).decode()[1:-2].split("}}\\n{{")
@@ -234,18 +235,16 @@ def build(batch, window_ms):
             late = range(len(events)) if all_late else frozenset(rec.late)
             for i, (ev, ts, stamp, body) in enumerate(zip(events, times, stamps, bodies, strict=True)):
                 event_time = int(ts.timestamp() * 1000) + skew
-                is_late = i in late
-                raw = (play if ev.event_type == "play" else other) % (
-                    body, event_time, "true" if is_late else "false"
-                )
-                add({row})
+                is_late = 1 if i in late else 0
+                raw = f"{{OPEN[ev.event_type == 'play']}}{{body}}{{mid}}{{event_time}}{{CLOSE[is_late]}}"
+                yield {row}
         else:
-            is_late = False
+            is_late = 0
+            close = CLOSE[0]
             for ev, ts, stamp, body in zip(events, times, stamps, bodies, strict=True):
                 event_time = int(ts.timestamp() * 1000) + skew
-                raw = (play if ev.event_type == "play" else other) % (body, event_time, "false")
-                add({row})
-    return out
+                raw = f"{{OPEN[ev.event_type == 'play']}}{{body}}{{mid}}{{event_time}}{{close}}"
+                yield {row}
 """,
     item="ev",
 )
@@ -302,7 +301,9 @@ def build(batch, window_ms):
     item="d",
 )
 
-Params = list[tuple[Any, ...]]
+#: A statement's rows of parameters: a list, or (the events) an iterator that
+#: builds each row as ``executemany`` takes it, so no batch of rows is held.
+Params = Iterable[tuple[Any, ...]]
 _Builder = Callable[[Batch, int], Params]
 
 
@@ -326,6 +327,7 @@ class Table(NamedTuple):
     insert: str
     #: A batch's rows, one tuple per item, in ``columns``' order; in a table
     #: with retractions (``delete``), each preceded by the item's retracted flag.
+    #: Built again from the batch for each try (an iterator is read once).
     build: _Builder
     #: The DELETE of a retracted item's stored row, its parameters the row's
     #: values at ``delete_at`` (the key, then the revision); None: no retractions.
@@ -391,7 +393,7 @@ def _value(var: str, leaf: rows.Leaf) -> str:
 #: What the generated builders see.
 _NAMESPACE: dict[str, Any] = {
     "LATE": Stream.LATE, "encode": _encode, "encode_lines": _encode_lines,
-    "EVENT_JSON_AT": rows.EVENT_JSON_AT,
+    "OPEN": rows.EVENT_JSON_OPEN, "MID": rows.EVENT_JSON_MID, "CLOSE": rows.EVENT_JSON_CLOSE,
     "sessions": rows.sessions, "chart_rows": rows.chart_rows,
 }
 
@@ -496,7 +498,7 @@ WAREHOUSE = warehouse()
 SCHEMA = WAREHOUSE.schema
 
 
-def _fit_int64(params: Params) -> Params:
+def _fit_int64(params: Params) -> list[tuple[Any, ...]]:
     """``params`` with ints SQLite cannot hold as INTEGER turned into floats (REAL)."""
     return [
         tuple(
@@ -632,14 +634,14 @@ class SqliteSink(Sink):
         conn = self._conn
         assert conn is not None
         table = WAREHOUSE.writers[batch.stream]
-        params = table.build(batch, self.ctx.chart_window_ms)
-        if not params:
+        if not batch.count:
             return
-        statements = table.statements(params)
+        window_ms = self.ctx.chart_window_ms
         try:
             try:
-                self._transaction(conn, statements)
+                self._transaction(conn, table.statements(table.build(batch, window_ms)))
             except OverflowError:
+                statements = table.statements(table.build(batch, window_ms))
                 self._transaction(conn, [(sql, _fit_int64(p)) for sql, p in statements])
         except (sqlite3.IntegrityError, sqlite3.DataError) as exc:
             # A row the schema refuses (a constraint, a value SQLite cannot take):
