@@ -81,6 +81,9 @@ __all__ = [
     "CHART_COLUMNS",
     "DEAD_LETTER_COLUMNS",
     "EVENT_ENRICHMENT",
+    "EVENT_JSON_CLOSE",
+    "EVENT_JSON_MID",
+    "EVENT_JSON_OPEN",
     "HOUR_MS",
     "Columns",
     "EventRow",
@@ -420,6 +423,14 @@ def event_json(enc: bytes, event_type: str, received_at: int, event_time: int, l
     return b'{%s%s,"received_at":%d,"event_time":%d,"late":%s}' % (
         typed, enc[1:-1], received_at, event_time, b"true" if late else b"false",
     )
+
+
+#: ``event_json``'s row as text, in pieces: ``EVENT_JSON_OPEN[event_type == "play"]``,
+#: the event's msgspec JSON less its braces, ``EVENT_JSON_MID % received_at``,
+#: ``str(event_time)``, ``EVENT_JSON_CLOSE[late]``.
+EVENT_JSON_OPEN: tuple[str, str] = ("{", '{"event_type":"play",')
+EVENT_JSON_MID = ',"received_at":%d,"event_time":'
+EVENT_JSON_CLOSE: tuple[str, str] = (',"late":false}', ',"late":true}')
 
 
 def chart_dict(partition: int, row: ChartRow, window_ms: int) -> dict[str, Any]:

@@ -295,10 +295,10 @@ def test_a_new_event_field_is_a_new_column_and_value() -> None:
     ]
     assert "heard_at TEXT,\n    skips_left INTEGER NOT NULL\n)" in mood.schema
     batch = events([mood_events()])
-    got = table.build(batch, WINDOW_MS)
+    got = list(table.build(batch, WINDOW_MS))
     plain = events([odd_events()])
     # The old columns hold what they held (raw aside: it is the event's JSON).
-    old = warehouse().writers["events"].build(plain, WINDOW_MS)
+    old = list(warehouse().writers["events"].build(plain, WINDOW_MS))
     assert [g[:17] for g in got[:2]] == [o[:17] for o in old[:2]]
     assert [g[18:] for g in got] == [
         (None, None, None, 0), (None, None, None, 0), ("calm", 7, "2025-12-01T11:00:00.005000Z", 3),
@@ -413,6 +413,34 @@ async def test_the_late_stream_alone_writes_flagged_rows(tmp_path: Path) -> None
     assert [r[0] for r in got] == [1, 1, 1]
     assert all(json.loads(r[1])["late"] is True for r in got)
 
+
+async def test_text_that_looks_like_json_punctuation_stays_in_its_row(
+    sink: SqliteSink, tmp_path: Path
+) -> None:
+    """The rows of a record come from one encoding of its events, cut into one
+    piece per event: text holding the cuts' own punctuation (quotes, braces,
+    newlines, a field name, line separators JSON leaves unescaped) stays in its
+    event's row, and ``raw`` is the event's line of ``json_lines``."""
+    at = datetime(2025, 12, 1, 11, 0, 0, 1000, tzinfo=UTC)
+    tricky = ['}\n{', '}}\\n{{"', '","', '","timestamp":"1999', "a\u2028b\x85c\r\n", "ü}\n{ñ"]
+    evs = [
+        Event(f"id{i}{text}", at + timedelta(milliseconds=i), f"u{text}", TRACK,
+              Playback(i, 10, text), "play" if i % 2 else "skip",
+              Context(text, None), Device(text, text), Geo("SE", text))
+        for i, text in enumerate(tricky)
+    ]
+    batch = events([EventsBatch(T0, evs, 7, [1])])
+    await sink.write(batch)
+    got = select(tmp_path / "warehouse.sqlite3",
+                 "SELECT event_id, timestamp, event_time, user_id, page_uri, initiator, os,"
+                 " region, late, raw FROM events ORDER BY position_ms")
+    lines = rows.json_lines(batch, WINDOW_MS).decode().split("\n")[:-1]
+    assert got == [
+        (ev.event_id, json.loads(line)["timestamp"], epoch_ms(ev.timestamp) + 7, f"u{text}",
+         text, text, text, text, int(i == 1), line)
+        for i, (ev, text, line) in enumerate(zip(evs, tricky, lines, strict=True))
+    ]
+    assert got[0][1] == "2025-12-01T11:00:00.001000Z"
 
 # -- sessions, charts, dead letters -------------------------------------------------------
 
