@@ -35,7 +35,7 @@ def child(events: int, batch: int, record: int, rng_seed: int, dry: bool = False
     import asyncio
     import gc
     import random
-    import time
+    import resource
     import uuid
     from datetime import UTC, datetime, timedelta
 
@@ -70,28 +70,32 @@ def child(events: int, batch: int, record: int, rng_seed: int, dry: bool = False
         for i in range(0, len(values), per)
     ]
     if dry:  # the input alone: what an instruction count of a run subtracts
-        return {"events": events, "cpu_s": 0.0, "us_per_event": 0.0}
+        return {"events": events, "cpu_s": 0.0, "us_per_event": 0.0, "user_us": 0.0,
+                "system_us": 0.0}
     with tempfile.TemporaryDirectory(prefix="evd-bench-warehouse-") as tmp:
         ctx = SinkContext(Path(tmp), 0, 1, 8, 60_000, lambda name: None)  # type: ignore[arg-type,return-value]
         sink = SqliteSink(SqliteSinkConfig(name="warehouse"), ctx)
 
-        async def run() -> float:
+        async def run() -> tuple[float, float]:
             gc.collect()
-            c0 = time.process_time()
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             await sink.start()
             for b in batches:
                 await sink.write(b)
             await sink.close()
-            return time.process_time() - c0
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            return r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
 
-        cpu = asyncio.run(run())
+        user, system = asyncio.run(run())
+        cpu = user + system
         import sqlite3
 
         with sqlite3.connect(Path(tmp) / "warehouse.sqlite3") as conn:
             (rows,) = conn.execute("SELECT count(*) FROM events").fetchone()
     if rows != events:
         raise SystemExit(f"{rows} rows landed of {events}")
-    return {"events": events, "cpu_s": cpu, "us_per_event": cpu / events * 1e6}
+    return {"events": events, "cpu_s": cpu, "us_per_event": cpu / events * 1e6,
+            "user_us": user / events * 1e6, "system_us": system / events * 1e6}
 
 
 def main() -> None:
@@ -128,7 +132,8 @@ def main() -> None:
             result = json.loads(out.strip().splitlines()[-1])
             got[name].append(result["us_per_event"])
             print(f"run {run + 1} {name}: {result['us_per_event']:.2f} µs of CPU per event"
-                  f" ({result['evd']})", flush=True)
+                  f" (user {result['user_us']:.2f}, system {result['system_us']:.2f};"
+                  f" {result['evd']})", flush=True)
     for name, values in got.items():
         print(f"{name}: median {statistics.median(values):.2f} µs per event,"
               f" runs {', '.join(f'{v:.2f}' for v in values)}")
