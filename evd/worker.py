@@ -44,8 +44,8 @@ START_FAILED = 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: The garbage collector's thresholds in a worker (CPython's default: 700, 10, 10).
 #: A worker allocates a few short-lived objects per event and makes almost no
-#: reference cycles (its large long-lived state is untracked: open sessions are
-#: gc=False structs, dedup ids and packed session logs are bytes): a young
+#: reference cycles (its large long-lived state is untracked: events and open
+#: sessions are gc=False structs, session logs bytes, a dict of str ids): a young
 #: collection every 700 allocations visited the in-flight batches again and
 #: again. With these, cyclic garbage waits for at most 50,000 allocations.
 GC_THRESHOLDS = (50_000, 20, 20)
