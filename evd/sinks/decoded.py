@@ -6,10 +6,11 @@ evd.core.log.records.decode) read the same ``events``, ``sessions`` and
 first loop to read a record decodes it and leaves the value here, keyed by
 (sub-log, offset); each other loop that reads the stream takes it from here,
 and the last one removes it. A loop never waits for another: the cache only
-holds what one loop decoded, and a loop that finds nothing decodes itself.
+holds what one loop decoded, and a loop that finds nothing decodes itself. A
+fetch's run of records of one sub-log is decoded in one call (``values``).
 
 Bounds: at most ``max_bytes`` of the records' log bytes are held (their
-decoded values are what the loops' pending batches pin anyway). At the bound
+decoded values are mostly what the loops' pending batches pin anyway). At the bound
 the oldest entries go first; a loop that reads one of them later (it lags the
 others: a slow or retrying sink, a catch-up) decodes it again. Only the loop
 that reads a record first in its sub-log leaves it here: a loop behind the
