@@ -42,8 +42,10 @@ def test_a_paced_rate_is_accepted_processed_and_reported(tmp_path: Path) -> None
     # (the audit stage's too).
     stages = {"processor", "lake", "warehouse", "audit"}
     assert set(result["stage_lag_seconds_at_end_of_load"]) == stages
+    # --lag-bound (2 s) plus each sink's batch.max_age_s (lake 10 s, warehouse 2 s,
+    # the audit 1 s).
     assert result["lag_bounds"] == {
-        "processor": 2.0, "lake": 12.0, "warehouse": 3.0, "audit": 3.0}
+        "processor": 2.0, "lake": 12.0, "warehouse": 4.0, "audit": 3.0}
     # The verdict follows from the lags and statuses reported with it.
     assert result["stages_over_bound"] == pipeline.stages_over(
         result["stage_lag_seconds_at_end_of_load"], result["lag_bounds"])
