@@ -30,12 +30,17 @@ from typing import Any
 SEED = Path(__file__).resolve().parents[1] / "tests" / "data" / "seed-event.json"
 
 
-def child(events: int, batch: int, record: int, rng_seed: int, dry: bool = False) -> dict[str, Any]:
-    """One run in this process: the input, then the timed writes."""
+def child(events: int, batch: int, record: int, rng_seed: int, dry: bool = False,
+          probe: bool = False) -> dict[str, Any]:
+    """One run in this process: the input, then the timed writes; with ``probe``,
+    how late the event loop wakes from 1 ms sleeps meanwhile (the sink's thread
+    holding the GIL makes it late), instead of the CPU time."""
     import asyncio
     import gc
     import random
     import resource
+    import statistics
+    import time
     import uuid
     from datetime import UTC, datetime, timedelta
 
@@ -76,14 +81,25 @@ def child(events: int, batch: int, record: int, rng_seed: int, dry: bool = False
         ctx = SinkContext(Path(tmp), 0, 1, 8, 60_000, lambda name: None)  # type: ignore[arg-type,return-value]
         sink = SqliteSink(SqliteSinkConfig(name="warehouse"), ctx)
 
+        lateness: list[float] = []
+
+        async def wake_up() -> None:
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                lateness.append(time.perf_counter() - t - 0.001)
+
         async def run() -> tuple[float, float]:
             gc.collect()
+            task = asyncio.create_task(wake_up()) if probe else None
             r0 = resource.getrusage(resource.RUSAGE_SELF)
             await sink.start()
             for b in batches:
                 await sink.write(b)
             await sink.close()
             r1 = resource.getrusage(resource.RUSAGE_SELF)
+            if task is not None:
+                task.cancel()
             return r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime
 
         user, system = asyncio.run(run())
@@ -94,27 +110,35 @@ def child(events: int, batch: int, record: int, rng_seed: int, dry: bool = False
             (rows,) = conn.execute("SELECT count(*) FROM events").fetchone()
     if rows != events:
         raise SystemExit(f"{rows} rows landed of {events}")
-    return {"events": events, "cpu_s": cpu, "us_per_event": cpu / events * 1e6,
-            "user_us": user / events * 1e6, "system_us": system / events * 1e6}
+    out = {"events": events, "cpu_s": cpu, "us_per_event": cpu / events * 1e6,
+           "user_us": user / events * 1e6, "system_us": system / events * 1e6}
+    if probe:
+        cuts = statistics.quantiles(lateness, n=100)
+        out |= {"late_p50_ms": cuts[49] * 1e3, "late_p99_ms": cuts[98] * 1e3,
+                "late_max_ms": max(lateness) * 1e3}
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=10_000, help="events per write")
-    ap.add_argument("--record", type=int, default=100, help="events per record")
+    ap.add_argument("--record", type=int, default=12,
+                    help="events per record (a request's for one partition: about 12 of 100 in 8)")
     ap.add_argument("--runs", type=int, default=3, help="runs of each tree, alternating")
     ap.add_argument("--base", type=Path, help="another evd source tree to alternate with")
     ap.add_argument("--cpu", type=int, help="pin the children to this CPU")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--probe", action="store_true",
+                    help="report how late the event loop wakes while the sink writes, not CPU")
     args = ap.parse_args()
     if args.child:
         if args.cpu is not None:
             os.sched_setaffinity(0, {args.cpu})
         import evd
 
-        result = child(args.events, args.batch, args.record, 1, args.dry)
+        result = child(args.events, args.batch, args.record, 1, args.dry, args.probe)
         print(json.dumps(result | {"evd": str(Path(evd.__file__).parent)}))
         return
     here = Path(__file__).resolve().parents[1]
@@ -125,16 +149,25 @@ def main() -> None:
             env = dict(os.environ, PYTHONPATH=f"{tree}{os.pathsep}{here}")
             cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--events", str(args.events),
                    "--batch", str(args.batch), "--record", str(args.record)]
+            if args.probe:
+                cmd.append("--probe")
             if args.cpu is not None:
                 cmd += ["--cpu", str(args.cpu)]
             out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True,
                                  cwd=tree).stdout
             result = json.loads(out.strip().splitlines()[-1])
             got[name].append(result["us_per_event"])
+            if args.probe:
+                print(f"run {run + 1} {name}: event loop late by p50 {result['late_p50_ms']:.2f}"
+                      f" ms, p99 {result['late_p99_ms']:.2f}, max {result['late_max_ms']:.2f}",
+                      flush=True)
+                continue
             print(f"run {run + 1} {name}: {result['us_per_event']:.2f} µs of CPU per event"
                   f" (user {result['user_us']:.2f}, system {result['system_us']:.2f};"
                   f" {result['evd']})", flush=True)
     for name, values in got.items():
+        if args.probe:
+            break
         print(f"{name}: median {statistics.median(values):.2f} µs per event,"
               f" runs {', '.join(f'{v:.2f}' for v in values)}")
 

@@ -82,8 +82,9 @@ __all__ = [
     "DEAD_LETTER_COLUMNS",
     "EVENT_ENRICHMENT",
     "EVENT_JSON_CLOSE",
-    "EVENT_JSON_MID",
     "EVENT_JSON_OPEN",
+    "EVENT_JSON_RECEIVED",
+    "EVENT_JSON_TIME",
     "HOUR_MS",
     "Columns",
     "EventRow",
@@ -426,10 +427,12 @@ def event_json(enc: bytes, event_type: str, received_at: int, event_time: int, l
 
 
 #: ``event_json``'s row as text, in pieces: ``EVENT_JSON_OPEN[event_type == "play"]``,
-#: the event's msgspec JSON less its braces, ``EVENT_JSON_MID % received_at``,
-#: ``str(event_time)``, ``EVENT_JSON_CLOSE[late]``.
+#: the event's msgspec JSON less its braces, ``EVENT_JSON_RECEIVED``,
+#: ``str(received_at)``, ``EVENT_JSON_TIME``, ``str(event_time)``,
+#: ``EVENT_JSON_CLOSE[late]``.
 EVENT_JSON_OPEN: tuple[str, str] = ("{", '{"event_type":"play",')
-EVENT_JSON_MID = ',"received_at":%d,"event_time":'
+EVENT_JSON_RECEIVED = ',"received_at":'
+EVENT_JSON_TIME = ',"event_time":'
 EVENT_JSON_CLOSE: tuple[str, str] = (',"late":false}', ',"late":true}')
 
 

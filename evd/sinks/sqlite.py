@@ -145,6 +145,11 @@ CACHE_KIB = 64 * 1024
 #: 40 MiB plus one write.
 CHECKPOINT_PAGES = 2_500
 
+#: Events whose rows one msgspec call encodes (``events``, at least: whole
+#: records). A C call holds the GIL throughout, and the event loop waits for it:
+#: this keeps each such wait near a millisecond; the rows come one at a time.
+ENCODE_CHUNK = 1_000
+
 # -- the tables, derived from the rows (evd.sinks.rows) ------------------------------
 #
 # A table's columns are its row's leaves (rows.leaves: nested structs flattened,
@@ -218,42 +223,52 @@ _EVENTS = _Mapping(
     key=("event_id",),
     upsert=False,
     # One pass builds both the typed columns and ``raw``, the event's line of
-    # evd.sinks.rows.json_lines (the same text: rows.EVENT_JSON_OPEN/MID/CLOSE
-    # around the event's JSON, tested), each row as executemany takes it (a
-    # generator: no batch of row tuples is held, none waits for the GC).
-    # Encoding is per record, not per event: one msgspec call encodes every
-    # event of a record (a newline only ever ends a line, as JSON escapes it in
-    # a string, so splitting at "}\n{" gives each event's JSON less its braces)
-    # and one every timestamp (RFC 3339 text never holds '","'), each as the
-    # event's JSON has it; zip(strict=True) checks one piece per event. ``late``
-    # is bound as an int: sqlite3 binds a bool through its adapter lookup.
+    # evd.sinks.rows.json_lines (the same text: rows.EVENT_JSON_* around the
+    # event's JSON, tested), each row as executemany takes it (a generator: no
+    # row tuples wait for the GC). Encoding is per chunk of ENCODE_CHUNK events,
+    # not per event (records hold few events: a request's for one partition):
+    # one msgspec call encodes every event of the chunk (a newline only ever
+    # ends a line, as JSON escapes it in a string, so splitting at "}\n{" gives
+    # each event's JSON less its braces) and one every timestamp (RFC 3339 text
+    # never holds '","'), each as the event's JSON has it; both must give one
+    # piece per event. ``late`` is bound as an int: sqlite3 binds a bool
+    # through its adapter lookup.
     builder="""
 def build(batch, window_ms):
     all_late = batch.stream == LATE
-    for rec in batch.values:
-        events = rec.events
-        if not events:
-            continue
-        received = rec.received_at
-        skew = rec.skew_ms
-        mid = MID % received
+    values = batch.values
+    end = 0
+    while end < len(values):
+        start = end
+        events = []
+        while end < len(values) and len(events) < ENCODE_CHUNK:
+            events += values[end].events
+            end += 1
         times = [ev.timestamp for ev in events]
         stamps = encode(times).decode()[2:-2].split('","')
         bodies = encode_lines(events).decode()[1:-2].split("}}\\n{{")
-        if all_late or rec.late:
-            late = range(len(events)) if all_late else frozenset(rec.late)
-            for i, (ev, ts, stamp, body) in enumerate(zip(events, times, stamps, bodies, strict=True)):
-                event_time = int(ts.timestamp() * 1000) + skew
-                is_late = 1 if i in late else 0
-                raw = f"{{OPEN[ev.event_type == 'play']}}{{body}}{{mid}}{{event_time}}{{CLOSE[is_late]}}"
-                yield {row}
-        else:
-            is_late = 0
-            close = CLOSE[0]
-            for ev, ts, stamp, body in zip(events, times, stamps, bodies, strict=True):
-                event_time = int(ts.timestamp() * 1000) + skew
-                raw = f"{{OPEN[ev.event_type == 'play']}}{{body}}{{mid}}{{event_time}}{{close}}"
-                yield {row}
+        if not len(stamps) == len(bodies) == len(events):
+            if events:
+                raise ValueError("events rows: the encodings do not split one piece per event")
+            continue
+        pieces = zip(times, stamps, bodies)
+        for rec in values[start:end]:
+            skew = rec.skew_ms
+            received = rec.received_at
+            mid = f"{{RECEIVED}}{{received}}{{EVENT_TIME}}"
+            if all_late or rec.late:
+                late = range(len(rec.events)) if all_late else frozenset(rec.late)
+                for i, (ev, (ts, stamp, body)) in enumerate(zip(rec.events, pieces)):
+                    event_time = int(ts.timestamp() * 1000) + skew
+                    is_late = 1 if i in late else 0
+                    raw = f"{{OPEN[ev.event_type == 'play']}}{{body}}{{mid}}{{event_time}}{{CLOSE[is_late]}}"
+                    yield {row}
+            else:
+                is_late = 0
+                for ev, (ts, stamp, body) in zip(rec.events, pieces):
+                    event_time = int(ts.timestamp() * 1000) + skew
+                    raw = f"{{OPEN[ev.event_type == 'play']}}{{body}}{{mid}}{{event_time}}{{NOT_LATE}}"
+                    yield {row}
 """,
     item="ev",
 )
@@ -402,7 +417,9 @@ def _value(var: str, leaf: rows.Leaf) -> str:
 #: What the generated builders see.
 _NAMESPACE: dict[str, Any] = {
     "LATE": Stream.LATE, "encode": _encode, "encode_lines": _encode_lines,
-    "OPEN": rows.EVENT_JSON_OPEN, "MID": rows.EVENT_JSON_MID, "CLOSE": rows.EVENT_JSON_CLOSE,
+    "OPEN": rows.EVENT_JSON_OPEN, "RECEIVED": rows.EVENT_JSON_RECEIVED,
+    "EVENT_TIME": rows.EVENT_JSON_TIME, "CLOSE": rows.EVENT_JSON_CLOSE,
+    "NOT_LATE": rows.EVENT_JSON_CLOSE[0], "ENCODE_CHUNK": ENCODE_CHUNK,
     "sessions": rows.sessions, "chart_rows": rows.chart_rows,
 }
 
