@@ -128,8 +128,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs of each tree, alternating")
     ap.add_argument("--base", type=Path, help="another evd source tree to alternate with")
     ap.add_argument("--cpu", type=int, help="pin the children to this CPU")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child", action="store_true",
+                    help="one run in this process, its result as JSON (what the runs start)")
+    ap.add_argument("--dry", action="store_true",
+                    help="with --child: only build the input (subtracted from an instruction count)")
     ap.add_argument("--probe", action="store_true",
                     help="report how late the event loop wakes while the sink writes, not CPU")
     args = ap.parse_args()
