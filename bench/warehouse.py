@@ -6,7 +6,8 @@ seed-shaped events (tests/data/seed-event.json, each with a random uuid4
 ``events`` records of ``--record`` events (msgpack-encoded and decoded again as
 the delivery loop does, outside the timing), handed to ``write`` in batches of
 ``--batch`` events. It reports the CPU seconds of the process (every thread:
-the sink's thread does the work) from ``start()`` to ``close()``, per event.
+the sink's thread does the work) from ``start()`` to ``close()``, per event;
+with ``--probe``, how late the event loop wakes from 1 ms sleeps meanwhile.
 
 ``--base DIR`` names another source tree of evd (say ``git archive ecb77c9 |
 tar -x -C /tmp/base``): runs alternate between it and this checkout, so a
