@@ -6,7 +6,8 @@ seed-shaped events (tests/data/seed-event.json, each with a random uuid4
 ``events`` records of ``--record`` events (msgpack-encoded and decoded again as
 the delivery loop does, outside the timing), handed to ``write`` in batches of
 ``--batch`` events. It reports the CPU seconds of the process (every thread:
-the sink's thread does the work) from ``start()`` to ``close()``, per event.
+the sink's thread does the work) from ``start()`` to ``close()``, per event;
+with ``--probe``, how late the event loop wakes from 1 ms sleeps meanwhile.
 
 ``--base DIR`` names another source tree of evd (say ``git archive ecb77c9 |
 tar -x -C /tmp/base``): runs alternate between it and this checkout, so a
@@ -128,8 +129,10 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3, help="runs of each tree, alternating")
     ap.add_argument("--base", type=Path, help="another evd source tree to alternate with")
     ap.add_argument("--cpu", type=int, help="pin the children to this CPU")
-    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--dry", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--child", action="store_true",
+                    help="one run in this process, its result as JSON (what the runs start)")
+    ap.add_argument("--dry", action="store_true",
+                    help="with --child: only build the input (subtracted from an instruction count)")
     ap.add_argument("--probe", action="store_true",
                     help="report how late the event loop wakes while the sink writes, not CPU")
     args = ap.parse_args()

@@ -58,12 +58,16 @@ loss while their offsets say delivered.
 
 All SQLite work, including building the rows, runs in one thread owned by the
 sink (a connection belongs to the thread that opened it), never on the event loop.
+That thread takes the GIL from the loop while it runs Python: an events row is
+built as ``executemany`` takes it (between the inserts, which release the GIL),
+and a single C call that holds it (the JSON of ENCODE_CHUNK events) is short.
 
-Cost: about a third of the time goes to building rows in Python, the rest to
-SQLite. Random event ids make every write touch pages all over the
-``event_id`` index, so the cost per event grows with the table (a key in arrival
-order would stay flat, but the contract names ``event_id`` the primary key);
-the figures are in docs/performance.md.
+Cost: most of it is SQLite's (binding, the insert, the pages it writes); a
+quarter is building the rows in Python. Random event ids make every
+write touch pages all over the ``event_id`` index, so the cost per event grows
+with the table and shrinks with the rows per write (a key in arrival order
+would stay flat, but the contract names ``event_id`` the primary key); the
+figures are in docs/performance.md.
 """
 
 from __future__ import annotations
@@ -133,7 +137,9 @@ _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 #: Bytes per page of a new file. A write appends to the table and updates the
 #: event_id index at random places; SQLite writes each changed page to the WAL
 #: (two system calls a page) and later copies it to the file: larger pages mean
-#: fewer of them per write (docs/performance.md).
+#: fewer of them per write, but once the index outgrows what one write touches
+#: whole, more bytes per row (32 KiB: faster to a million rows, slower past two
+#: million in small writes; docs/performance.md).
 PAGE_SIZE = 16_384
 #: Page cache per connection (per worker), KiB: holds the event_id index a
 #: write updates at random places (SQLite's default, 2 MiB, measured 25% slower
